@@ -1,0 +1,383 @@
+"""Fitting a :class:`~bayes_sws.model.SoftWeightSharingModel`: MAP by Pyro's SVI machinery.
+
+MAP uses an ``AutoDelta`` guide and ``Trace_ELBO`` (zero entropy, so the loss is
+E(w) + λΩ(w) − log p(π, μ, 1/σ²)), with a torch optimiser over the guide's
+unconstrained parameters:
+
+* ``"adam"``: minibatch steps (N/B-scaled likelihood), one learning rate per
+  parameter group (weights, means, precisions, mixing proportions);
+* ``"lbfgs"`` and ``"cg"`` (Polak–Ribière nonlinear conjugate gradients):
+  full-batch, as the slides recommend;
+* optionally an EM update of the mixtures, weights held fixed, between steps.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import pyro
+import torch
+from pyro import poutine
+from pyro.infer import Trace_ELBO
+from pyro.infer.autoguide import AutoDelta, init_to_value
+from torch.distributions import transform_to
+from tqdm.auto import tqdm
+
+from .data import Dataset, batches
+from .model import SoftWeightSharingModel
+
+__all__ = [
+    "LearningRates",
+    "MAPResult",
+    "NonlinearCG",
+    "OPTIMIZERS",
+    "evaluate",
+    "fit_map",
+    "parameter_group",
+]
+
+OPTIMIZERS = ("adam", "lbfgs", "cg")
+
+
+@dataclass(frozen=True)
+class LearningRates:
+    """Learning rate of each parameter group (Adam); ``weights`` also covers pass-through parameters.
+
+    The defaults follow Ullrich et al.'s public code.
+    """
+
+    weights: float = 5e-4
+    means: float = 1e-4
+    precisions: float = 3e-3
+    pi: float = 3e-3
+
+    def __post_init__(self) -> None:
+        for name, value in vars(self).items():
+            if not value > 0:
+                raise ValueError(f"learning rate for {name} must be positive, got {value}")
+
+
+def parameter_group(site: str) -> str:
+    """The learning-rate group of a site or parameter name.
+
+    >>> parameter_group("mixture.layers.0.weight.precisions"), parameter_group("layers.0.weight")
+    ('precisions', 'weights')
+    """
+    suffix = site.rsplit(".", 1)[-1]
+    return {"means": "means", "precisions": "precisions", "pi": "pi", "pi_zero": "pi"}.get(
+        suffix, "weights"
+    )
+
+
+@dataclass
+class MAPResult:
+    """The outcome of :func:`fit_map`.
+
+    Attributes
+    ----------
+    values : dict
+        Every sample site's MAP value (constrained), keyed by site name.
+    parameters : dict
+        Pass-through network parameters (``pyro.param`` sites), keyed by parameter name.
+    history : list of dict
+        One record per epoch: ``epoch``, ``loss`` (objective per training example),
+        test metrics from :func:`evaluate`, and ``mixtures``.
+    seconds : float
+        Wall time of the fitting loop.
+    optimizer_state : dict
+        The torch optimiser's ``state_dict`` at the end.
+    """
+
+    values: dict[str, torch.Tensor]
+    parameters: dict[str, torch.Tensor]
+    history: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+    optimizer_state: dict = field(default_factory=dict)
+
+    def all_values(self) -> dict[str, torch.Tensor]:
+        """Site values and pass-through parameters in one dict (network names)."""
+        return {**self.values, **self.parameters}
+
+
+class NonlinearCG(torch.optim.Optimizer):
+    """Polak–Ribière (PR+) nonlinear conjugate gradients with a backtracking Armijo line search.
+
+    Use like ``torch.optim.LBFGS``: ``optimizer.step(closure)`` runs up to
+    ``max_iter`` iterations, the closure re-evaluating the loss and its gradient.
+
+    Parameters
+    ----------
+    params : iterable of Tensor
+    lr : float
+        First trial step length of the first line search; later searches start
+        from the previous accepted step, doubled.
+    max_iter : int
+        Iterations per :meth:`step`.
+    armijo : float
+        Sufficient-decrease constant c1.
+    tolerance_grad : float
+        Stop when the gradient's largest entry falls below this.
+    """
+
+    def __init__(self, params, *, lr: float = 1e-3, max_iter: int = 20, armijo: float = 1e-4,
+                 tolerance_grad: float = 1e-9) -> None:
+        super().__init__(params, {"lr": lr, "max_iter": max_iter, "armijo": armijo,
+                                  "tolerance_grad": tolerance_grad})
+
+    def _params(self) -> list[torch.Tensor]:
+        return [p for group in self.param_groups for p in group["params"]]
+
+    def _flat_grad(self) -> torch.Tensor:
+        return torch.cat([
+            (p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
+            for p in self._params()
+        ])
+
+    def _move(self, step: float, direction: torch.Tensor) -> None:
+        offset = 0
+        with torch.no_grad():
+            for p in self._params():
+                p.add_(direction[offset: offset + p.numel()].view_as(p), alpha=step)
+                offset += p.numel()
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], torch.Tensor]) -> torch.Tensor:
+        group = self.param_groups[0]
+        state = self.state["cg"]
+        evaluate_ = torch.enable_grad()(closure)
+        loss = float(evaluate_())
+        grad = self._flat_grad()
+        direction = state.get("direction")
+        previous_grad = state.get("grad")
+        step_length = state.get("step", group["lr"])
+        for _ in range(group["max_iter"]):
+            if grad.abs().max() <= group["tolerance_grad"]:
+                break
+            if direction is None or previous_grad is None:
+                direction = -grad
+            else:
+                beta = max(0.0, float(grad @ (grad - previous_grad) / (previous_grad @ previous_grad)))
+                direction = -grad + beta * direction
+            slope = float(grad @ direction)
+            if slope >= 0:
+                direction, slope = -grad, -float(grad @ grad)
+            trial, accepted = step_length, False
+            for _ in range(40):
+                self._move(trial, direction)
+                new_loss = float(evaluate_())
+                if math.isfinite(new_loss) and new_loss <= loss + group["armijo"] * trial * slope:
+                    accepted = True
+                    break
+                self._move(-trial, direction)
+                trial *= 0.5
+            if not accepted:
+                direction = None
+                break
+            loss, previous_grad, grad = new_loss, grad, self._flat_grad()
+            step_length = 2.0 * trial
+        state.update(direction=direction, grad=grad, step=step_length)
+        return torch.tensor(loss)
+
+
+def evaluate(
+    model: SoftWeightSharingModel,
+    values: dict[str, torch.Tensor],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    batch_size: int = 2048,
+) -> dict[str, float]:
+    """Test metrics of the model at fixed site values (a MAP point or one posterior draw).
+
+    Parameters
+    ----------
+    model : SoftWeightSharingModel
+    values : dict
+        Values of every sample site (pass-through parameters come from Pyro's param store).
+    x : Tensor of shape ``(M, *input_shape)``
+    y : Tensor of shape ``(M,)``
+
+    Returns
+    -------
+    dict with ``nll`` (mean negative log-likelihood per example) and ``accuracy``
+    (classification) or ``mse`` (regression).
+    """
+    conditioned = poutine.condition(model, data=values)
+    nll, score = 0.0, 0.0
+    with torch.no_grad():
+        for start in range(0, x.shape[0], batch_size):
+            xb, yb = x[start: start + batch_size], y[start: start + batch_size]
+            trace = poutine.trace(conditioned).get_trace(xb, yb)
+            outputs = trace.nodes["_RETURN"]["value"]
+            nll -= float(trace.nodes["y"]["fn"].log_prob(yb).sum())
+            if model.likelihood.task == "classification":
+                score += float((outputs.argmax(-1) == yb).sum())
+            else:
+                score += float(((outputs.reshape(-1) - yb) ** 2).sum())
+    key = "accuracy" if model.likelihood.task == "classification" else "mse"
+    return {"nll": nll / x.shape[0], key: score / x.shape[0]}
+
+
+def _make_optimizer(name: str, groups: dict[str, list[torch.Tensor]], learning_rates: LearningRates,
+                    *, iterations: int) -> torch.optim.Optimizer:
+    if name == "adam":
+        return torch.optim.Adam(
+            [{"params": params, "lr": getattr(learning_rates, group)} for group, params in groups.items()]
+        )
+    params = [p for params in groups.values() for p in params]
+    if name == "lbfgs":
+        return torch.optim.LBFGS(params, lr=1.0, max_iter=iterations, line_search_fn="strong_wolfe")
+    if name == "cg":
+        return NonlinearCG(params, lr=learning_rates.weights, max_iter=iterations)
+    raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
+
+
+def _write_sites(guide: AutoDelta, values: dict[str, torch.Tensor]) -> None:
+    """Overwrite the guide's point estimates in place (optimiser state stays attached)."""
+    store = dict(pyro.get_param_store().named_parameters())
+    with torch.no_grad():
+        for site, value in values.items():
+            support = guide.prototype_trace.nodes[site]["fn"].support
+            store[f"{guide._pyro_name}.{site}"].copy_(transform_to(support).inv(value))
+
+
+def _em_step(model: SoftWeightSharingModel, guide: AutoDelta) -> None:
+    values = guide.median()
+    updated = {}
+    for group, mixture in model.mixtures(values).items():
+        weights = torch.cat([values[name].reshape(-1) for name in model.groups[group]])
+        new = model.prior.em_update(weights, mixture, prior_weight=model.prior_weight)
+        updated.update({f"{group}.{suffix}": v for suffix, v in model.prior.split(new).items()})
+    _write_sites(guide, updated)
+
+
+def _mixture_summary(mixtures: dict) -> str:
+    mixture = next(iter(mixtures.values()))
+    return f"π0={mixture.weights[0]:.3f} σ∈[{mixture.scales.min():.2g},{mixture.scales.max():.2g}]"
+
+
+def fit_map(
+    model: SoftWeightSharingModel,
+    data: Dataset,
+    *,
+    epochs: int,
+    batch_size: int = 128,
+    optimizer: str = "adam",
+    learning_rates: LearningRates = LearningRates(),
+    iterations_per_epoch: int = 20,
+    em_every: int | None = None,
+    init_values: dict[str, torch.Tensor] | None = None,
+    seed: int = 0,
+    progress: bool = True,
+    on_epoch: Callable[[dict], None] | None = None,
+) -> MAPResult:
+    """Find the MAP point of the model on a dataset.
+
+    Parameters
+    ----------
+    model : SoftWeightSharingModel
+    data : Dataset
+        On the device the fit should run on.
+    epochs : int
+        Passes over the data (Adam) or outer iterations of ``iterations_per_epoch``
+        full-batch steps (L-BFGS, CG).
+    batch_size : int
+        Minibatch size for Adam.
+    optimizer : {"adam", "lbfgs", "cg"}
+    learning_rates : LearningRates
+        Adam's per-group rates; CG's first step length is ``learning_rates.weights``.
+    iterations_per_epoch : int
+        Full-batch iterations per epoch (L-BFGS, CG).
+    em_every : int, optional
+        Run an EM update of the mixtures every this many optimiser steps.
+    init_values : dict, optional
+        Starting site values; defaults to ``model.initial_values()`` (the network's
+        current weights and the configured initial mixture).
+    seed : int
+        Seeds Pyro and torch; a fit is reproducible on the same machine.
+    progress : bool
+        Show a progress bar with the loss, test metrics and mixture state.
+    on_epoch : callable, optional
+        Called with each epoch's history record.
+
+    Returns
+    -------
+    MAPResult
+    """
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+    if epochs < 1 or batch_size < 1:
+        raise ValueError("epochs and batch_size must be at least 1")
+    pyro.set_rng_seed(seed)
+    pyro.clear_param_store()
+    torch.set_flush_denormal(True)
+    x, y, n = data.train_x, data.train_y, data.train_x.shape[0]
+    guide = AutoDelta(model, init_loc_fn=init_to_value(values=init_values or model.initial_values()))
+    elbo = Trace_ELBO()
+    full_batch = optimizer != "adam"
+
+    def loss_on(xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+        return elbo.differentiable_loss(model, guide, xb, yb, data_size=n)
+
+    with pyro.validation_enabled(False):
+        loss_on(x[:batch_size], y[:batch_size])  # creates the guide's parameters
+        store = dict(pyro.get_param_store().named_parameters())
+        groups: dict[str, list[torch.Tensor]] = {}
+        for name, param in store.items():
+            groups.setdefault(parameter_group(name), []).append(param)
+        torch_optimizer = _make_optimizer(optimizer, groups, learning_rates, iterations=iterations_per_epoch)
+        generator = torch.Generator(device=x.device).manual_seed(seed)
+        steps_per_epoch = 1 if full_batch else math.ceil(n / batch_size)
+        history: list[dict] = []
+        bar = tqdm(total=epochs * steps_per_epoch, disable=not progress, unit="step", dynamic_ncols=True)
+        started = time.perf_counter()
+        step = 0
+        for epoch in range(1, epochs + 1):
+            total = 0.0
+            for index in _epoch_batches(n, batch_size, full_batch, generator, x.device):
+                xb, yb = x[index], y[index]
+
+                def closure() -> torch.Tensor:
+                    torch_optimizer.zero_grad(set_to_none=True)
+                    loss = loss_on(xb, yb)
+                    loss.backward()
+                    return loss
+
+                if full_batch:
+                    loss = torch_optimizer.step(closure)
+                else:
+                    loss = closure()
+                    torch_optimizer.step()
+                total += loss.item()
+                step += 1
+                if em_every and step % em_every == 0:
+                    _em_step(model, guide)
+                bar.update(1)
+            values = {k: v.detach() for k, v in guide.median().items()}
+            record = {"epoch": epoch, "loss": total / steps_per_epoch / n,
+                      **evaluate(model, values, data.test_x, data.test_y)}
+            mixtures = model.mixtures(values)
+            record["mixtures"] = {group: m.as_dict() for group, m in mixtures.items()}
+            history.append(record)
+            bar.set_postfix_str(
+                f"loss={record['loss']:.4g} "
+                + " ".join(f"{k}={record[k]:.4g}" for k in ("accuracy", "mse") if k in record)
+                + " " + _mixture_summary(mixtures)
+            )
+            if on_epoch is not None:
+                on_epoch(record)
+        bar.close()
+        seconds = time.perf_counter() - started
+    passthrough = {name: pyro.param(f"network.{name}").detach() for name in model.passthrough}
+    return MAPResult(values=values, parameters=passthrough, history=history, seconds=seconds,
+                     optimizer_state=torch_optimizer.state_dict())
+
+
+def _epoch_batches(n: int, batch_size: int, full_batch: bool, generator: torch.Generator,
+                   device: torch.device) -> Iterator[torch.Tensor]:
+    if full_batch:
+        return iter([torch.arange(n, device=device)])
+    return batches(n, batch_size=batch_size, generator=generator, device=device)

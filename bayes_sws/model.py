@@ -1,0 +1,264 @@
+"""Turning a torch network into a Pyro model whose weights carry the mixture prior.
+
+:class:`SoftWeightSharingModel` is one model function for MAP, variational
+inference and NUTS:
+
+    mixture sites (π, μ, 1/σ², hyperpriors)      one group, or one per layer
+    weight sites  w ~ MixturePrior, scaled by λ  (``poutine.scale``)
+    pass-through parameters                      ``pyro.param`` (point estimates)
+    likelihood    inside ``plate("data", N, subsample=batch)``: scaled by N/B
+
+With an ``AutoDelta`` guide and ``Trace_ELBO`` its loss is exactly
+E(w) + λΩ(w) − log p(π, μ, 1/σ²).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro import poutine
+from torch import nn
+from torch.distributions import constraints
+
+from .prior import GaussianMixture, MixturePrior, SoftWeightSharingPrior
+
+__all__ = [
+    "Categorical",
+    "Gaussian",
+    "Likelihood",
+    "SHARED_GROUP",
+    "SoftWeightSharingModel",
+    "prior_parameter_names",
+]
+
+SHARED_GROUP = "mixture"
+_PRIOR_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+class Likelihood:
+    """How the network's outputs explain the targets. Subclasses implement :meth:`distribution`."""
+
+    task: str
+
+    def distribution(self, outputs: torch.Tensor) -> dist.Distribution:
+        """The observation distribution given network outputs, batch shape ``(B,)``."""
+        raise NotImplementedError
+
+    def initial_values(self, *, like: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Starting values of the likelihood's own sample sites."""
+        return {}
+
+
+@dataclass(frozen=True)
+class Categorical(Likelihood):
+    """Classification: y ~ Categorical(logits = network(x)); outputs ``(B, C)``."""
+
+    task = "classification"
+
+    def distribution(self, outputs: torch.Tensor) -> dist.Distribution:
+        return dist.Categorical(logits=outputs)
+
+
+@dataclass(frozen=True)
+class Gaussian(Likelihood):
+    """Regression: y ~ Normal(network(x), s²); outputs ``(B,)`` or ``(B, 1)``.
+
+    Attributes
+    ----------
+    noise_scale : float, optional
+        Fixed s; ``None`` learns it as the site ``noise_scale`` (flat prior on s > 0).
+    init_noise_scale : float
+        Starting s when learned.
+    """
+
+    noise_scale: float | None = None
+    init_noise_scale: float = 0.1
+    task = "regression"
+
+    def __post_init__(self) -> None:
+        for name in ("noise_scale", "init_noise_scale"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"{name} must be positive, got {value}")
+
+    def distribution(self, outputs: torch.Tensor) -> dist.Distribution:
+        if self.noise_scale is None:
+            scale = pyro.sample("noise_scale", dist.ImproperUniform(constraints.positive, (), ()))
+        else:
+            scale = self.noise_scale
+        return dist.Normal(outputs.reshape(outputs.shape[0]), scale)
+
+    def initial_values(self, *, like: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.noise_scale is not None:
+            return {}
+        return {"noise_scale": like.new_tensor(self.init_noise_scale)}
+
+
+def prior_parameter_names(network: nn.Module, *, include_biases: bool = False) -> list[str]:
+    """Names of the parameters that get the mixture prior.
+
+    The weights (and optionally biases) of Linear and Conv layers; every other
+    parameter passes through as a plain point estimate.
+    """
+    kinds = ("weight", "bias") if include_biases else ("weight",)
+    return [
+        f"{module_name}.{kind}" if module_name else kind
+        for module_name, module in network.named_modules()
+        if isinstance(module, _PRIOR_LAYERS)
+        for kind in kinds
+        if getattr(module, kind, None) is not None
+    ]
+
+
+class SoftWeightSharingModel:
+    """A Pyro model: a network whose chosen parameters have a soft weight-sharing prior.
+
+    Parameters
+    ----------
+    network : nn.Module
+        Any torch network; its current parameters are the starting values.
+    prior : SoftWeightSharingPrior
+    likelihood : Likelihood
+    prior_weight : float
+        λ ≥ 0, the weight of the prior term (0 drops it: plain maximum likelihood).
+    include_biases : bool
+        Give biases the prior too.
+    shared : bool
+        One mixture for all prior parameters (group ``"mixture"``), or one per
+        parameter tensor (group ``"mixture.<name>"``).
+
+    Examples
+    --------
+    >>> net = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+    >>> model = SoftWeightSharingModel(net, prior=SoftWeightSharingPrior(n_components=8),
+    ...                                likelihood=Categorical(), prior_weight=1e-3)
+    >>> guide = pyro.infer.autoguide.AutoDelta(model, init_loc_fn=
+    ...     pyro.infer.autoguide.init_to_value(values=model.initial_values()))
+    """
+
+    def __init__(
+        self,
+        network: nn.Module,
+        *,
+        prior: SoftWeightSharingPrior,
+        likelihood: Likelihood,
+        prior_weight: float = 1.0,
+        include_biases: bool = False,
+        shared: bool = True,
+    ) -> None:
+        if not prior_weight >= 0:
+            raise ValueError(f"prior_weight (λ) must be non-negative, got {prior_weight}")
+        self.network = network
+        self.prior = prior
+        self.likelihood = likelihood
+        self.prior_weight = float(prior_weight)
+        self.shared = shared
+        self.prior_sites = prior_parameter_names(network, include_biases=include_biases)
+        if not self.prior_sites:
+            raise ValueError("the network has no Linear or Conv weights to put the prior on")
+        self._shapes = {name: p.shape for name, p in network.named_parameters()}
+        self.passthrough = [name for name in self._shapes if name not in self.prior_sites]
+
+    # ---- structure
+
+    @property
+    def groups(self) -> dict[str, list[str]]:
+        """Mixture group name → the parameter sites it models."""
+        if self.shared:
+            return {SHARED_GROUP: list(self.prior_sites)}
+        return {f"{SHARED_GROUP}.{name}": [name] for name in self.prior_sites}
+
+    @property
+    def n_weights(self) -> int:
+        """Number of scalar parameters under the prior."""
+        return sum(self._shapes[name].numel() for name in self.prior_sites)
+
+    def initial_values(self) -> dict[str, torch.Tensor]:
+        """Starting values of every sample site: the network's weights, the initial mixtures."""
+        parameters = dict(self.network.named_parameters())
+        values = {name: parameters[name].detach().clone() for name in self.prior_sites}
+        for group, names in self.groups.items():
+            weights = torch.cat([values[name].reshape(-1) for name in names])
+            mixture = self.prior.initial_mixture(weights)
+            values.update(
+                {f"{group}.{suffix}": v for suffix, v in self.prior.split(mixture).items()}
+            )
+        like = next(iter(values.values()))
+        values.update(self.likelihood.initial_values(like=like))
+        return values
+
+    def mixtures(self, values: dict[str, torch.Tensor]) -> dict[str, GaussianMixture]:
+        """Each group's mixture from site values (e.g. a MAP point or one posterior draw)."""
+        like = values[self.prior_sites[0]]
+        return {
+            group: self.prior.assemble(
+                {
+                    key[len(group) + 1 :]: value
+                    for key, value in values.items()
+                    if key.startswith(group + ".") and key[len(group) + 1 :] in _SUFFIXES
+                },
+                like=like,
+            )
+            for group in self.groups
+        }
+
+    def load_values(self, values: dict[str, torch.Tensor]) -> nn.Module:
+        """Copy site values into the network's parameters (in place) and return it."""
+        parameters = dict(self.network.named_parameters())
+        with torch.no_grad():
+            for name, value in values.items():
+                if name in parameters:
+                    parameters[name].copy_(value)
+        return self.network
+
+    # ---- the model function
+
+    def __call__(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor | None = None,
+        *,
+        data_size: int | None = None,
+    ) -> torch.Tensor:
+        """Run the generative model on a batch.
+
+        Parameters
+        ----------
+        x : Tensor of shape ``(B, *input_shape)``
+        y : Tensor of shape ``(B,)``, optional
+            Observed targets; ``None`` samples them.
+        data_size : int, optional
+            N, the full training set size: the batch's log-likelihood is scaled
+            by N/B. Defaults to B.
+
+        Returns
+        -------
+        Tensor, the network outputs ``(B, …)``.
+        """
+        parameters = {}
+        for group, names in self.groups.items():
+            mixture = self.prior.sample_mixture(group, like=x)
+            with self._prior_scale():
+                for name in names:
+                    parameters[name] = pyro.sample(
+                        name, MixturePrior(mixture, event_shape=self._shapes[name])
+                    )
+        module_parameters = dict(self.network.named_parameters())
+        for name in self.passthrough:
+            parameters[name] = pyro.param(f"network.{name}", module_parameters[name].detach().clone())
+        outputs = torch.func.functional_call(self.network, parameters, (x,))
+        batch = x.shape[0]
+        with pyro.plate("data", data_size or batch, subsample=torch.arange(batch, device=x.device)):
+            pyro.sample("y", self.likelihood.distribution(outputs), obs=y)
+        return outputs
+
+    def _prior_scale(self):
+        if self.prior_weight == 0:
+            return poutine.mask(mask=False)
+        return poutine.scale(scale=self.prior_weight)
+
+
+_SUFFIXES = ("means", "precisions", "pi", "pi_zero")
