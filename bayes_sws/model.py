@@ -251,8 +251,9 @@ class SoftWeightSharingModel:
             parameters[name] = pyro.param(f"network.{name}", module_parameters[name].detach().clone())
         outputs = torch.func.functional_call(self.network, parameters, (x,))
         batch = x.shape[0]
+        observation = self.likelihood.distribution(outputs)
         with pyro.plate("data", data_size or batch, subsample=torch.arange(batch, device=x.device)):
-            pyro.sample("y", self.likelihood.distribution(outputs), obs=y)
+            pyro.sample("y", observation, obs=y)
         return outputs
 
     def _prior_scale(self):

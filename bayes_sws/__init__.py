@@ -1,0 +1,60 @@
+"""bayes-sws: soft weight-sharing priors for neural networks, as Pyro programs.
+
+A network's weights get a learned mixture-of-Gaussians prior (Nowlan & Hinton
+1992; Bishop, PRML §5.5.7); MAP fitting with Pyro's ``AutoDelta`` minimises
+E(w) + λΩ(w) plus the hyperprior terms.
+
+>>> import bayes_sws as sws
+>>> spec = sws.load_spec("models/digits.toml")
+>>> metrics = sws.run(spec, out_dir="runs/digits")
+"""
+
+from .data import Dataset, load_dataset
+from .errors import BayesSWSError, DataError, SpecError
+from .experiment import FittedModel, build_model, load_checkpoint, run
+from .inference import LearningRates, MAPResult, evaluate, fit_map
+from .model import Categorical, Gaussian, SoftWeightSharingModel
+from .nets import build_network
+from .prior import (
+    GaussianMixture,
+    Hyperpriors,
+    MixturePrior,
+    SoftWeightSharingPrior,
+    mixture_log_density,
+    mixture_log_prob_sum,
+    responsibilities,
+    use_compiled_kernels,
+)
+from .spec import Spec, load_spec
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BayesSWSError",
+    "Categorical",
+    "DataError",
+    "Dataset",
+    "FittedModel",
+    "Gaussian",
+    "GaussianMixture",
+    "Hyperpriors",
+    "LearningRates",
+    "MAPResult",
+    "MixturePrior",
+    "SoftWeightSharingModel",
+    "SoftWeightSharingPrior",
+    "Spec",
+    "SpecError",
+    "build_model",
+    "build_network",
+    "evaluate",
+    "fit_map",
+    "load_checkpoint",
+    "load_dataset",
+    "load_spec",
+    "mixture_log_density",
+    "mixture_log_prob_sum",
+    "responsibilities",
+    "run",
+    "use_compiled_kernels",
+]

@@ -1,0 +1,64 @@
+"""The ``bayes-sws`` command: a thin shell over the Python API.
+
+    bayes-sws fit models/digits.toml [--out DIR] [--set key=value ...] [--device cpu|cuda]
+    bayes-sws check models/digits.toml [--set key=value ...]
+
+Errors in the user's input print one line on stderr and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .errors import BayesSWSError
+from .experiment import run
+from .spec import load_spec
+
+__all__ = ["main"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bayes-sws", description="Soft weight-sharing for neural networks.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    fit = commands.add_parser("fit", help="fit a model specification and save its artefacts")
+    check = commands.add_parser("check", help="validate a model specification and print it")
+    for command in (fit, check):
+        command.add_argument("spec", help="a model specification (.toml), e.g. models/digits.toml")
+        command.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                             help="override a setting, e.g. --set prior.weight=0.01 (repeatable)")
+    fit.add_argument("--out", help="output directory (default: runs/<model name>)")
+    fit.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    fit.add_argument("--quiet", action="store_true", help="no progress bar")
+    return parser
+
+
+def _summary(metrics: dict) -> str:
+    scores = {k: v for k, v in metrics.items() if k.startswith("test_") and isinstance(v, float)}
+    return ", ".join(f"{k}={v:.4g}" for k, v in scores.items()) + f", {metrics['seconds']:.1f} s"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit status."""
+    arguments = _parser().parse_args(argv)
+    try:
+        spec = load_spec(arguments.spec, overrides=arguments.overrides)
+        if arguments.command == "check":
+            print(json.dumps(spec.to_dict(), indent=2))
+            return 0
+        out = Path(arguments.out or Path("runs") / spec.name)
+        metrics = run(spec, out_dir=out, device=arguments.device, progress=not arguments.quiet)
+    except BayesSWSError as error:
+        print(f"bayes-sws: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("bayes-sws: interrupted", file=sys.stderr)
+        return 130
+    print(f"{spec.name}: {_summary(metrics)}; results in {out}/")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

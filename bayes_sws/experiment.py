@@ -1,0 +1,266 @@
+"""Running a specification end to end, and the run's saved state.
+
+:func:`run` is what ``bayes-sws fit`` does: load data, build the network and the
+Pyro model, fit, and write ``metrics.json``, ``checkpoint.pt``, ``weights.png``
+and ``history.png`` to the output directory. Every input is validated before
+anything is trained or written, and files appear whole (written to a temporary
+name, then renamed).
+
+    >>> from bayes_sws import load_spec, run
+    >>> metrics = run(load_spec("models/digits.toml"), out_dir="runs/digits")
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import pyro
+import torch
+
+from . import plots
+from .data import Dataset, load_dataset
+from .errors import BayesSWSError
+from .inference import MAPResult, evaluate, fit_map
+from .model import Categorical, Gaussian, SoftWeightSharingModel
+from .nets import build_network
+from .prior import GaussianMixture, use_compiled_kernels
+from .spec import Spec, parse_spec
+
+__all__ = ["CHECKPOINT_FORMAT", "FittedModel", "build_model", "load_checkpoint", "resolve_device", "run"]
+
+CHECKPOINT_FORMAT = 1
+
+
+def resolve_device(name: str) -> torch.device:
+    """``"cpu"`` or ``"cuda"`` (``"cuda:1"`` …), checked to exist."""
+    if name == "cpu":
+        return torch.device("cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise BayesSWSError(f"device {name!r} requested but CUDA is not available here")
+        return torch.device(name)
+    raise BayesSWSError(f"unknown device {name!r}: use cpu or cuda")
+
+
+def build_model(
+    spec: Spec,
+    *,
+    input_shape: tuple[int, ...],
+    task: str,
+    n_outputs: int,
+    device: torch.device | str = "cpu",
+) -> SoftWeightSharingModel:
+    """The Pyro model a specification describes, for data of the given shape.
+
+    Seeds torch with ``spec.seed`` first, so the network's initial weights are reproducible.
+
+    Parameters
+    ----------
+    spec : Spec
+    input_shape : tuple of int
+        One input's shape, e.g. ``(1, 28, 28)``.
+    task : {"classification", "regression"}
+    n_outputs : int
+        Classes, or 1 for regression.
+    device : torch.device or str
+    """
+    torch.manual_seed(spec.seed)
+    network = build_network(spec.network, input_shape=input_shape, n_outputs=n_outputs).to(device)
+    return SoftWeightSharingModel(
+        network,
+        prior=spec.prior.mixture,
+        likelihood=Categorical() if task == "classification" else Gaussian(),
+        prior_weight=spec.prior.weight,
+        include_biases=spec.prior.include_biases,
+        shared=spec.prior.shared,
+    )
+
+
+def _data_shape(data: Dataset) -> dict[str, Any]:
+    return {"input_shape": list(data.input_shape), "task": data.task, "n_outputs": data.n_classes or 1}
+
+
+@dataclass
+class FittedModel:
+    """A fitted model loaded back from a checkpoint.
+
+    Attributes
+    ----------
+    spec : Spec
+    model : SoftWeightSharingModel
+        Its ``network`` holds the fitted weights.
+    values : dict
+        Every sample site's fitted value.
+    metrics : dict
+        The run's metrics as saved.
+    """
+
+    spec: Spec
+    model: SoftWeightSharingModel
+    values: dict[str, torch.Tensor]
+    metrics: dict[str, Any]
+
+    @property
+    def network(self) -> torch.nn.Module:
+        return self.model.network
+
+    @property
+    def mixtures(self) -> dict[str, GaussianMixture]:
+        return self.model.mixtures(self.values)
+
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        """Network outputs at the fitted weights, ``(B, outputs)``."""
+        with torch.no_grad():
+            return self.network(x)
+
+
+def _write_atomically(path: Path, write: Callable[[str], None]) -> None:
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
+    os.close(handle)
+    try:
+        write(temporary)
+        os.chmod(temporary, 0o644)
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+
+
+def _metric_name(data: Dataset) -> str:
+    return "accuracy" if data.task == "classification" else "arv"
+
+
+def _test_metrics(model: SoftWeightSharingModel, values: dict, data: Dataset) -> dict[str, float]:
+    """Metrics on the test split(s); regression reports the average relative variance (ARV)."""
+    splits = {"test": (data.test_x, data.test_y), **{f"test_{k}": v for k, v in data.extra_tests.items()}}
+    metrics = {}
+    for split, (x, y) in splits.items():
+        result = evaluate(model, values, x, y)
+        metrics[f"{split}_nll"] = result["nll"]
+        if data.task == "classification":
+            metrics[f"{split}_accuracy"] = result["accuracy"]
+        else:
+            metrics[f"{split}_arv"] = result["mse"] / data.target_variance
+    return metrics
+
+
+def _all_weights(model: SoftWeightSharingModel, values: dict, group: str) -> torch.Tensor:
+    return torch.cat([values[name].reshape(-1) for name in model.groups[group]])
+
+
+def run(
+    spec: Spec,
+    *,
+    out_dir: str | os.PathLike[str],
+    device: str = "cpu",
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Fit a specification and write its artefacts; return the metrics.
+
+    Parameters
+    ----------
+    spec : Spec
+    out_dir : path-like
+        Created if needed. Receives ``metrics.json``, ``checkpoint.pt``,
+        ``weights.png`` (histogram and mixture) and ``history.png``.
+    device : str
+        ``"cpu"`` or ``"cuda"``.
+    progress : bool
+        Show a progress bar.
+
+    Returns
+    -------
+    dict, the content of ``metrics.json``.
+    """
+    torch_device = resolve_device(device)
+    data = load_dataset(spec.data.dataset, path=spec.data.path, seed=spec.seed).to(torch_device)
+    model = build_model(spec, **_data_shape(data), device=torch_device)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    use_compiled_kernels(spec.inference.compile)
+    settings = spec.inference
+    common = dict(batch_size=settings.batch_size, optimizer=settings.optimizer,
+                  learning_rates=settings.learning_rates,
+                  iterations_per_epoch=settings.iterations_per_epoch, seed=spec.seed, progress=progress)
+    pretrain_seconds = 0.0
+    if settings.pretrain_epochs:
+        likelihood_only = SoftWeightSharingModel(
+            model.network, prior=model.prior, likelihood=model.likelihood, prior_weight=0.0,
+            include_biases=spec.prior.include_biases, shared=spec.prior.shared)
+        pretrained = fit_map(likelihood_only, data, epochs=settings.pretrain_epochs, **common)
+        model.load_values(pretrained.all_values())
+        pretrain_seconds = pretrained.seconds
+    result = fit_map(model, data, epochs=settings.epochs, em_every=settings.em_every or None, **common)
+    model.load_values(result.all_values())
+
+    metric = _metric_name(data)
+    for record in result.history:
+        if metric == "arv":
+            record["arv"] = record["mse"] / data.target_variance
+    mixtures = model.mixtures(result.values)
+    metrics = {
+        "model": spec.name,
+        "method": spec.inference.method,
+        "optimizer": spec.inference.optimizer,
+        "device": str(torch_device),
+        "seed": spec.seed,
+        "epochs": spec.inference.epochs,
+        "pretrain_epochs": spec.inference.pretrain_epochs,
+        "seconds": result.seconds + pretrain_seconds,
+        "train_loss": result.history[-1]["loss"],
+        **_test_metrics(model, result.values, data),
+        "n_weights": model.n_weights,
+        "prior_weight": model.prior_weight,
+        "mixture": {group: m.as_dict() for group, m in mixtures.items()}
+        if not model.shared else next(iter(mixtures.values())).as_dict(),
+        "history": result.history,
+        "spec": spec.to_dict(),
+    }
+    _write_atomically(out / "metrics.json", lambda p: Path(p).write_text(json.dumps(metrics, indent=2)))
+    checkpoint = {
+        "format": CHECKPOINT_FORMAT,
+        "spec": spec.to_dict(),
+        "data": _data_shape(data),
+        "values": {k: v.cpu() for k, v in result.values.items()},
+        "parameters": {k: v.cpu() for k, v in result.parameters.items()},
+        "optimizer_state": result.optimizer_state,
+        "param_store": pyro.get_param_store().get_state(),
+        "metrics": metrics,
+    }
+    _write_atomically(out / "checkpoint.pt", lambda p: torch.save(checkpoint, p))
+    group = next(iter(model.groups))
+    _write_atomically(out / "weights.png", lambda p: plots.plot_weights(
+        _all_weights(model, result.values, group), mixtures[group], p,
+        title=f"{spec.name}: weights and learned mixture"))
+    _write_atomically(out / "history.png", lambda p: plots.plot_history(
+        result.history, p, metric=metric, group=group))
+    return metrics
+
+
+def load_checkpoint(path: str | os.PathLike[str], *, device: str = "cpu") -> FittedModel:
+    """Load a run's ``checkpoint.pt`` back into a :class:`FittedModel`.
+
+    Rebuilds the network from the saved specification (no data is loaded:
+    only its shape is needed, and it is saved too) and loads the fitted values.
+    """
+    path = Path(path)
+    try:
+        checkpoint = torch.load(path, map_location=resolve_device(device), weights_only=False)
+    except FileNotFoundError:
+        raise BayesSWSError(f"checkpoint {path} not found") from None
+    except Exception as error:  # torch raises many types for a damaged file
+        raise BayesSWSError(f"checkpoint {path} cannot be read: {error}") from None
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
+        raise BayesSWSError(f"checkpoint {path} is not a bayes-sws checkpoint of format {CHECKPOINT_FORMAT}")
+    spec = parse_spec(checkpoint["spec"])
+    values = checkpoint["values"]
+    shape = checkpoint["data"]
+    model = build_model(spec, input_shape=tuple(shape["input_shape"]), task=shape["task"],
+                        n_outputs=shape["n_outputs"], device=device)
+    model.load_values({**values, **checkpoint["parameters"]})
+    return FittedModel(spec=spec, model=model, values=values, metrics=checkpoint["metrics"])

@@ -1,0 +1,96 @@
+"""Figures: the weight histogram under the learned mixture, and the training history."""
+
+from __future__ import annotations
+
+import os
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from .prior import GaussianMixture, mixture_log_density  # noqa: E402
+
+__all__ = ["plot_history", "plot_weights"]
+
+
+def plot_weights(
+    weights: torch.Tensor,
+    mixture: GaussianMixture,
+    path: str | os.PathLike[str],
+    *,
+    title: str = "",
+    bins: int = 200,
+) -> None:
+    """Histogram of the weights (log-scaled counts) with the mixture density overlaid.
+
+    The density is scaled to expected counts per bin, N·Δ·p(w), so that curve and
+    bars share one axis, as in Nowlan & Hinton (1992) and Ullrich et al. (2017).
+
+    Parameters
+    ----------
+    weights : Tensor, any shape (flattened)
+    mixture : GaussianMixture with fields of shape ``(J,)``
+    path : path-like
+        Where to write the PNG.
+    """
+    values = weights.detach().reshape(-1).double().cpu()
+    mixture = GaussianMixture(*(t.detach().double().cpu() for t in mixture))
+    low = min(float(values.min()), float((mixture.means - 3 * mixture.scales).min()))
+    high = max(float(values.max()), float((mixture.means + 3 * mixture.scales).max()))
+    edges = np.linspace(low, high, bins + 1)
+    grid = torch.linspace(low, high, 2000, dtype=torch.float64)
+    expected = values.numel() * (edges[1] - edges[0]) * mixture_log_density(grid, mixture).exp()
+
+    figure, axis = plt.subplots(figsize=(8, 4.5))
+    axis.hist(values.numpy(), bins=edges, color="tab:blue", alpha=0.6, label=f"weights (N={values.numel():,})")
+    axis.plot(grid.numpy(), expected.numpy(), color="tab:red", lw=1.5, label="mixture prior (expected counts)")
+    for mean, weight in zip(mixture.means.tolist(), mixture.weights.tolist()):
+        axis.axvline(mean, color="tab:red", lw=0.6, alpha=0.3 + 0.7 * weight**0.5)
+    axis.set_yscale("log")
+    axis.set_ylim(bottom=0.5)
+    axis.set_xlabel("weight value")
+    axis.set_ylabel("count per bin (log scale)")
+    axis.set_title(title or f"Weights and learned mixture ({mixture.means.numel()} components)")
+    axis.legend(loc="upper right")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def plot_history(history: list[dict], path: str | os.PathLike[str], *, metric: str, group: str) -> None:
+    """Training curves: loss, the test metric, and the mixture means over epochs.
+
+    The means' panel draws each component with opacity growing with its π, so
+    components that die out fade, as in Ullrich et al.'s Figure 2.
+
+    Parameters
+    ----------
+    history : list of dict
+        Records from :func:`~bayes_sws.inference.fit_map`.
+    path : path-like
+        Where to write the PNG.
+    metric : str
+        The history key of the test metric (``accuracy``, ``arv`` …).
+    group : str
+        The mixture group whose means to draw.
+    """
+    epochs = [record["epoch"] for record in history]
+    means = np.array([record["mixtures"][group]["mu"] for record in history])
+    weights = np.array([record["mixtures"][group]["pi"] for record in history])
+    figure, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    axes[0].plot(epochs, [record["loss"] for record in history], marker=".")
+    axes[0].set_ylabel("objective per training example")
+    axes[1].plot(epochs, [record[metric] for record in history], marker=".", color="tab:green")
+    axes[1].set_ylabel(f"test {metric}")
+    for component in range(means.shape[1]):
+        alpha = float(np.clip(weights[:, component].max() ** 0.5, 0.1, 1.0))
+        axes[2].plot(epochs, means[:, component], color="tab:red", alpha=alpha)
+    axes[2].set_ylabel("component means μ_j")
+    for axis in axes:
+        axis.set_xlabel("epoch")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)

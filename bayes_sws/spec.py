@@ -1,0 +1,283 @@
+"""Model specifications: a TOML file naming the data, network, prior and inference settings.
+
+A specification is validated as a whole on load: an unknown key, a value of the
+wrong type or an invalid setting raises :class:`~bayes_sws.errors.SpecError`
+naming the key. ``overrides`` (the CLI's ``--set key=value``) are applied first.
+
+Example (``models/digits.toml``)::
+
+    name = "digits-mlp"
+    [data]
+    dataset = "digits"
+    [network]
+    architecture = "mlp"
+    hidden = [64]
+    [prior]
+    weight = 0.03
+    n_components = 8
+    [inference]
+    epochs = 40
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import SpecError
+from .data import DATASET_NAMES
+from .inference import OPTIMIZERS, LearningRates
+from .nets import ACTIVATIONS, ARCHITECTURES
+from .prior import Hyperpriors, SoftWeightSharingPrior
+
+__all__ = [
+    "DataSpec",
+    "InferenceSpec",
+    "NetworkSpec",
+    "PriorSpec",
+    "Spec",
+    "apply_overrides",
+    "load_spec",
+    "parse_spec",
+]
+
+_INLINE = {"inline": True}
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """``[data]``: ``dataset`` is one of digits, fashion-mnist, idx, sunspots; ``path`` a directory."""
+
+    dataset: str = "digits"
+    path: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.dataset not in DATASET_NAMES:
+            raise ValueError(f"dataset must be one of {', '.join(DATASET_NAMES)}, got {self.dataset!r}")
+
+
+@dataclass(frozen=True)
+class NetworkSpec:
+    """``[network]``: an ``mlp`` with ``hidden`` layer sizes, or ``lenet5`` (LeNet-5-Caffe)."""
+
+    architecture: str = "mlp"
+    hidden: tuple[int, ...] = (64,)
+    activation: str = "relu"
+
+    def __post_init__(self) -> None:
+        if self.architecture not in ARCHITECTURES:
+            raise ValueError(f"architecture must be one of {', '.join(ARCHITECTURES)}, got {self.architecture!r}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {self.activation!r}")
+        if any(size < 1 for size in self.hidden):
+            raise ValueError(f"hidden layer sizes must be positive, got {list(self.hidden)}")
+
+
+@dataclass(frozen=True)
+class PriorSpec:
+    """``[prior]``: λ (``weight``), sharing, and the mixture (the keys of SoftWeightSharingPrior)."""
+
+    weight: float = 1e-3
+    shared: bool = True
+    include_biases: bool = False
+    mixture: SoftWeightSharingPrior = field(default_factory=SoftWeightSharingPrior, metadata=_INLINE)
+
+    def __post_init__(self) -> None:
+        if not self.weight >= 0:
+            raise ValueError(f"weight (λ) must be non-negative, got {self.weight}")
+
+
+@dataclass(frozen=True)
+class InferenceSpec:
+    """``[inference]``: the fitting method and its settings (see :func:`~bayes_sws.inference.fit_map`)."""
+
+    method: str = "map"
+    optimizer: str = "adam"
+    epochs: int = 20
+    batch_size: int = 128
+    pretrain_epochs: int = 0
+    iterations_per_epoch: int = 20
+    em_every: int = 0
+    compile: bool = False
+    learning_rates: LearningRates = field(default_factory=LearningRates)
+
+    def __post_init__(self) -> None:
+        if self.method != "map":
+            raise ValueError(f"method must be 'map', got {self.method!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        for name in ("epochs", "batch_size", "iterations_per_epoch"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("pretrain_epochs", "em_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be non-negative, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
+class Spec:
+    """A whole model specification."""
+
+    name: str
+    description: str = ""
+    seed: int = 0
+    data: DataSpec = field(default_factory=DataSpec)
+    network: NetworkSpec = field(default_factory=NetworkSpec)
+    prior: PriorSpec = field(default_factory=PriorSpec)
+    inference: InferenceSpec = field(default_factory=InferenceSpec)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict (the inline mixture flattened into ``prior``), as in the TOML file."""
+        return _to_table(self)
+
+
+def _to_table(obj: Any) -> dict[str, Any]:
+    table: dict[str, Any] = {}
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            nested = _to_table(value)
+            table.update(nested) if f.metadata.get("inline") else table.__setitem__(f.name, nested)
+        elif value is not None:
+            table[f.name] = list(value) if isinstance(value, tuple) else value
+    return table
+
+
+# --------------------------------------------------------------------------- building
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    """Check ``value`` against a (simple) type annotation; return it in the annotated form."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(value, inner, key)
+    if origin is tuple:
+        if not isinstance(value, list):
+            raise SpecError(f"{key}: expected a list, got {value!r}")
+        if args[-1] is not Ellipsis and len(value) != len(args):
+            raise SpecError(f"{key}: expected a list of {len(args)} numbers, got {value!r}")
+        return tuple(_coerce(v, args[0], key) for v in value)
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if annotation is bool and not isinstance(value, bool):
+        raise SpecError(f"{key}: expected true or false, got {value!r}")
+    if annotation is int and isinstance(value, bool):
+        raise SpecError(f"{key}: expected an integer, got {value!r}")
+    if not isinstance(value, annotation):
+        raise SpecError(f"{key}: expected {annotation.__name__}, got {value!r}")
+    return value
+
+
+def _build(cls: type, table: Any, prefix: str) -> Any:
+    """Build dataclass ``cls`` from a TOML table, rejecting unknown keys and invalid values."""
+    where = prefix.rstrip(".") or "the specification"
+    if not isinstance(table, dict):
+        raise SpecError(f"{where}: expected a table, got {table!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    inline = {name: f for name, f in fields.items() if f.metadata.get("inline")}
+    inline_keys = {
+        key for f in inline.values() for key in (g.name for g in dataclasses.fields(hints[f.name]))
+    }
+    for key in table:
+        if key not in fields and key not in inline_keys or key in inline:
+            known = sorted((set(fields) - set(inline)) | inline_keys)
+            raise SpecError(f"unknown key {prefix}{key!r} (known: {', '.join(known)})")
+    kwargs = {}
+    for name, f in fields.items():
+        annotation = hints[name]
+        if name in inline:
+            sub_keys = {g.name for g in dataclasses.fields(annotation)}
+            kwargs[name] = _build(annotation, {k: v for k, v in table.items() if k in sub_keys}, prefix)
+        elif dataclasses.is_dataclass(annotation):
+            kwargs[name] = _build(annotation, table.get(name, {}), f"{prefix}{name}.")
+        elif name in table:
+            kwargs[name] = _coerce(table[name], annotation, f"{prefix}{name}")
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise SpecError(f"missing key {prefix}{name}")
+    try:
+        return cls(**kwargs)
+    except ValueError as error:
+        raise SpecError(f"{where}: {error}") from None
+
+
+def parse_spec(table: dict[str, Any]) -> Spec:
+    """Validate a specification given as a nested dict (a parsed TOML document).
+
+    Raises
+    ------
+    SpecError
+        On an unknown key, a wrong type or an invalid value; the message names the key.
+    """
+    return _build(Spec, table, "")
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return tomllib.loads(f"value = {text}")["value"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_overrides(table: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Return a copy of ``table`` with ``key.path=value`` overrides applied.
+
+    Values are read as TOML (``0.01``, ``true``, ``[300, 100]``); anything that is
+    not valid TOML is taken as a string (``data.path=/data/mnist``).
+
+    >>> apply_overrides({"prior": {"weight": 1.0}}, ["prior.weight=0.5"])
+    {'prior': {'weight': 0.5}}
+    """
+    table = _deep_copy(table)
+    for override in overrides:
+        key, separator, text = override.partition("=")
+        if not separator or not key.strip():
+            raise SpecError(f"override {override!r} is not of the form key=value")
+        *parents, leaf = key.strip().split(".")
+        node = table
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise SpecError(f"override {override!r}: {part!r} is not a table")
+        node[leaf] = _parse_value(text.strip())
+    return table
+
+
+def _deep_copy(table: dict[str, Any]) -> dict[str, Any]:
+    return {k: _deep_copy(v) if isinstance(v, dict) else v for k, v in table.items()}
+
+
+def load_spec(path: str | os.PathLike[str], *, overrides: list[str] = ()) -> Spec:
+    """Read, override and validate a TOML specification file.
+
+    Parameters
+    ----------
+    path : path-like
+        The ``.toml`` file.
+    overrides : list of str
+        ``key.path=value`` settings applied before validation.
+
+    Returns
+    -------
+    Spec
+    """
+    path = Path(path)
+    try:
+        table = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise SpecError(f"specification {path} not found") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise SpecError(f"cannot read specification {path}: {error}") from None
+    except tomllib.TOMLDecodeError as error:
+        raise SpecError(f"specification {path} is not valid TOML: {error}") from None
+    table.setdefault("name", path.stem)
+    return parse_spec(apply_overrides(table, list(overrides)))

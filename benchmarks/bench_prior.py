@@ -1,0 +1,458 @@
+"""Benchmark: the mixture prior alone, value + gradient, against the straightforward forms.
+
+For every weight count N it times one evaluation of Σ_i log p(w_i) under a J-component
+Gaussian mixture together with its gradient with respect to the weights AND every
+mixture parameter (log-weights, means, scales, all leaf tensors), and measures the
+peak extra memory of that call. Methods:
+
+  fused     MixturePrior(mixture, event_shape=(N,)).log_prob(w) + backward, eager kernels
+  compiled  the same after bayes_sws.prior.use_compiled_kernels(True)
+  baseline  pyro MixtureSameFamily(Categorical(logits), Normal(mu, sigma))
+            .expand((N,)).to_event(1).log_prob(w) + autograd backward
+  reference bayes_sws.prior.mixture_log_density(w, mixture).sum() + autograd backward
+
+Timing: the median over --reps calls after warm-up. Memory: on CPU every (method, N)
+runs in a fresh subprocess, which warms the code paths up on a small tensor, resets
+the peak-RSS mark (/proc/self/clear_refs) and reads VmHWM − VmRSS around its first
+full-size call; on CUDA, torch.cuda.max_memory_allocated minus memory_allocated
+before the call. The weights and mixture parameters exist before the call, so the
+gradient buffers and everything the call allocates count as extra.
+
+Run:  cd /work/main && PYTHONPATH=. .venv/bin/python benchmarks/bench_prior.py \
+          --sizes 1e5 1e6 1e7 --json benchmarks/results/prior.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+METHODS = ("fused", "compiled", "baseline", "reference")
+DESCRIPTIONS = {
+    "fused": "MixturePrior.log_prob + backward (fused, eager kernels)",
+    "compiled": "MixturePrior.log_prob + backward (fused, use_compiled_kernels)",
+    "baseline": "pyro MixtureSameFamily.expand((N,)).to_event(1).log_prob + autograd",
+    "reference": "mixture_log_density(w, mixture).sum() + autograd",
+}
+# Rough peak bytes of the autograd forms per (weight, component) pair; used only to
+# skip sizes that would not fit (measured: baseline ≈ 30 B, reference ≈ 20 B per pair).
+_AUTOGRAD_BYTES_PER_PAIR = 40
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def parse_size(text: str) -> int:
+    value = float(text)
+    if not value >= 1 or value != math.floor(value):
+        raise argparse.ArgumentTypeError(f"size must be a positive integer, got {text}")
+    return int(value)
+
+
+def fmt_bytes(n: float | None) -> str:
+    if n is None:
+        return "-"
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if abs(n) >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n:.0f} B"
+
+
+def fmt_seconds(s: float | None) -> str:
+    if s is None:
+        return "-"
+    if s >= 1:
+        return f"{s:.2f} s"
+    if s >= 1e-3:
+        return f"{s * 1e3:.1f} ms"
+    return f"{s * 1e6:.0f} µs"
+
+
+def _proc_status() -> dict[str, int]:
+    text = Path("/proc/self/status").read_text()
+    return {
+        key: int(re.search(rf"^{key}:\s+(\d+) kB", text, re.M).group(1)) * 1024
+        for key in ("VmRSS", "VmHWM")
+    }
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def _available_bytes(device: str) -> int:
+    if device == "cuda":
+        import torch
+
+        free, _ = torch.cuda.mem_get_info()
+        return free
+    text = Path("/proc/meminfo").read_text()
+    return int(re.search(r"^MemAvailable:\s+(\d+) kB", text, re.M).group(1)) * 1024
+
+
+# --------------------------------------------------------------------------- one measurement
+
+
+def measure(method: str, n: int, args: argparse.Namespace) -> dict:
+    """Time and measure one (method, N) in the current process; returns a result record."""
+    import pyro
+    import pyro.distributions as dist
+    import torch
+
+    from bayes_sws import prior as prior_module
+    from bayes_sws.prior import GaussianMixture, MixturePrior, mixture_log_density
+
+    torch.set_num_threads(args.threads)
+    torch.set_flush_denormal(True)
+    pyro.enable_validation(args.validate)
+    if not args.compile_cache:
+        import torch._inductor.config as inductor_config
+
+        inductor_config.force_disable_caches = True
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize()
+
+    generator = torch.Generator().manual_seed(args.seed)
+    j = args.components
+    # A trained-looking mixture: a narrow zero component holding most weights,
+    # the others spread over the weights' range.
+    log_weights = torch.cat([torch.tensor([math.log(0.9)]),
+                             torch.full((j - 1,), math.log(0.1 / max(j - 1, 1)))])[:j]
+    log_weights = log_weights - torch.logsumexp(log_weights, 0)
+    means = torch.cat([torch.zeros(1), torch.linspace(-0.3, 0.3, max(j - 1, 1))])[:j]
+    scales = torch.cat([torch.tensor([0.01]), torch.full((max(j - 1, 1),), 0.03)])[:j]
+    params = [t.to(device).requires_grad_() for t in (log_weights, means, scales)]
+    mixture = GaussianMixture(*params)
+
+    def make_weights(size: int) -> torch.Tensor:
+        w = torch.randn(size, generator=generator) * 0.1
+        return w.to(device).requires_grad_()
+
+    def loss_fn(w: torch.Tensor) -> torch.Tensor:
+        size = w.shape[0]
+        if method in ("fused", "compiled"):
+            return MixturePrior(mixture, event_shape=(size,), validate_args=args.validate).log_prob(w)
+        if method == "baseline":
+            d = dist.MixtureSameFamily(
+                dist.Categorical(logits=mixture.log_weights, validate_args=args.validate),
+                dist.Normal(mixture.means, mixture.scales, validate_args=args.validate),
+                validate_args=args.validate,
+            )
+            return d.expand((size,)).to_event(1).log_prob(w)
+        if method == "reference":
+            return mixture_log_density(w, mixture).sum()
+        raise ValueError(method)
+
+    def call(w: torch.Tensor) -> float:
+        w.grad = None
+        for p in params:
+            p.grad = None
+        sync()
+        start = time.perf_counter()
+        value = loss_fn(w)
+        value.backward()
+        sync()
+        return time.perf_counter() - start
+
+    record: dict = {"method": method, "n": n, "device": args.device}
+    if method == "compiled":
+        prior_module.use_compiled_kernels(True)
+    else:
+        prior_module.use_compiled_kernels(False)
+
+    # Warm-up on a small tensor: loads code pages, and for "compiled" compiles the
+    # kernel for the chunk shape that size N will use (N itself when N < chunk).
+    chunk = prior_module._default_chunk_size(device)
+    warm = make_weights(min(n, chunk))
+    record["first_call_s"] = call(warm)  # includes compilation for "compiled"
+    record["second_call_small_s"] = call(warm)
+    del warm
+
+    w = make_weights(n)
+    sync()
+    if cuda:
+        torch.cuda.empty_cache()
+        held = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        record["first_full_call_s"] = call(w)
+        record["peak_extra_bytes"] = torch.cuda.max_memory_allocated() - held
+        record["memory_method"] = "torch.cuda.max_memory_allocated - memory_allocated before"
+    else:
+        reset = _reset_peak_rss()
+        before = _proc_status()
+        record["first_full_call_s"] = call(w)
+        after = _proc_status()
+        record["peak_extra_bytes"] = after["VmHWM"] - (before["VmRSS"] if reset else before["VmHWM"])
+        record["memory_method"] = (
+            "VmHWM after - VmRSS before, peak reset via /proc/self/clear_refs"
+            if reset else "VmHWM growth (could not reset the peak: a lower bound)"
+        )
+    for _ in range(args.warmup):
+        call(w)
+    times: list[float] = []
+    while len(times) < args.reps and (len(times) < 3 or sum(times) < args.max_seconds):
+        times.append(call(w))
+    record["times_s"] = times
+    record["median_s"] = statistics.median(times)
+    record["value"] = float(loss_fn(w).detach()) if n <= 10**6 else None
+    return record
+
+
+def run_isolated(method: str, n: int, args: argparse.Namespace) -> dict:
+    """Run :func:`measure` in a fresh interpreter (CPU memory needs a fresh peak-RSS mark)."""
+    command = [sys.executable, os.path.abspath(__file__), "--_worker", method, str(n),
+               "--device", args.device, "--threads", str(args.threads),
+               "--components", str(args.components), "--reps", str(args.reps),
+               "--warmup", str(args.warmup), "--max-seconds", str(args.max_seconds),
+               "--seed", str(args.seed)]
+    command += ["--validate"] if args.validate else []
+    command += ["--compile-cache"] if args.compile_cache else []
+    env = dict(os.environ)
+    root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    started = time.perf_counter()
+    proc = subprocess.run(command, capture_output=True, text=True, env=env)
+    wall = time.perf_counter() - started
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        return {"method": method, "n": n, "error": f"rc={proc.returncode}: " + " | ".join(tail),
+                "process_wall_s": wall}
+    record = json.loads(lines[-1])
+    record["process_wall_s"] = wall
+    return record
+
+
+# --------------------------------------------------------------------------- correctness
+
+
+def check_agreement(n: int, args: argparse.Namespace) -> list[str]:
+    """Value and gradients of fused and baseline against the float64 reference."""
+    import pyro.distributions as dist
+    import torch
+
+    from bayes_sws.prior import GaussianMixture, MixturePrior, mixture_log_density, use_compiled_kernels
+
+    use_compiled_kernels(False)
+    torch.manual_seed(args.seed)
+    device = torch.device(args.device)
+    j = args.components
+    base = GaussianMixture(torch.log_softmax(torch.randn(j), 0), torch.linspace(-0.3, 0.3, j),
+                           torch.full((j,), 0.03))
+    w0 = torch.randn(n) * 0.1
+
+    def grads(kind: str, dtype):
+        w = w0.to(device, dtype).requires_grad_()
+        params = [t.to(device, dtype).requires_grad_() for t in base]
+        mixture = GaussianMixture(*params)
+        if kind == "fused":
+            value = MixturePrior(mixture, event_shape=(n,)).log_prob(w)
+        elif kind == "baseline":
+            value = dist.MixtureSameFamily(dist.Categorical(logits=params[0]),
+                                           dist.Normal(params[1], params[2])
+                                           ).expand((n,)).to_event(1).log_prob(w)
+        else:
+            value = mixture_log_density(w, mixture).sum()
+        value.backward()
+        return [value.detach().double().cpu()] + [t.grad.double().cpu() for t in (w, *params)]
+
+    reference = grads("reference", torch.float64)
+    lines = []
+    for kind in ("fused", "baseline"):
+        got = grads(kind, torch.float32)
+        errors = [float((g - r).abs().max() / r.abs().max().clamp_min(1e-30))
+                  for g, r in zip(got, reference)]
+        names = ("value", "dw", "dlog_pi", "dmu", "dsigma")
+        lines.append(f"  {kind:<9} vs float64 reference, max|err|/max|ref|: "
+                     + ", ".join(f"{a}={e:.1e}" for a, e in zip(names, errors)))
+    return lines
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", nargs="+", type=parse_size, default=[10**5, 10**6, 10**7],
+                        help="weight counts N (e.g. 1e5 1e6 1e7 1e8)")
+    parser.add_argument("--components", "-J", type=int, default=17, help="mixture components J")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--no-compile", action="store_true", help="skip the compiled-kernel method")
+    parser.add_argument("--baseline-max-size", type=parse_size, default=None,
+                        help="largest N for baseline/reference (default: whatever is estimated "
+                             "to fit in available memory)")
+    parser.add_argument("--reps", type=int, default=5, help="timed calls per measurement")
+    parser.add_argument("--warmup", type=int, default=1,
+                        help="untimed full-size calls after the memory-measuring one")
+    parser.add_argument("--max-seconds", type=float, default=20.0,
+                        help="stop timing after this many seconds (at least 3 calls)")
+    parser.add_argument("--validate", action="store_true",
+                        help="keep distribution argument/sample validation on (default off)")
+    parser.add_argument("--compile-cache", action="store_true",
+                        help="let inductor use its on-disk caches (default: cold compile)")
+    parser.add_argument("--in-process", action="store_true",
+                        help="CPU: measure in this process (faster; memory figures unreliable)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON here")
+    parser.add_argument("--_worker", nargs=2, metavar=("METHOD", "N"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args._worker:
+        method, n = args._worker
+        print(json.dumps(measure(method, int(n), args)), flush=True)
+        return 0
+
+    import pyro
+    import torch
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: CUDA is not available")
+    torch.set_num_threads(args.threads)
+    methods = [m for m in args.methods if not (m == "compiled" and args.no_compile)]
+    sizes = sorted(set(args.sizes))
+    available = _available_bytes(args.device)
+    isolated = args.device == "cpu" and not args.in_process
+
+    device_name = (torch.cuda.get_device_name() if args.device == "cuda"
+                   else platform.processor() or platform.machine())
+    print(f"bench_prior: J={args.components}, float32, device={args.device} ({device_name}), "
+          f"threads={args.threads}, torch {torch.__version__}, pyro {pyro.__version__}")
+    print(f"validation {'on' if args.validate else 'off'}, flush-denormal on, "
+          f"compile cache {'warm' if args.compile_cache else 'disabled (cold compile)'}, "
+          f"memory {'per-(method, N) subprocess' if isolated else 'in-process'}")
+    for m in methods:
+        print(f"  {m:<9} {DESCRIPTIONS[m]}")
+    print()
+    print("agreement at N=1e4:")
+    for line in check_agreement(10**4, args):
+        print(line)
+    print()
+
+    results: list[dict] = []
+    notes: list[str] = []
+    header = (f"{'N':>10} {'method':<10} {'median':>10} {'min':>10} {'1st call':>10} "
+              f"{'reps':>4} {'peak extra':>11} {'/(4N B)':>8}")
+    print(header)
+    print("-" * len(header))
+    for n in sizes:
+        for method in methods:
+            autograd_form = method in ("baseline", "reference")
+            estimate = _AUTOGRAD_BYTES_PER_PAIR * n * args.components
+            if autograd_form and (
+                (args.baseline_max_size is not None and n > args.baseline_max_size)
+                or (args.baseline_max_size is None and estimate > 0.7 * available)
+            ):
+                reason = (f"N > --baseline-max-size" if args.baseline_max_size is not None
+                          else f"estimated peak {fmt_bytes(estimate)} > 70% of "
+                               f"available {fmt_bytes(available)}")
+                record = {"method": method, "n": n, "skipped": reason}
+                notes.append(f"{method} skipped at N={n:.0e}: {reason}")
+                results.append(record)
+                print(f"{n:>10.0e} {method:<10} {'skipped: ' + reason}")
+                continue
+            record = run_isolated(method, n, args) if isolated else measure(method, n, args)
+            results.append(record)
+            if "error" in record:
+                notes.append(f"{method} failed at N={n:.0e}: {record['error']}")
+                print(f"{n:>10.0e} {method:<10} FAILED {record['error'][:100]}")
+                continue
+            extra = record["peak_extra_bytes"]
+            print(f"{n:>10.0e} {method:<10} {fmt_seconds(record['median_s']):>10} "
+                  f"{fmt_seconds(min(record['times_s'])):>10} "
+                  f"{fmt_seconds(record['first_call_s']):>10} {len(record['times_s']):>4} "
+                  f"{fmt_bytes(extra):>11} {extra / (4 * n):>8.2f}", flush=True)
+        print()
+
+    # ---- ratios
+    by = {(r["method"], r["n"]): r for r in results if "median_s" in r}
+    print("ratios (time: baseline / method, reference / method; memory: peak extra / (4·N·4 B))")
+    header = (f"{'N':>10} {'method':<10} {'base/x':>8} {'ref/x':>8} {'mem/(16N)':>10} "
+              f"{'extra B/weight':>15}")
+    print(header)
+    print("-" * len(header))
+    ratios = []
+    for n in sizes:
+        for method in ("fused", "compiled"):
+            r = by.get((method, n))
+            if r is None:
+                continue
+            base, ref = by.get(("baseline", n)), by.get(("reference", n))
+            row = {
+                "n": n, "method": method,
+                "baseline_over_method": base["median_s"] / r["median_s"] if base else None,
+                "reference_over_method": ref["median_s"] / r["median_s"] if ref else None,
+                "peak_extra_over_16n": r["peak_extra_bytes"] / (16 * n),
+                "peak_extra_bytes_per_weight": r["peak_extra_bytes"] / n,
+            }
+            ratios.append(row)
+
+            def f(x):
+                return f"{x:.1f}x" if x is not None else "-"
+
+            print(f"{n:>10.0e} {method:<10} {f(row['baseline_over_method']):>8} "
+                  f"{f(row['reference_over_method']):>8} {row['peak_extra_over_16n']:>10.2f} "
+                  f"{row['peak_extra_bytes_per_weight']:>15.1f}")
+    print()
+
+    # ---- targets
+    targets = []
+    speed = next((r for r in ratios if r["n"] == 10**6 and r["method"] == "fused"), None)
+    if speed and speed["baseline_over_method"] is not None:
+        ok = speed["baseline_over_method"] >= 5
+        targets.append({"target": "fused >= 5x faster than baseline at N=1e6",
+                        "value": speed["baseline_over_method"], "pass": ok})
+    memory = next((r for r in ratios if r["n"] == 10**7 and r["method"] == "fused"), None)
+    if memory:
+        ok = memory["peak_extra_over_16n"] < 1
+        targets.append({"target": "fused peak extra memory < 4·N·4 B at N=1e7",
+                        "value": memory["peak_extra_over_16n"], "pass": ok})
+    compiled_memory = next((r for r in ratios if r["n"] == 10**7 and r["method"] == "compiled"), None)
+    if compiled_memory:
+        targets.append({"target": "compiled peak extra memory < 4·N·4 B at N=1e7",
+                        "value": compiled_memory["peak_extra_over_16n"],
+                        "pass": compiled_memory["peak_extra_over_16n"] < 1})
+    for t in targets:
+        print(f"target: {t['target']}: {t['value']:.2f} -> {'PASS' if t['pass'] else 'FAIL'}")
+    for note in notes:
+        print(f"note: {note}")
+
+    if args.json:
+        path = Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        payload = {
+            "benchmark": "bench_prior",
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "config": {k: v for k, v in vars(args).items() if not k.startswith("_")},
+            "platform": {"python": platform.python_version(), "torch": torch.__version__,
+                         "pyro": pyro.__version__, "device_name": device_name,
+                         "machine": platform.machine()},
+            "results": results, "ratios": ratios, "targets": targets, "notes": notes,
+        }
+        path.write_text(json.dumps(payload, indent=2))
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
