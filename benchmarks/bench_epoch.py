@@ -1,0 +1,533 @@
+"""Benchmark: seconds per training epoch of LeNet-300-100 on Fashion-MNIST, with and without the prior.
+
+Three trainers, batch 128, float32, the same network (Linear 784-300-100-10, ReLU):
+
+  (a) plain     torch Adam on the mean cross-entropy, no prior
+  (b) torch-sws MAP soft weight-sharing written in plain torch: loss =
+                (N/B)·Σ_batch CE + λ·Σ_layers −MixturePrior(mixture, event_shape=w.shape).log_prob(w)
+                − SoftWeightSharingPrior.log_hyperprior(mixture); the mixture parameters are
+                torch leaves (mixing logits → log_softmax, free means, log-precisions);
+                Adam with the per-group learning rates of LearningRates()
+  (c) pyro      bayes_sws.inference.fit_map on a SoftWeightSharingModel (AutoDelta +
+                Trace_ELBO), 17 components, zero component with π0 = 0.999, Gamma
+                hyperpriors (250, 0.1) and (5000, 2) for the zero component
+
+each with the fused prior's eager kernels and with use_compiled_kernels(True).
+(b) and (c) optimise the same objective (up to (c)'s unconstrained coordinates).
+
+fit_map evaluates the test set once per epoch; that evaluation is timed on its own
+(evaluate() on the fitted values) and subtracted from fit_map's loop time. With
+--max-steps S, every trainer runs S steps after --warmup-steps untimed ones and the
+epoch time is extrapolated as 469 × (seconds per step); for (c) fit_map then runs one
+"epoch" over the first S·128 training examples (so its likelihood is scaled by that
+smaller N, which does not change the work per step).
+
+A per-step breakdown compares one Trace_ELBO().differentiable_loss(model, guide, x, y,
+data_size=N) + backward against the plain-torch loss + backward with the same prior,
+and splits Pyro's forward pass into guide, model (replay), log-prob and the rest.
+
+Run:  cd /work/main && PYTHONPATH=. .venv/bin/python benchmarks/bench_epoch.py \
+          --max-steps 100 --json benchmarks/results/epoch.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import dataclasses
+import datetime
+import io
+import json
+import math
+import platform
+import pstats
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import ForeignLoad, fmt_seconds, loadavg, wait_until_idle  # noqa: E402
+
+import pyro  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from pyro.infer import Trace_ELBO  # noqa: E402
+from pyro.infer.autoguide import AutoDelta, init_to_value  # noqa: E402
+from torch import nn  # noqa: E402
+
+from bayes_sws import prior as prior_module  # noqa: E402
+from bayes_sws.data import batches, load_fashion_mnist  # noqa: E402
+from bayes_sws.inference import LearningRates, evaluate, fit_map  # noqa: E402
+from bayes_sws.model import Categorical, SoftWeightSharingModel  # noqa: E402
+from bayes_sws.prior import GaussianMixture, Hyperpriors, MixturePrior, SoftWeightSharingPrior  # noqa: E402
+
+
+def lenet_300_100() -> nn.Module:
+    return nn.Sequential(
+        nn.Flatten(),
+        nn.Linear(784, 300), nn.ReLU(),
+        nn.Linear(300, 100), nn.ReLU(),
+        nn.Linear(100, 10),
+    )
+
+
+def sws_prior(components: int) -> SoftWeightSharingPrior:
+    return SoftWeightSharingPrior(
+        n_components=components,
+        pi_zero=0.999,
+        hyperpriors=Hyperpriors(precision_gamma=(250.0, 0.1), zero_precision_gamma=(5000.0, 2.0)),
+    )
+
+
+class Timer:
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def now(self) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+
+# --------------------------------------------------------------------------- (b): plain torch
+
+
+class TorchSWS:
+    """The soft weight-sharing MAP objective in plain torch (one shared mixture)."""
+
+    def __init__(self, net: nn.Module, prior: SoftWeightSharingPrior, prior_weight: float, n: int):
+        self.net, self.prior, self.prior_weight, self.n = net, prior, prior_weight, n
+        self.prior_weights = [m.weight for m in net.modules() if isinstance(m, nn.Linear)]
+        flat = torch.cat([w.detach().reshape(-1) for w in self.prior_weights])
+        start = prior.initial_mixture(flat)
+        self.pi_zero = prior.pi_zero
+        # free components' mixing logits, free means, log-precisions of all components
+        self.logits = start.log_weights[1:].clone().requires_grad_()
+        self.free_means = start.means[1:].clone().requires_grad_()
+        self.log_precisions = start.precisions.log().clone().requires_grad_()
+
+    def mixture(self) -> GaussianMixture:
+        like = self.free_means
+        log_pi = torch.log_softmax(self.logits, 0)
+        log_weights = torch.cat([like.new_tensor([math.log(self.pi_zero)]),
+                                 math.log1p(-self.pi_zero) + log_pi])
+        means = torch.cat([like.new_zeros(1), self.free_means])
+        return GaussianMixture(log_weights, means, torch.exp(-0.5 * self.log_precisions))
+
+    def prior_loss(self) -> torch.Tensor:
+        """λ·Ω(w) − log p(π, μ, 1/σ²)."""
+        mixture = self.mixture()
+        omega = -sum(MixturePrior(mixture, event_shape=w.shape).log_prob(w) for w in self.prior_weights)
+        return self.prior_weight * omega - self.prior.log_hyperprior(mixture)
+
+    def loss(self, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+        data = F.cross_entropy(self.net(xb), yb, reduction="sum") * (self.n / xb.shape[0])
+        return data + self.prior_loss()
+
+    def optimizer(self, rates: LearningRates) -> torch.optim.Optimizer:
+        return torch.optim.Adam([
+            {"params": list(self.net.parameters()), "lr": rates.weights},
+            {"params": [self.free_means], "lr": rates.means},
+            {"params": [self.log_precisions], "lr": rates.precisions},
+            {"params": [self.logits], "lr": rates.pi},
+        ])
+
+
+# --------------------------------------------------------------------------- trainers
+
+
+def index_stream(n: int, batch_size: int, seed: int, device):
+    generator = torch.Generator().manual_seed(seed)
+    while True:
+        yield from batches(n, batch_size=batch_size, generator=generator, device=device)
+
+
+def train_torch(kind: str, data, args, device, steps: int) -> dict:
+    """(a) or (b): ``warmup`` untimed steps then ``steps`` timed ones, fresh model."""
+    torch.manual_seed(args.seed)
+    net = lenet_300_100().to(device)
+    x, y, n = data.train_x, data.train_y, data.train_x.shape[0]
+    if kind == "plain":
+        optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
+
+        def loss_fn(xb, yb):
+            return F.cross_entropy(net(xb), yb)
+    else:
+        sws = TorchSWS(net, sws_prior(args.components), args.prior_weight, n)
+        optimizer = sws.optimizer(LearningRates())
+        loss_fn = sws.loss
+    timer = Timer(device)
+    stream = index_stream(n, args.batch_size, args.seed, device)
+    total_loss = 0.0
+
+    def step():
+        nonlocal total_loss
+        index = next(stream)
+        xb, yb = x[index], y[index]
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn(xb, yb)
+        loss.backward()
+        optimizer.step()
+        total_loss += loss.item()  # fit_map does the same every step
+
+    for _ in range(args.warmup_steps):
+        step()
+    start = timer.now()
+    for _ in range(steps):
+        step()
+    seconds = timer.now() - start
+    return {"seconds": seconds, "steps": steps, "per_step_s": seconds / steps}
+
+
+def make_model(args, device) -> SoftWeightSharingModel:
+    torch.manual_seed(args.seed)
+    net = lenet_300_100().to(device)
+    return SoftWeightSharingModel(net, prior=sws_prior(args.components), likelihood=Categorical(),
+                                  prior_weight=args.prior_weight)
+
+
+def train_pyro(data, args, device, steps: int, full_epochs: bool) -> dict:
+    """(c): fit_map; a short untimed fit first warms up Pyro and any compiled kernels."""
+    batch = args.batch_size
+    if args.warmup_steps:
+        warm = dataclasses.replace(data, train_x=data.train_x[: args.warmup_steps * batch],
+                                   train_y=data.train_y[: args.warmup_steps * batch],
+                                   test_x=data.test_x[:batch], test_y=data.test_y[:batch])
+        fit_map(make_model(args, device), warm, epochs=1, batch_size=batch, progress=False,
+                seed=args.seed)
+    if full_epochs:
+        subset, epochs = data, args.epochs
+    else:
+        subset = dataclasses.replace(data, train_x=data.train_x[: steps * batch],
+                                     train_y=data.train_y[: steps * batch])
+        epochs = 1
+    model = make_model(args, device)
+    timer = Timer(device)
+    start = timer.now()
+    result = fit_map(model, subset, epochs=epochs, batch_size=batch, progress=False, seed=args.seed)
+    wall = timer.now() - start
+    # fit_map evaluated the test set once per epoch: time that on its own and subtract it.
+    with pyro.validation_enabled(False):
+        eval_times = []
+        for _ in range(3):
+            t0 = timer.now()
+            evaluate(model, result.values, data.test_x, data.test_y)
+            eval_times.append(timer.now() - t0)
+    evaluation = statistics.median(eval_times)
+    n_steps = epochs * math.ceil(subset.train_x.shape[0] / batch)
+    train_seconds = result.seconds - epochs * evaluation
+    return {"seconds": train_seconds, "steps": n_steps, "per_step_s": train_seconds / n_steps,
+            "fit_map_loop_s": result.seconds, "fit_map_wall_s": wall,
+            "setup_s": wall - result.seconds, "test_eval_s": evaluation,
+            "test_evals_subtracted": epochs,
+            "final_test_accuracy": result.history[-1].get("accuracy")}
+
+
+# --------------------------------------------------------------------------- breakdown
+
+
+def breakdown(data, args, device) -> dict[str, float]:
+    """Median seconds of the pieces of one step, on one fixed batch (no optimiser step)."""
+    n = data.train_x.shape[0]
+    xb, yb = data.train_x[: args.batch_size], data.train_y[: args.batch_size]
+    timer = Timer(device)
+
+    # plain torch
+    torch.manual_seed(args.seed)
+    net = lenet_300_100().to(device)
+    sws = TorchSWS(net, sws_prior(args.components), args.prior_weight, n)
+    torch_params = list(net.parameters()) + [sws.logits, sws.free_means, sws.log_precisions]
+
+    def zero(params):
+        for p in params:
+            p.grad = None
+
+    # pyro
+    model = make_model(args, device)
+    pyro.clear_param_store()
+    guide = AutoDelta(model, init_loc_fn=init_to_value(values=model.initial_values()))
+    elbo = Trace_ELBO()
+    with pyro.validation_enabled(False):
+        elbo.differentiable_loss(model, guide, xb, yb, data_size=n)
+    pyro_params = [p for _, p in pyro.get_param_store().named_parameters()]
+    adam = torch.optim.Adam(pyro_params, lr=1e-6)
+
+    def pyro_loss():
+        return elbo.differentiable_loss(model, guide, xb, yb, data_size=n)
+
+    def traces():
+        guide_trace = pyro.poutine.trace(guide).get_trace(xb, yb, data_size=n)
+        model_trace = pyro.poutine.trace(
+            pyro.poutine.replay(model, trace=guide_trace)).get_trace(xb, yb, data_size=n)
+        return guide_trace, model_trace
+
+    pieces = {
+        "network: forward + mean CE + backward (no prior)":
+            (lambda: F.cross_entropy(net(xb), yb).backward(), lambda: zero(torch_params)),
+        "prior: λΩ(w) − log hyperprior + backward (3 layers)":
+            (lambda: sws.prior_loss().backward(), lambda: zero(torch_params)),
+        "torch-sws: loss + backward  [(b) minus Adam]":
+            (lambda: sws.loss(xb, yb).backward(), lambda: zero(torch_params)),
+        "pyro: differentiable_loss + backward  [(c) minus Adam]":
+            (lambda: pyro_loss().backward(), lambda: zero(pyro_params)),
+        "pyro: differentiable_loss only (forward)":
+            (lambda: pyro_loss(), lambda: None),
+        "pyro:   guide trace (AutoDelta)":
+            (lambda: pyro.poutine.trace(guide).get_trace(xb, yb, data_size=n), lambda: None),
+        "pyro:   guide + model traces (replay, incl. network forward)":
+            (traces, lambda: None),
+        "pyro:   traces + compute_log_prob (incl. fused prior)":
+            (lambda: [t.compute_log_prob() for t in traces()], lambda: None),
+        "adam step (pyro's parameters)":
+            (lambda: adam.step(), lambda: None),
+    }
+    # gradients for the adam row
+    zero(pyro_params)
+    with pyro.validation_enabled(False):
+        pyro_loss().backward()
+    results = {}
+    with pyro.validation_enabled(False):
+        for name, (fn, reset) in pieces.items():
+            times = []
+            for rep in range(args.breakdown_reps + 2):
+                reset()
+                t0 = timer.now()
+                fn()
+                dt = timer.now() - t0
+                if rep >= 2:
+                    times.append(dt)
+            results[name] = statistics.median(times)
+    return results
+
+
+def profile_pyro_step(data, args, device, steps: int = 20) -> tuple[str, str]:
+    """cProfile and torch.profiler over ``steps`` Pyro steps (loss + backward + Adam)."""
+    n = data.train_x.shape[0]
+    model = make_model(args, device)
+    pyro.clear_param_store()
+    guide = AutoDelta(model, init_loc_fn=init_to_value(values=model.initial_values()))
+    elbo = Trace_ELBO()
+    stream = index_stream(n, args.batch_size, args.seed, device)
+    with pyro.validation_enabled(False):
+        elbo.differentiable_loss(model, guide, data.train_x[:2], data.train_y[:2], data_size=n)
+        params = [p for _, p in pyro.get_param_store().named_parameters()]
+        adam = torch.optim.Adam(params, lr=1e-4)
+
+        def step():
+            index = next(stream)
+            adam.zero_grad(set_to_none=True)
+            loss = elbo.differentiable_loss(model, guide, data.train_x[index], data.train_y[index],
+                                            data_size=n)
+            loss.backward()
+            adam.step()
+            loss.item()
+
+        for _ in range(3):
+            step()
+        profiler = cProfile.Profile()
+        profiler.enable()
+        for _ in range(steps):
+            step()
+        profiler.disable()
+        buffer = io.StringIO()
+        stats = pstats.Stats(profiler, stream=buffer)
+        stats.sort_stats("tottime").print_stats(18)
+        python_table = buffer.getvalue()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            for _ in range(steps):
+                step()
+        torch_table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)
+    return python_table, torch_table
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--epochs", type=int, default=1, help="full epochs per trainer")
+    parser.add_argument("--max-steps", type=int, default=None,
+                        help="time this many steps instead and extrapolate to a full epoch")
+    parser.add_argument("--warmup-steps", type=int, default=3, help="untimed steps first")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--components", "-J", type=int, default=17)
+    parser.add_argument("--prior-weight", type=float, default=0.05, help="λ (τ)")
+    parser.add_argument("--kernels", choices=("eager", "compiled", "both"), default="both",
+                        help="fused prior kernels: eager, torch.compile'd, or both in turn")
+    parser.add_argument("--trainers", nargs="+", choices=("plain", "torch-sws", "pyro"),
+                        default=["plain", "torch-sws", "pyro"])
+    parser.add_argument("--no-breakdown", action="store_true", help="skip the per-step breakdown")
+    parser.add_argument("--breakdown-reps", type=int, default=20)
+    parser.add_argument("--profile", action="store_true",
+                        help="print cProfile and torch.profiler tables of Pyro steps")
+    parser.add_argument("--wait-idle", type=float, default=0.0, metavar="SECONDS",
+                        help="before each trainer wait up to this long for other processes "
+                             "to leave the CPUs idle (the machine may be shared)")
+    parser.add_argument("--data-dir", default=None,
+                        help="Fashion-MNIST IDX folder (default: load_fashion_mnist()'s, "
+                             "/usr/share/datasets/fashion-mnist)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON here")
+    args = parser.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    torch.set_flush_denormal(True)  # fit_map does this; do it for every trainer
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: CUDA is not available")
+
+    t0 = time.perf_counter()
+    data = (load_fashion_mnist(args.data_dir) if args.data_dir else load_fashion_mnist()).to(device)
+    load_seconds = time.perf_counter() - t0
+    n = data.train_x.shape[0]
+    steps_per_epoch = math.ceil(n / args.batch_size)
+    full_epochs = args.max_steps is None
+    steps = args.epochs * steps_per_epoch if full_epochs else args.max_steps
+    n_weights = sum(p.numel() for name, p in lenet_300_100().named_parameters() if "weight" in name)
+
+    print(f"bench_epoch: LeNet-300-100 on Fashion-MNIST ({n} train, {data.test_x.shape[0]} test, "
+          f"loaded in {load_seconds:.1f} s), batch {args.batch_size} ({steps_per_epoch} steps/epoch), "
+          f"{n_weights} weights under the prior, J={args.components}, λ={args.prior_weight}")
+    print(f"device={args.device}, threads={args.threads}, torch {torch.__version__}, "
+          f"pyro {pyro.__version__}, load average at start: {loadavg()}")
+    print(f"timing {'%d full epoch(s)' % args.epochs if full_epochs else '%d steps, extrapolated to %d steps/epoch' % (steps, steps_per_epoch)}"
+          f", after {args.warmup_steps} warm-up steps; (c) minus its per-epoch test evaluation")
+    print()
+
+    modes = ["eager", "compiled"] if args.kernels == "both" else [args.kernels]
+    rows: list[dict] = []
+    compile_seconds = None
+    for mode in modes:
+        if mode == "compiled":
+            prior_module.use_compiled_kernels(True)
+            # compile for every layer shape, grad and value kernels, and time it
+            timer = Timer(device)
+            start = timer.now()
+            mixture = sws_prior(args.components).initial_mixture(torch.zeros(2, device=device))
+            mixture = GaussianMixture(*(t.clone().requires_grad_() for t in mixture))
+            for module in lenet_300_100().to(device).modules():
+                if isinstance(module, nn.Linear):
+                    w = module.weight
+                    MixturePrior(mixture, event_shape=w.shape).log_prob(w).backward()
+                    with torch.no_grad():
+                        MixturePrior(mixture, event_shape=w.shape).log_prob(w)
+            compile_seconds = timer.now() - start
+            print(f"compiled kernels: compile time {compile_seconds:.1f} s (all layer shapes, "
+                  f"value and grad kernels)")
+        else:
+            prior_module.use_compiled_kernels(False)
+        for trainer in args.trainers:
+            if trainer == "plain" and mode != modes[0]:
+                continue  # no prior: kernels make no difference
+            if args.wait_idle > 0 and device.type == "cpu":
+                wait_until_idle(args.wait_idle)
+            with ForeignLoad() as load:
+                if trainer == "pyro":
+                    record = train_pyro(data, args, device, steps, full_epochs)
+                else:
+                    record = train_torch(trainer, data, args, device, steps)
+            record.update(trainer=trainer, kernels=mode if trainer != "plain" else "-",
+                          per_epoch_s=record["per_step_s"] * steps_per_epoch,
+                          foreign_cpu_load=load.fraction)
+            rows.append(record)
+            extra = ""
+            if trainer == "pyro":
+                extra = (f"  (fit_map loop {record['fit_map_loop_s']:.2f} s − "
+                         f"{record['test_evals_subtracted']}×test eval {record['test_eval_s']:.2f} s;"
+                         f" setup {record['setup_s']:.2f} s)")
+            print(f"  {trainer:<10} {record['kernels']:<9} {record['steps']:>5} steps "
+                  f"{record['seconds']:>8.2f} s  {fmt_seconds(record['per_step_s']):>9}/step  "
+                  f"{record['per_epoch_s']:>7.2f} s/epoch"
+                  f"{'  * busy %.0f%%' % (100 * load.fraction) if load.fraction > 0.1 else ''}"
+                  f"{extra}", flush=True)
+    print()
+
+    # ---- table and ratios
+    by = {(r["trainer"], r["kernels"]): r for r in rows}
+    plain = by.get(("plain", "-"))
+    header = (f"{'trainer':<12} {'kernels':<9} {'s/epoch':>8} {'ms/step':>8} {'c/a':>6} {'c/b':>6}")
+    print("seconds per epoch (c/a, c/b: pyro / plain, pyro / torch-sws with the same kernels)")
+    print(header)
+    print("-" * len(header))
+    ratios = []
+    for r in rows:
+        c_over_a = c_over_b = None
+        if r["trainer"] == "pyro":
+            torch_sws = by.get(("torch-sws", r["kernels"]))
+            c_over_a = r["per_step_s"] / plain["per_step_s"] if plain else None
+            c_over_b = r["per_step_s"] / torch_sws["per_step_s"] if torch_sws else None
+            ratios.append({"kernels": r["kernels"], "c_over_a": c_over_a, "c_over_b": c_over_b,
+                           "target_c_over_a_le_2": None if c_over_a is None else c_over_a <= 2.0,
+                           "target_c_over_b_le_1.3": None if c_over_b is None else c_over_b <= 1.3})
+        f = (lambda v: f"{v:.2f}" if v is not None else "")
+        print(f"{r['trainer']:<12} {r['kernels']:<9} {r['per_epoch_s']:>8.2f} "
+              f"{r['per_step_s'] * 1e3:>8.1f} {f(c_over_a):>6} {f(c_over_b):>6}"
+              f"{'  *' if r['foreign_cpu_load'] > 0.1 else ''}")
+    for ratio in ratios:
+        for key, limit, name in (("c_over_a", 2.0, "(c) <= 2.0 x (a)"), ("c_over_b", 1.3, "(c) <= 1.3 x (b)")):
+            if ratio[key] is not None:
+                print(f"target {name} [{ratio['kernels']}]: {ratio[key]:.2f} -> "
+                      f"{'PASS' if ratio[key] <= limit else 'FAIL'}")
+    print()
+
+    # ---- breakdown
+    pieces: dict[str, dict[str, float]] = {}
+    if not args.no_breakdown:
+        for mode in modes:
+            # a second use_compiled_kernels(True) wraps the same code objects again and
+            # reuses dynamo's cached graphs: no recompilation
+            prior_module.use_compiled_kernels(mode == "compiled")
+            pieces[mode] = breakdown(data, args, device)
+        print(f"per-step breakdown on one batch, median of {args.breakdown_reps} (no optimiser "
+              f"step unless stated)")
+        header = f"{'piece':<62}" + "".join(f"{m:>11}" for m in modes)
+        print(header)
+        print("-" * len(header))
+        for name in pieces[modes[0]]:
+            print(f"{name:<62}" + "".join(f"{fmt_seconds(pieces[m][name]):>11}" for m in modes))
+        for m in modes:
+            p = pieces[m]
+            torch_key = "torch-sws: loss + backward  [(b) minus Adam]"
+            pyro_key = "pyro: differentiable_loss + backward  [(c) minus Adam]"
+            print(f"[{m}] Pyro adds {fmt_seconds(p[pyro_key] - p[torch_key])} per step over the "
+                  f"plain-torch loss ({p[pyro_key] / p[torch_key]:.2f}x)")
+        print()
+
+    profile_tables = None
+    if args.profile:
+        python_table, torch_table = profile_pyro_step(data, args, device)
+        profile_tables = {"cprofile": python_table, "torch_profiler": torch_table}
+        print(f"cProfile of 20 Pyro steps (kernels: {modes[-1]}), top by own time:")
+        print(python_table)
+        print(f"torch.profiler of 20 Pyro steps (kernels: {modes[-1]}), top ops by self CPU time:")
+        print(torch_table)
+
+    loaded = [r for r in rows if r["foreign_cpu_load"] > 0.1]
+    if loaded:
+        print(f"warning: {len(loaded)} trainer run(s) ran while other processes used >10% of the "
+              f"CPUs (marked *); rerun with --wait-idle 120 on a quiet machine. "
+              f"load average at end: {loadavg()}")
+
+    if args.json:
+        path = Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        payload = {
+            "benchmark": "bench_epoch",
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "config": vars(args),
+            "platform": {"python": platform.python_version(), "torch": torch.__version__,
+                         "pyro": pyro.__version__, "machine": platform.machine()},
+            "steps_per_epoch": steps_per_epoch, "compile_seconds": compile_seconds,
+            "rows": rows, "ratios": ratios, "breakdown": pieces, "profile": profile_tables,
+        }
+        path.write_text(json.dumps(payload, indent=2))
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

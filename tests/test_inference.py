@@ -1,0 +1,231 @@
+"""Tests of bayes_sws.inference: MAP fitting, the CG optimiser, evaluation and parameter groups."""
+
+import math
+
+import pyro
+import pytest
+import torch
+from pyro import poutine
+from torch import nn
+
+from bayes_sws.data import Dataset
+from bayes_sws.inference import (
+    LearningRates,
+    MAPResult,
+    NonlinearCG,
+    evaluate,
+    fit_map,
+    parameter_group,
+)
+from bayes_sws.model import Categorical, Gaussian, SoftWeightSharingModel
+from bayes_sws.prior import Hyperpriors, SoftWeightSharingPrior
+
+F64 = torch.float64
+
+
+@pytest.fixture(autouse=True)
+def _fresh_param_store():
+    pyro.clear_param_store()
+    yield
+    pyro.clear_param_store()
+
+
+def toy_dataset(n_train=60, n_test=30, seed=0):
+    """Three Gaussian blobs in 4 dimensions: a small classification problem."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.tensor([[2.0, 0, 0, 0], [0, 2.0, 0, 0], [0, 0, 2.0, 0]])
+
+    def split(n):
+        y = torch.randint(0, 3, (n,), generator=g)
+        return centres[y] + torch.randn(n, 4, generator=g), y
+
+    train_x, train_y = split(n_train)
+    test_x, test_y = split(n_test)
+    return Dataset(name="toy", task="classification", train_x=train_x, train_y=train_y,
+                   test_x=test_x, test_y=test_y, n_classes=3)
+
+
+def toy_model(prior=None, seed=1, prior_weight=1e-2):
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+    prior = prior or SoftWeightSharingPrior(n_components=4, init_means=(-0.5, 0.5))
+    return SoftWeightSharingModel(net, prior=prior, likelihood=Categorical(), prior_weight=prior_weight)
+
+
+def joint_loss(model, values, x, y):
+    """−log p(y, w, θ) at fixed site values (pass-through parameters from the param store):
+    the MAP objective, independent of any guide."""
+    with torch.no_grad():
+        trace = poutine.trace(poutine.condition(model, data=values)).get_trace(x, y)
+        return -trace.log_prob_sum().item()
+
+
+FAST_RATES = LearningRates(weights=0.05, means=0.01, precisions=0.01, pi=0.01)
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "lbfgs", "cg"])
+def test_fit_map_decreases_the_map_objective_and_records_history(optimizer):
+    data = toy_dataset()
+    model = toy_model()
+    initial = model.initial_values()
+    before = joint_loss(model, initial, data.train_x, data.train_y)
+
+    result = fit_map(model, data, epochs=3, batch_size=20, optimizer=optimizer, learning_rates=FAST_RATES,
+                     iterations_per_epoch=10, progress=False)
+
+    assert isinstance(result, MAPResult)
+    after = joint_loss(model, result.values, data.train_x, data.train_y)
+    assert math.isfinite(after)
+    assert after < before - 0.05 * abs(before)
+    assert set(result.values) == set(initial)
+    assert len(result.history) == 3
+    for epoch, record in enumerate(result.history, start=1):
+        assert record["epoch"] == epoch
+        assert {"loss", "nll", "accuracy", "mixtures"} <= set(record)
+        assert math.isfinite(record["loss"]) and math.isfinite(record["nll"])
+        assert 0.0 <= record["accuracy"] <= 1.0
+    final = result.history[-1]
+    expected_mixture = model.mixtures(result.values)["mixture"].as_dict()
+    assert final["mixtures"] == {"mixture": expected_mixture}
+    metrics = evaluate(model, result.values, data.test_x, data.test_y)
+    assert final["nll"] == pytest.approx(metrics["nll"], rel=1e-6)
+    assert final["accuracy"] == metrics["accuracy"]
+
+
+def test_fit_map_with_the_same_seed_is_reproducible():
+    data = toy_dataset()
+    kwargs = dict(epochs=2, batch_size=16, learning_rates=FAST_RATES, progress=False)
+    first = fit_map(toy_model(), data, seed=3, **kwargs)
+    second = fit_map(toy_model(), data, seed=3, **kwargs)
+    other = fit_map(toy_model(), data, seed=4, **kwargs)  # another shuffle order
+    assert set(first.values) == set(second.values)
+    for key in first.values:
+        assert torch.equal(first.values[key], second.values[key]), key
+    for key in first.parameters:
+        assert torch.equal(first.parameters[key], second.parameters[key]), key
+    assert first.history[-1]["loss"] == second.history[-1]["loss"]
+    assert not torch.equal(first.values["0.weight"], other.values["0.weight"])
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "lbfgs"])
+def test_em_between_steps_runs_and_keeps_the_objective_finite(optimizer):
+    data = toy_dataset()
+    prior = SoftWeightSharingPrior(
+        n_components=4, init_means=(-0.5, 0.5),
+        hyperpriors=Hyperpriors(precision_gamma=(2.0, 0.01), zero_weight_beta=(5.0, 2.0)),
+    )
+    kwargs = dict(epochs=2, batch_size=20, optimizer=optimizer, learning_rates=FAST_RATES,
+                  iterations_per_epoch=5, progress=False)
+    with_em = fit_map(toy_model(prior), data, em_every=1, **kwargs)
+    model = toy_model(prior)
+    assert all(torch.isfinite(v).all() for v in with_em.values.values())
+    assert all(math.isfinite(record["loss"]) for record in with_em.history)
+    assert math.isfinite(joint_loss(model, with_em.values, data.train_x, data.train_y))
+    without_em = fit_map(toy_model(prior), data, **kwargs)
+    # EM moved the mixture elsewhere than the optimiser alone did.
+    assert not torch.allclose(with_em.values["mixture.precisions"], without_em.values["mixture.precisions"], rtol=1e-3)
+
+
+def test_fit_map_rejects_unknown_optimizer():
+    with pytest.raises(ValueError):
+        fit_map(toy_model(), toy_dataset(), epochs=1, optimizer="sgd", progress=False)
+
+
+def test_nonlinear_cg_minimises_a_convex_quadratic_to_the_analytic_solution():
+    g = torch.Generator().manual_seed(5)
+    q, _ = torch.linalg.qr(torch.randn(10, 10, generator=g, dtype=F64))
+    a = q @ torch.diag(torch.linspace(1.0, 20.0, 10, dtype=F64)) @ q.T
+    b = torch.randn(10, generator=g, dtype=F64)
+    x = torch.zeros(10, dtype=F64, requires_grad=True)
+    optimizer = NonlinearCG([x], lr=0.1, max_iter=200, tolerance_grad=1e-12)
+
+    def closure():
+        optimizer.zero_grad()
+        loss = 0.5 * x @ a @ x - b @ x
+        loss.backward()
+        return loss
+
+    for _ in range(3):
+        optimizer.step(closure)
+    solution = torch.linalg.solve(a, b)
+    torch.testing.assert_close(x.detach(), solution, rtol=0, atol=1e-6)
+
+
+def test_nonlinear_cg_finds_the_rosenbrock_minimum():
+    x = torch.tensor([-1.2, 1.0], dtype=F64, requires_grad=True)
+    # Armijo backtracking without a curvature condition makes progress slow near the
+    # minimum (≈ 3000 iterations to 1e-5 from the classic start); 4000 leaves a margin.
+    optimizer = NonlinearCG([x], lr=1e-3, max_iter=4000, tolerance_grad=1e-10)
+
+    def closure():
+        optimizer.zero_grad()
+        loss = (1 - x[0]) ** 2 + 100 * (x[1] - x[0] ** 2) ** 2
+        loss.backward()
+        return loss
+
+    loss = optimizer.step(closure)
+    torch.testing.assert_close(x.detach(), torch.ones(2, dtype=F64), rtol=0, atol=1e-3)
+    assert float(loss) < 1e-6
+
+
+def linear_model(likelihood, out_features):
+    torch.manual_seed(6)
+    net = nn.Linear(4, out_features).double()
+    model = SoftWeightSharingModel(net, prior=SoftWeightSharingPrior(n_components=3), likelihood=likelihood)
+    g = torch.Generator().manual_seed(7)
+    weight = torch.randn(out_features, 4, generator=g, dtype=F64)
+    values = {**model.initial_values(), "weight": weight}
+    x = torch.randn(50, 4, generator=g, dtype=F64)
+    logits = x @ weight.T + net.bias.detach()  # the bias passes through from the network
+    return model, values, x, logits, g
+
+
+def test_evaluate_gives_hand_computed_accuracy_and_nll_for_a_fixed_linear_classifier():
+    model, values, x, logits, g = linear_model(Categorical(), 3)
+    y = torch.randint(0, 3, (50,), generator=g)
+    metrics = evaluate(model, values, x, y, batch_size=7)  # batches of 7 with a short last one
+    nll = (torch.logsumexp(logits, 1) - logits[torch.arange(50), y]).mean()
+    accuracy = (logits.argmax(1) == y).double().mean()
+    assert 0.0 < float(accuracy) < 1.0
+    assert set(metrics) == {"nll", "accuracy"}
+    assert metrics["nll"] == pytest.approx(float(nll), rel=1e-12)
+    assert metrics["accuracy"] == pytest.approx(float(accuracy), rel=1e-12)
+
+
+def test_evaluate_gives_hand_computed_mse_and_gaussian_nll_for_a_fixed_linear_regressor():
+    s = 0.5
+    model, values, x, outputs, g = linear_model(Gaussian(noise_scale=s), 1)
+    y = torch.randn(50, generator=g, dtype=F64)
+    metrics = evaluate(model, values, x, y, batch_size=7)
+    residual = y - outputs.reshape(-1)
+    nll = (0.5 * math.log(2 * math.pi * s**2) + residual**2 / (2 * s**2)).mean()
+    assert set(metrics) == {"nll", "mse"}
+    assert metrics["nll"] == pytest.approx(float(nll), rel=1e-12)
+    assert metrics["mse"] == pytest.approx(float((residual**2).mean()), rel=1e-12)
+
+
+@pytest.mark.parametrize(
+    "site, group",
+    [
+        ("mixture.means", "means"),
+        ("AutoDelta.mixture.means", "means"),
+        ("AutoDelta.mixture.0.weight.precisions", "precisions"),
+        ("mixture.precisions", "precisions"),
+        ("mixture.pi", "pi"),
+        ("AutoDelta.mixture.pi_zero", "pi"),
+        ("0.weight", "weights"),
+        ("AutoDelta.layers.3.weight", "weights"),
+        ("network.1.bias", "weights"),
+        ("network.5.weight", "weights"),
+        ("noise_scale", "weights"),
+        ("AutoDelta.noise_scale", "weights"),
+    ],
+)
+def test_parameter_group_maps_site_names_to_learning_rate_groups(site, group):
+    assert parameter_group(site) == group
+
+
+@pytest.mark.parametrize("kwargs", [dict(weights=0.0), dict(means=-1e-3), dict(pi=float("nan"))])
+def test_non_positive_learning_rate_raises_value_error(kwargs):
+    with pytest.raises(ValueError):
+        LearningRates(**kwargs)

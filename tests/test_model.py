@@ -1,0 +1,382 @@
+"""Tests of bayes_sws.model: the MAP loss of the Pyro model is E(w) + λΩ(w) − log p(θ).
+
+The expected loss is written out in plain float64 torch: the network's forward pass
+by hand, the negative log-likelihood by hand, Ω(w) from the mixture's definition and
+each hyperprior's log-density from its formula (MATH.md §1–2).
+"""
+
+import math
+
+import pyro
+import pytest
+import torch
+from pyro.infer import Trace_ELBO
+from pyro.infer.autoguide import AutoDelta, init_to_value
+from torch import nn
+
+from bayes_sws.data import Dataset
+from bayes_sws.inference import fit_map
+from bayes_sws.model import (
+    Categorical,
+    Gaussian,
+    SoftWeightSharingModel,
+    prior_parameter_names,
+)
+from bayes_sws.prior import Hyperpriors, SoftWeightSharingPrior
+
+F64 = torch.float64
+LOG_2PI = math.log(2.0 * math.pi)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_param_store():
+    pyro.clear_param_store()
+    yield
+    pyro.clear_param_store()
+
+
+# --------------------------------------------------------------------------- hand computations
+
+
+def make_net(out_features=2, seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, out_features)).double()
+
+
+def hand_forward(net, values):
+    """The two-layer tanh net written out; weights from ``values`` when they are sites."""
+
+    def get(name):
+        return values[name] if name in values else dict(net.named_parameters())[name].detach()
+
+    def forward(x):
+        h = torch.tanh(x @ get("0.weight").T + get("0.bias"))
+        return h @ get("2.weight").T + get("2.bias")
+
+    return forward
+
+
+def hand_categorical_nll(logits, y):
+    return (torch.logsumexp(logits, 1) - logits[torch.arange(len(y)), y]).sum()
+
+
+def hand_gaussian_nll(mean, y, s):
+    return (0.5 * LOG_2PI + torch.log(torch.as_tensor(s, dtype=F64)) + 0.5 * ((y - mean.reshape(-1)) / s) ** 2).sum()
+
+
+def hand_mixture(values, group, prior):
+    """π, μ, σ of a group from its site values, zero component first."""
+    tau = values[f"{group}.precisions"]
+    sigma = tau**-0.5
+    free_means = values.get(f"{group}.means", torch.zeros(0, dtype=F64))
+    j = prior.n_components
+    free_pi = values.get(f"{group}.pi", torch.ones(1, dtype=F64))
+    if not prior.zero_component:
+        return free_pi, free_means, sigma
+    pi_zero = values[f"{group}.pi_zero"] if prior.learns_pi_zero else torch.tensor(prior.pi_zero, dtype=F64)
+    mu = torch.cat([torch.zeros(1, dtype=F64), free_means])
+    pi = torch.cat([pi_zero.reshape(1), (1 - pi_zero) * free_pi]) if j > 1 else torch.ones(1, dtype=F64)
+    return pi, mu, sigma
+
+
+def hand_omega(w, pi, mu, sigma):
+    """Ω(w) = −Σ_i log Σ_j π_j N(w_i|μ_j,σ_j²)."""
+    d = w.reshape(-1, 1) - mu
+    log_terms = torch.log(pi) - torch.log(sigma) - 0.5 * LOG_2PI - 0.5 * (d / sigma) ** 2
+    return -torch.logsumexp(log_terms, 1).sum()
+
+
+def hand_log_hyperprior(values, group, hyper, prior):
+    total = torch.zeros((), dtype=F64)
+    if hyper.dirichlet is not None and f"{group}.pi" in values:
+        pi, a = values[f"{group}.pi"], hyper.dirichlet
+        k = pi.numel()
+        total = total + math.lgamma(k * a) - k * math.lgamma(a) + ((a - 1) * pi.log()).sum()
+    if hyper.means_scale is not None:
+        mu, s = values[f"{group}.means"], hyper.means_scale
+        total = total + (-0.5 * math.log(2 * math.pi * s**2) - mu**2 / (2 * s**2)).sum()
+    if hyper.precision_gamma is not None:
+        tau = values[f"{group}.precisions"]
+        shapes = [hyper.precision_gamma] * tau.numel()
+        if prior.zero_component and hyper.zero_precision_gamma is not None:
+            shapes[0] = hyper.zero_precision_gamma
+        for t, (a, b) in zip(tau, shapes):
+            total = total + a * math.log(b) - math.lgamma(a) + (a - 1) * torch.log(t) - b * t
+    if hyper.zero_weight_beta is not None and f"{group}.pi_zero" in values:
+        p, (a, b) = values[f"{group}.pi_zero"], hyper.zero_weight_beta
+        total = total + math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b)
+        total = total + (a - 1) * torch.log(p) + (b - 1) * torch.log1p(-p)
+    return total
+
+
+def perturbed_initial_values(model, seed=1):
+    """The model's starting values with every mixture site moved to a random valid point."""
+    g = torch.Generator().manual_seed(seed)
+    values = model.initial_values()
+    for key, value in list(values.items()):
+        suffix = key.rsplit(".", 1)[-1]
+        if not key.startswith("mixture"):
+            continue
+        if suffix == "means":
+            values[key] = torch.randn(value.shape, generator=g, dtype=F64)
+        elif suffix == "precisions":
+            values[key] = 0.5 + 5 * torch.rand(value.shape, generator=g, dtype=F64)
+        elif suffix == "pi":
+            values[key] = torch.softmax(torch.randn(value.shape, generator=g, dtype=F64), 0)
+        elif suffix == "pi_zero":
+            values[key] = torch.tensor(0.6, dtype=F64)
+    return values
+
+
+def map_loss(model, x, y, *, data_size=None, init=None):
+    """The AutoDelta + Trace_ELBO loss and the guide's (constrained) values."""
+    guide = AutoDelta(model, init_loc_fn=init_to_value(values=init or perturbed_initial_values(model)))
+    loss = Trace_ELBO().differentiable_loss(model, guide, x, y, data_size=data_size)
+    return loss, {k: v.detach() for k, v in guide.median().items()}
+
+
+def random_data(n=12, classes=2, seed=2, regression=False):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 4, generator=g, dtype=F64)
+    if regression:
+        return x, torch.randn(n, generator=g, dtype=F64)
+    return x, torch.randint(0, classes, (n,), generator=g)
+
+
+ALL_HYPER = Hyperpriors(
+    dirichlet=2.5,
+    means_scale=0.7,
+    precision_gamma=(3.0, 0.5),
+    zero_precision_gamma=(40.0, 2.0),
+    zero_weight_beta=(5.0, 2.0),
+)
+
+LOSS_CASES = {
+    "flat_hyperpriors": dict(prior=dict(n_components=4), model=dict()),
+    "all_hyperpriors": dict(prior=dict(n_components=4, hyperpriors=ALL_HYPER), model=dict()),
+    "per_layer_mixtures": dict(
+        prior=dict(n_components=3, hyperpriors=ALL_HYPER), model=dict(shared=False, include_biases=True)
+    ),
+    "fixed_pi_zero_no_zero_component_hyper": dict(
+        prior=dict(n_components=3, pi_zero=0.9, hyperpriors=Hyperpriors(precision_gamma=(2.0, 1.0))), model=dict()
+    ),
+    "no_zero_component": dict(
+        prior=dict(n_components=3, zero_component=False, hyperpriors=Hyperpriors(dirichlet=0.8, means_scale=2.0)),
+        model=dict(),
+    ),
+}
+
+
+def expected_loss(model, values, x, y, *, scale=1.0, nll=None):
+    logits = hand_forward(model.network, values)(x)
+    e = hand_categorical_nll(logits, y) if nll is None else nll(logits)
+    prior, hyper = model.prior, model.prior.hyperpriors
+    total = scale * e
+    for group, names in model.groups.items():
+        w = torch.cat([values[name].reshape(-1) for name in names])
+        total = total + model.prior_weight * hand_omega(w, *hand_mixture(values, group, prior))
+        total = total - hand_log_hyperprior(values, group, hyper, prior)
+    return total
+
+
+@pytest.mark.parametrize("case", list(LOSS_CASES))
+def test_auto_delta_loss_equals_nll_plus_lambda_omega_minus_log_hyperpriors(case):
+    spec = LOSS_CASES[case]
+    model = SoftWeightSharingModel(
+        make_net(), prior=SoftWeightSharingPrior(**spec["prior"]), likelihood=Categorical(),
+        prior_weight=0.37, **spec["model"],
+    )
+    x, y = random_data()
+    loss, values = map_loss(model, x, y)
+    expected_groups = (
+        {"mixture"} if model.shared else {f"mixture.{name}" for name in model.prior_sites}
+    )
+    assert set(model.groups) == expected_groups
+    torch.testing.assert_close(loss, expected_loss(model, values, x, y), rtol=1e-12, atol=1e-12)
+
+
+def test_minibatch_loss_scales_nll_by_n_over_b_and_keeps_prior_and_hyperprior_unscaled():
+    model = SoftWeightSharingModel(
+        make_net(), prior=SoftWeightSharingPrior(n_components=4, hyperpriors=ALL_HYPER),
+        likelihood=Categorical(), prior_weight=0.2,
+    )
+    x, y = random_data(n=20)
+    xb, yb = x[:5], y[:5]
+    loss, values = map_loss(model, xb, yb, data_size=20)
+    torch.testing.assert_close(loss, expected_loss(model, values, xb, yb, scale=20 / 5), rtol=1e-12, atol=1e-12)
+
+
+def test_loss_gradient_with_respect_to_weights_equals_nll_gradient_plus_lambda_omega_gradient():
+    model = SoftWeightSharingModel(
+        make_net(), prior=SoftWeightSharingPrior(n_components=4, hyperpriors=ALL_HYPER),
+        likelihood=Categorical(), prior_weight=0.37,
+    )
+    x, y = random_data()
+    guide = AutoDelta(model, init_loc_fn=init_to_value(values=perturbed_initial_values(model)))
+    loss = Trace_ELBO().differentiable_loss(model, guide, x, y)
+    store = dict(pyro.get_param_store().named_parameters())
+    w_param = store["AutoDelta.0.weight"]  # real support: unconstrained == constrained
+    (grad,) = torch.autograd.grad(loss, [w_param])
+
+    values = {k: v.detach() for k, v in guide.median().items()}
+    w = values["0.weight"].clone().requires_grad_()
+    e = hand_categorical_nll(hand_forward(model.network, {**values, "0.weight": w})(x), y)
+    (e_grad,) = torch.autograd.grad(e, [w])
+    pi, mu, sigma = hand_mixture(values, "mixture", model.prior)
+    d = w.detach().reshape(-1, 1) - mu
+    comp = pi * torch.exp(-0.5 * (d / sigma) ** 2) / sigma
+    gamma = comp / comp.sum(1, keepdim=True)
+    omega_grad = (gamma * d / sigma**2).sum(1).reshape(w.shape)
+    torch.testing.assert_close(grad, e_grad + 0.37 * omega_grad, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("data_size", [None, 30])
+def test_gaussian_likelihood_with_fixed_noise_gives_loss_with_gaussian_nll(data_size):
+    model = SoftWeightSharingModel(
+        make_net(out_features=1), prior=SoftWeightSharingPrior(n_components=3, hyperpriors=ALL_HYPER),
+        likelihood=Gaussian(noise_scale=0.3), prior_weight=0.5,
+    )
+    x, y = random_data(n=10, regression=True)
+    loss, values = map_loss(model, x, y, data_size=data_size)
+    scale = (data_size or 10) / 10
+    expected = expected_loss(model, values, x, y, scale=scale, nll=lambda out: hand_gaussian_nll(out, y, 0.3))
+    torch.testing.assert_close(loss, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("data_size", [None, 30])
+def test_gaussian_likelihood_with_learned_noise_has_one_scalar_noise_site_in_the_loss(data_size):
+    model = SoftWeightSharingModel(
+        make_net(out_features=1), prior=SoftWeightSharingPrior(n_components=3),
+        likelihood=Gaussian(init_noise_scale=0.4), prior_weight=0.5,
+    )
+    x, y = random_data(n=10, regression=True)
+    init = perturbed_initial_values(model)
+    assert init["noise_scale"].shape == ()
+    loss, values = map_loss(model, x, y, data_size=data_size, init=init)
+    # One global noise scale, not one per data point.
+    assert values["noise_scale"].shape == ()
+    s = values["noise_scale"]
+    torch.testing.assert_close(s, torch.tensor(0.4, dtype=F64))
+    scale = (data_size or 10) / 10
+    expected = expected_loss(model, values, x, y, scale=scale, nll=lambda out: hand_gaussian_nll(out, y, s))
+    torch.testing.assert_close(loss, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("hyper", [Hyperpriors(), ALL_HYPER], ids=["flat", "hyperpriors"])
+def test_zero_prior_weight_drops_the_prior_term_exactly(hyper):
+    model = SoftWeightSharingModel(
+        make_net(), prior=SoftWeightSharingPrior(n_components=4, hyperpriors=hyper),
+        likelihood=Categorical(), prior_weight=0.0,
+    )
+    x, y = random_data()
+    init = perturbed_initial_values(model)
+    init["0.weight"] = init["0.weight"] + 50.0  # Ω would be enormous here
+    loss, values = map_loss(model, x, y, init=init)
+    e = hand_categorical_nll(hand_forward(model.network, values)(x), y)
+    expected = e - hand_log_hyperprior(values, "mixture", hyper, model.prior)
+    torch.testing.assert_close(loss, expected, rtol=1e-12, atol=1e-12)
+    if hyper == Hyperpriors():
+        torch.testing.assert_close(loss, e, rtol=1e-14, atol=0)
+
+
+# --------------------------------------------------------------------------- structure
+
+
+def conv_net():
+    torch.manual_seed(3)
+    return nn.Sequential(
+        nn.Conv2d(1, 2, 3),  # 4x4 -> 2x2
+        nn.BatchNorm2d(2),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(8, 3),
+        nn.LayerNorm(3),
+    )
+
+
+@pytest.mark.parametrize(
+    "include_biases, expected",
+    [(False, ["0.weight", "4.weight"]), (True, ["0.weight", "0.bias", "4.weight", "4.bias"])],
+)
+def test_prior_parameter_names_pick_linear_and_conv_weights_and_optionally_biases(include_biases, expected):
+    assert prior_parameter_names(conv_net(), include_biases=include_biases) == expected
+
+
+def test_prior_parameter_names_of_a_bare_linear_layer_have_no_prefix():
+    assert prior_parameter_names(nn.Linear(2, 2), include_biases=True) == ["weight", "bias"]
+
+
+def test_non_prior_parameters_pass_through_as_network_params_and_get_learned():
+    net = conv_net()
+    model = SoftWeightSharingModel(
+        net, prior=SoftWeightSharingPrior(n_components=3), likelihood=Categorical(), prior_weight=1e-3,
+    )
+    passthrough = ["0.bias", "1.weight", "1.bias", "4.bias", "5.weight", "5.bias"]
+    assert model.passthrough == passthrough
+    assert model.prior_sites == ["0.weight", "4.weight"]
+
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(40, 1, 4, 4, generator=g)
+    y = torch.randint(0, 3, (40,), generator=g)
+    guide = AutoDelta(model, init_loc_fn=init_to_value(values=model.initial_values()))
+    loss = Trace_ELBO().differentiable_loss(model, guide, x, y)
+    store = dict(pyro.get_param_store().named_parameters())
+    assert {f"network.{name}" for name in passthrough} <= set(store)
+    assert "network.0.weight" not in store and "network.4.weight" not in store
+    grads = torch.autograd.grad(loss, [store[f"network.{name}"] for name in passthrough])
+    assert all(grad.abs().sum() > 0 for grad in grads)
+
+    data = Dataset(name="toy", task="classification", train_x=x, train_y=y, test_x=x, test_y=y, n_classes=3)
+    result = fit_map(model, data, epochs=2, batch_size=20, progress=False)
+    initial = dict(net.named_parameters())
+    assert set(result.parameters) == set(passthrough)
+    for name in ("1.weight", "5.weight", "5.bias"):
+        assert not torch.equal(result.parameters[name], initial[name].detach())
+
+
+@pytest.mark.parametrize("prior_weight", [-1e-3, -1.0, float("nan")])
+def test_negative_prior_weight_raises_value_error(prior_weight):
+    with pytest.raises(ValueError):
+        SoftWeightSharingModel(
+            make_net(), prior=SoftWeightSharingPrior(), likelihood=Categorical(), prior_weight=prior_weight
+        )
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_mixtures_of_values_put_the_zero_component_first_with_mean_zero(shared):
+    model = SoftWeightSharingModel(
+        make_net(), prior=SoftWeightSharingPrior(n_components=4), likelihood=Categorical(), shared=shared,
+    )
+    values = perturbed_initial_values(model)
+    mixtures = model.mixtures(values)
+    assert list(mixtures) == list(model.groups)
+    for group, mixture in mixtures.items():
+        pi_zero = values[f"{group}.pi_zero"]
+        assert mixture.means[0] == 0
+        torch.testing.assert_close(mixture.means[1:], values[f"{group}.means"], rtol=0, atol=0)
+        torch.testing.assert_close(mixture.weights[0], pi_zero, rtol=1e-14, atol=0)
+        torch.testing.assert_close(mixture.weights[1:], (1 - pi_zero) * values[f"{group}.pi"], rtol=1e-12, atol=0)
+        torch.testing.assert_close(mixture.scales, values[f"{group}.precisions"] ** -0.5, rtol=1e-14, atol=0)
+
+
+def test_per_layer_mixtures_read_only_their_own_sites():
+    model = SoftWeightSharingModel(
+        make_net(), prior=SoftWeightSharingPrior(n_components=3), likelihood=Categorical(), shared=False,
+    )
+    values = perturbed_initial_values(model)
+    values["mixture.2.weight.means"] = torch.tensor([5.0, 6.0], dtype=F64)
+    mixtures = model.mixtures(values)
+    torch.testing.assert_close(mixtures["mixture.2.weight"].means, torch.tensor([0.0, 5.0, 6.0], dtype=F64))
+    torch.testing.assert_close(mixtures["mixture.0.weight"].means[1:], values["mixture.0.weight.means"])
+
+
+def test_initial_values_hold_network_weights_and_split_initial_mixture():
+    net = make_net()
+    prior = SoftWeightSharingPrior(n_components=4, init_means=(-0.5, 0.5))
+    model = SoftWeightSharingModel(net, prior=prior, likelihood=Categorical())
+    values = model.initial_values()
+    assert set(values) == {"0.weight", "2.weight", "mixture.means", "mixture.precisions", "mixture.pi", "mixture.pi_zero"}
+    torch.testing.assert_close(values["0.weight"], net[0].weight.detach(), rtol=0, atol=0)
+    torch.testing.assert_close(values["mixture.means"], torch.tensor([-0.5, 0.0, 0.5], dtype=F64), rtol=0, atol=1e-15)
+    torch.testing.assert_close(values["mixture.precisions"], torch.full((4,), 16.0, dtype=F64), rtol=1e-14, atol=0)
+    torch.testing.assert_close(values["mixture.pi_zero"], torch.tensor(0.25, dtype=F64), rtol=1e-14, atol=0)
