@@ -103,29 +103,37 @@ class MAPResult:
 
 
 class NonlinearCG(torch.optim.Optimizer):
-    """Polak–Ribière (PR+) nonlinear conjugate gradients with a backtracking Armijo line search.
+    """Polak–Ribière (PR+) nonlinear conjugate gradients with a Wolfe line search.
 
     Use like ``torch.optim.LBFGS``: ``optimizer.step(closure)`` runs up to
     ``max_iter`` iterations, the closure re-evaluating the loss and its gradient.
+    The line search interpolates along the direction (secant steps on the
+    directional derivative, quadratic backtracking on the loss) until the strong
+    Wolfe conditions hold, so on a quadratic it is an exact line search and CG
+    converges in at most n iterations.
 
     Parameters
     ----------
     params : iterable of Tensor
     lr : float
-        First trial step length of the first line search; later searches start
-        from the previous accepted step, doubled.
+        First trial step length; later iterations start from the previous step
+        scaled by the ratio of directional derivatives.
     max_iter : int
         Iterations per :meth:`step`.
     armijo : float
         Sufficient-decrease constant c1.
+    curvature : float
+        Strong Wolfe curvature constant c2 (small: close to an exact line search).
+    max_evaluations : int
+        Loss evaluations allowed per line search.
     tolerance_grad : float
         Stop when the gradient's largest entry falls below this.
     """
 
     def __init__(self, params, *, lr: float = 1e-3, max_iter: int = 20, armijo: float = 1e-4,
-                 tolerance_grad: float = 1e-9) -> None:
-        super().__init__(params, {"lr": lr, "max_iter": max_iter, "armijo": armijo,
-                                  "tolerance_grad": tolerance_grad})
+                 curvature: float = 0.1, max_evaluations: int = 25, tolerance_grad: float = 1e-9) -> None:
+        super().__init__(params, {"lr": lr, "max_iter": max_iter, "armijo": armijo, "curvature": curvature,
+                                  "max_evaluations": max_evaluations, "tolerance_grad": tolerance_grad})
 
     def _params(self) -> list[torch.Tensor]:
         return [p for group in self.param_groups for p in group["params"]]
@@ -143,6 +151,36 @@ class NonlinearCG(torch.optim.Optimizer):
                 p.add_(direction[offset: offset + p.numel()].view_as(p), alpha=step)
                 offset += p.numel()
 
+    def _line_search(self, evaluate_, loss: float, slope: float, direction: torch.Tensor,
+                     step: float) -> tuple[float, float, torch.Tensor] | None:
+        """Move along ``direction`` to a strong-Wolfe point; return (step, loss, grad) or None."""
+        group = self.param_groups[0]
+        position, best = 0.0, None
+        for _ in range(group["max_evaluations"]):
+            self._move(step - position, direction)
+            position = step
+            new_loss = float(evaluate_())
+            grad = self._flat_grad()
+            new_slope = float(grad @ direction)
+            sufficient = math.isfinite(new_loss) and new_loss <= loss + group["armijo"] * step * slope
+            if sufficient and (best is None or new_loss < best[1]):
+                best = (step, new_loss, grad)
+            if sufficient and abs(new_slope) <= group["curvature"] * abs(slope):
+                return best
+            if not sufficient:
+                curvature = new_loss - loss - slope * step if math.isfinite(new_loss) else math.inf
+                quadratic = -slope * step * step / (2.0 * curvature) if curvature > 0 else 0.5 * step
+                step = min(max(quadratic, 0.1 * step), 0.5 * step)
+            elif new_slope > slope:
+                step = min(step * slope / (slope - new_slope), 10.0 * step)
+            else:
+                step *= 10.0
+        if best is None:
+            self._move(-position, direction)
+            return None
+        self._move(best[0] - position, direction)
+        return best
+
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor]) -> torch.Tensor:
         group = self.param_groups[0]
@@ -150,9 +188,8 @@ class NonlinearCG(torch.optim.Optimizer):
         evaluate_ = torch.enable_grad()(closure)
         loss = float(evaluate_())
         grad = self._flat_grad()
-        direction = state.get("direction")
-        previous_grad = state.get("grad")
-        step_length = state.get("step", group["lr"])
+        direction, previous_grad = state.get("direction"), state.get("grad")
+        step_length, previous_slope = state.get("step", group["lr"]), state.get("slope")
         for _ in range(group["max_iter"]):
             if grad.abs().max() <= group["tolerance_grad"]:
                 break
@@ -164,21 +201,15 @@ class NonlinearCG(torch.optim.Optimizer):
             slope = float(grad @ direction)
             if slope >= 0:
                 direction, slope = -grad, -float(grad @ grad)
-            trial, accepted = step_length, False
-            for _ in range(40):
-                self._move(trial, direction)
-                new_loss = float(evaluate_())
-                if math.isfinite(new_loss) and new_loss <= loss + group["armijo"] * trial * slope:
-                    accepted = True
-                    break
-                self._move(-trial, direction)
-                trial *= 0.5
-            if not accepted:
+            if previous_slope is not None:
+                step_length = step_length * previous_slope / slope
+            found = self._line_search(evaluate_, loss, slope, direction, step_length)
+            if found is None:
                 direction = None
                 break
-            loss, previous_grad, grad = new_loss, grad, self._flat_grad()
-            step_length = 2.0 * trial
-        state.update(direction=direction, grad=grad, step=step_length)
+            step_length, loss, new_grad = found
+            previous_grad, grad, previous_slope = grad, new_grad, slope
+        state.update(direction=direction, grad=previous_grad, step=step_length, slope=previous_slope)
         return torch.tensor(loss)
 
 
@@ -207,16 +238,21 @@ def evaluate(
     """
     conditioned = poutine.condition(model, data=values)
     nll, score = 0.0, 0.0
-    with torch.no_grad():
-        for start in range(0, x.shape[0], batch_size):
-            xb, yb = x[start: start + batch_size], y[start: start + batch_size]
-            trace = poutine.trace(conditioned).get_trace(xb, yb)
-            outputs = trace.nodes["_RETURN"]["value"]
-            nll -= float(trace.nodes["y"]["fn"].log_prob(yb).sum())
-            if model.likelihood.task == "classification":
-                score += float((outputs.argmax(-1) == yb).sum())
-            else:
-                score += float(((outputs.reshape(-1) - yb) ** 2).sum())
+    training = model.network.training
+    model.network.eval()
+    try:
+        with torch.no_grad():
+            for start in range(0, x.shape[0], batch_size):
+                xb, yb = x[start: start + batch_size], y[start: start + batch_size]
+                trace = poutine.trace(conditioned).get_trace(xb, yb)
+                outputs = trace.nodes["_RETURN"]["value"]
+                nll -= float(trace.nodes["y"]["fn"].log_prob(yb).sum())
+                if model.likelihood.task == "classification":
+                    score += float((outputs.argmax(-1) == yb).sum())
+                else:
+                    score += float(((outputs.reshape(-1) - yb) ** 2).sum())
+    finally:
+        model.network.train(training)
     key = "accuracy" if model.likelihood.task == "classification" else "mse"
     return {"nll": nll / x.shape[0], key: score / x.shape[0]}
 
@@ -313,7 +349,6 @@ def fit_map(
         raise ValueError("epochs and batch_size must be at least 1")
     pyro.set_rng_seed(seed)
     pyro.clear_param_store()
-    torch.set_flush_denormal(True)
     x, y, n = data.train_x, data.train_y, data.train_x.shape[0]
     guide = AutoDelta(model, init_loc_fn=init_to_value(values=init_values or model.initial_values()))
     elbo = Trace_ELBO()

@@ -104,13 +104,15 @@ def prior_parameter_names(network: nn.Module, *, include_biases: bool = False) -
     parameter passes through as a plain point estimate.
     """
     kinds = ("weight", "bias") if include_biases else ("weight",)
-    return [
-        f"{module_name}.{kind}" if module_name else kind
-        for module_name, module in network.named_modules()
+    chosen = {
+        id(getattr(module, kind))
+        for module in network.modules()
         if isinstance(module, _PRIOR_LAYERS)
         for kind in kinds
         if getattr(module, kind, None) is not None
-    ]
+    }
+    # named_parameters() lists a tied parameter once, under its first name.
+    return [name for name, parameter in network.named_parameters() if id(parameter) in chosen]
 
 
 class SoftWeightSharingModel:

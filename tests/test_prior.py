@@ -14,7 +14,7 @@ import pytest
 import torch
 from pyro.infer import SVI, Trace_ELBO
 from pyro.infer.autoguide import AutoDelta
-from torch.distributions import biject_to, constraints, transform_to
+from torch.distributions import biject_to, transform_to
 
 from bayes_sws.prior import (
     GaussianMixture,
@@ -578,6 +578,39 @@ def test_em_update_equals_closed_form_m_step_with_conjugate_hyperpriors():
     scatter = lam * (gamma * (weights[:, None] - means) ** 2).sum(0)
     new_tau = (a - 1 + 0.5 * counts) / (b + 0.5 * scatter)
     pi = (counts + alpha - 1) / (counts + alpha - 1).sum()
+    torch.testing.assert_close(new.means, means, rtol=1e-12, atol=0)
+    torch.testing.assert_close(new.scales, new_tau**-0.5, rtol=1e-12, atol=0)
+    torch.testing.assert_close(new.weights, pi, rtol=1e-12, atol=0)
+
+
+def test_em_update_with_zero_component_keeps_mu_zero_and_takes_beta_map_for_pi_zero():
+    a0, b0, beta_a, beta_b, alpha, a, b, lam = 40.0, 0.5, 20.0, 5.0, 3.0, 2.0, 0.1, 0.4
+    prior = SoftWeightSharingPrior(
+        n_components=4,
+        hyperpriors=Hyperpriors(dirichlet=alpha, precision_gamma=(a, b), zero_precision_gamma=(a0, b0),
+                                zero_weight_beta=(beta_a, beta_b)),
+    )
+    weights = three_cluster_weights(300, seed=17)
+    mixture = GaussianMixture(
+        torch.log(torch.tensor([0.4, 0.2, 0.3, 0.1], dtype=F64)),
+        torch.tensor([0.0, -0.4, 0.3, 0.6], dtype=F64),
+        torch.tensor([0.05, 0.1, 0.2, 0.1], dtype=F64),
+    )
+    new = prior.em_update(weights, mixture, prior_weight=lam)
+
+    comp = hand_component_densities(weights, mixture.weights, mixture.means, mixture.scales)
+    gamma = comp / comp.sum(1, keepdim=True)
+    counts = lam * gamma.sum(0)
+    means = (gamma * weights[:, None]).sum(0) / gamma.sum(0)  # flat prior on the free means
+    means[0] = 0.0
+    scatter = lam * (gamma * (weights[:, None] - means) ** 2).sum(0)
+    shape = torch.tensor([a0, a, a, a], dtype=F64)
+    rate = torch.tensor([b0, b, b, b], dtype=F64)
+    new_tau = (shape - 1 + 0.5 * counts) / (rate + 0.5 * scatter)
+    pi_zero = (counts[0] + beta_a - 1) / (counts.sum() + beta_a + beta_b - 2)
+    free = (counts[1:] + alpha - 1) / (counts[1:] + alpha - 1).sum()
+    pi = torch.cat([pi_zero.reshape(1), (1 - pi_zero) * free])
+    assert new.means[0] == 0
     torch.testing.assert_close(new.means, means, rtol=1e-12, atol=0)
     torch.testing.assert_close(new.scales, new_tau**-0.5, rtol=1e-12, atol=0)
     torch.testing.assert_close(new.weights, pi, rtol=1e-12, atol=0)
