@@ -134,12 +134,17 @@ def responsibilities(weights: torch.Tensor, mixture: GaussianMixture) -> torch.T
 # --------------------------------------------------------------------------- fused path
 
 
-def _chunk_value(weights, mask, log_weights, means, scales):
-    """Σ_i mask_i log p(w_i) over one chunk; ``weights``/``mask`` (C,), parameters (J,)."""
+def _chunk_log_components(weights, log_weights, means, scales):
+    """log π_j N(w_i|μ_j,σ_j²) laid out ``(J, C)`` (contiguous along weights), with d = w − μ and 1/σ²."""
     precisions = scales.pow(-2).unsqueeze(1)
     log_norm = (log_weights - scales.log() - _HALF_LOG_2PI).unsqueeze(1)
-    diff = weights.unsqueeze(0) - means.unsqueeze(1)  # (J, C): contiguous along weights
-    log_comp = log_norm - 0.5 * diff * diff * precisions
+    diff = weights.unsqueeze(0) - means.unsqueeze(1)
+    return log_norm - 0.5 * diff * diff * precisions, diff, precisions
+
+
+def _chunk_value(weights, mask, log_weights, means, scales):
+    """Σ_i mask_i log p(w_i) over one chunk; ``weights``/``mask`` (C,), parameters (J,)."""
+    log_comp, _, _ = _chunk_log_components(weights, log_weights, means, scales)
     return (torch.logsumexp(log_comp, dim=0) * mask).sum()
 
 
@@ -149,10 +154,7 @@ def _chunk_value_and_grads(weights, mask, log_weights, means, scales):
     Returns ``(value, grad_weights (C,), Σγ (J,), Σγ·d (J,), Σγ·d² (J,))`` with
     d = w − μ and each sum masked.
     """
-    precisions = scales.pow(-2).unsqueeze(1)
-    log_norm = (log_weights - scales.log() - _HALF_LOG_2PI).unsqueeze(1)
-    diff = weights.unsqueeze(0) - means.unsqueeze(1)
-    log_comp = log_norm - 0.5 * diff * diff * precisions
+    log_comp, diff, precisions = _chunk_log_components(weights, log_weights, means, scales)
     top = log_comp.amax(dim=0)
     unnormalised = torch.exp((log_comp - top).clamp_min(_MIN_LOG_RATIO))
     total = unnormalised.sum(dim=0)
@@ -282,12 +284,11 @@ def mixture_log_prob_sum(
     if needs_grad:
         return _FusedLogProbSum.apply(weights, *mixture, chunk_size)
     kernel = _KERNELS["value"]
-    return torch.stack(
-        [
-            sum(kernel(chunk, mask, *mixture) for _, _, chunk, mask in _padded_chunks(row, chunk_size))
-            for row in weights
-        ]
-    ) if weights.numel() else weights.new_zeros(weights.shape[0])
+    values = weights.new_zeros(weights.shape[0])
+    for row, row_weights in enumerate(weights):
+        for _, _, chunk, mask in _padded_chunks(row_weights, chunk_size):
+            values[row] += kernel(chunk, mask, *mixture)
+    return values
 
 
 class MixturePrior(TorchDistribution):
