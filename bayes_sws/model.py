@@ -250,7 +250,8 @@ class SoftWeightSharingModel:
                     )
         module_parameters = dict(self.network.named_parameters())
         for name in self.passthrough:
-            parameters[name] = pyro.param(f"network.{name}", module_parameters[name].detach().clone())
+            initial = module_parameters[name]
+            parameters[name] = pyro.param(f"network.{name}", lambda: initial.detach().clone())
         outputs = torch.func.functional_call(self.network, parameters, (x,))
         batch = x.shape[0]
         observation = self.likelihood.distribution(outputs)

@@ -22,7 +22,9 @@ Every weight ``w_i`` of a group gets the same one-dimensional mixture
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -142,67 +144,68 @@ def _chunk_log_components(weights, log_weights, means, scales):
     return log_norm - 0.5 * diff * diff * precisions, diff, precisions
 
 
-def _chunk_value(weights, mask, log_weights, means, scales):
-    """Σ_i mask_i log p(w_i) over one chunk; ``weights``/``mask`` (C,), parameters (J,)."""
+def _chunk_value(weights, log_weights, means, scales):
+    """Σ_i log p(w_i) over one chunk; ``weights`` (C,), parameters (J,)."""
     log_comp, _, _ = _chunk_log_components(weights, log_weights, means, scales)
-    return (torch.logsumexp(log_comp, dim=0) * mask).sum()
+    return torch.logsumexp(log_comp, dim=0).sum()
 
 
-def _chunk_value_and_grads(weights, mask, log_weights, means, scales):
+def _chunk_value_and_grads(weights, log_weights, means, scales):
     """One chunk's log-density sum with its analytic gradients (MATH.md §1).
 
-    Returns ``(value, grad_weights (C,), Σγ (J,), Σγ·d (J,), Σγ·d² (J,))`` with
-    d = w − μ and each sum masked.
+    Returns ``(value, grad_weights (C,), statistics (3, J))``, the statistics being
+    Σγ, Σγ·d and Σγ·d² over the chunk, with d = w − μ.
     """
     log_comp, diff, precisions = _chunk_log_components(weights, log_weights, means, scales)
     top = log_comp.amax(dim=0)
     unnormalised = torch.exp((log_comp - top).clamp_min(_MIN_LOG_RATIO))
     total = unnormalised.sum(dim=0)
-    value = ((top + total.log()) * mask).sum()
-    gamma = unnormalised * (mask / total)
+    value = (top + total.log()).sum()
+    gamma = unnormalised / total
     gamma_diff = gamma * diff
     grad_weights = -(gamma_diff * precisions).sum(dim=0)
-    return value, grad_weights, gamma.sum(dim=1), gamma_diff.sum(dim=1), (gamma_diff * diff).sum(dim=1)
+    statistics = torch.stack([gamma.sum(dim=1), gamma_diff.sum(dim=1), (gamma_diff * diff).sum(dim=1)])
+    return value, grad_weights, statistics
 
 
-_KERNELS = {"value": _chunk_value, "grad": _chunk_value_and_grads}
+class _Kernels(NamedTuple):
+    """A pair of chunk kernels and the chunk lengths they run fastest at."""
+
+    value: Callable
+    grad: Callable
+    cpu_chunk: int
+    cuda_chunk: int
+
+    def chunk_size(self, device: torch.device) -> int:
+        return self.cuda_chunk if device.type == "cuda" else self.cpu_chunk
+
+
+# Eager kernels materialise a few (J, C) temporaries per chunk: small chunks keep them
+# in cache on CPU. Compiled kernels fuse them away and pay a per-call overhead, so they
+# prefer long chunks.
+_EAGER = _Kernels(_chunk_value, _chunk_value_and_grads, cpu_chunk=1 << 12, cuda_chunk=1 << 18)
+_ACTIVE = {"kernels": _EAGER}
+
+
+@functools.cache
+def _compiled_kernels() -> _Kernels:
+    # Dynamic shapes: one graph serves every chunk length (no recompile per layer).
+    return _Kernels(
+        torch.compile(_chunk_value, dynamic=True),
+        torch.compile(_chunk_value_and_grads, dynamic=True),
+        cpu_chunk=1 << 16,
+        cuda_chunk=1 << 20,
+    )
 
 
 def use_compiled_kernels(enabled: bool = True) -> None:
-    """Switch the fused prior's chunk kernels to ``torch.compile``\\ d versions (or back).
+    """Switch the fused prior's chunk kernels to versions built by ``torch.compile`` (or back).
 
-    Compiling costs a few seconds once per chunk size and dtype, then makes the
-    prior several times faster on CPU and GPU. Results are the same to round-off.
+    Compiling costs seconds once per dtype and device (the graphs take dynamic
+    chunk lengths), then makes the prior several times faster on CPU and GPU.
+    Results are the same to round-off.
     """
-    if enabled:
-        _KERNELS["value"] = torch.compile(_chunk_value, dynamic=False)
-        _KERNELS["grad"] = torch.compile(_chunk_value_and_grads, dynamic=False)
-    else:
-        _KERNELS.update(value=_chunk_value, grad=_chunk_value_and_grads)
-
-
-def _default_chunk_size(device: torch.device) -> int:
-    return 1 << 20 if device.type == "cuda" else 1 << 14
-
-
-def _padded_chunks(flat: torch.Tensor, chunk_size: int):
-    """Yield ``(start, stop, chunk, mask)`` with every chunk exactly ``chunk_size`` long.
-
-    A fixed chunk shape lets one compiled kernel serve every weight tensor; the
-    tail is padded with copies of its first weight and masked out.
-    """
-    n = flat.numel()
-    full_mask = flat.new_ones(chunk_size)
-    for start in range(0, n, chunk_size):
-        stop = min(start + chunk_size, n)
-        chunk = flat[start:stop]
-        if stop - start == chunk_size:
-            yield start, stop, chunk, full_mask
-            continue
-        pad = chunk_size - (stop - start)
-        chunk = torch.cat([chunk, chunk[:1].expand(pad)])
-        mask = torch.cat([flat.new_ones(stop - start), flat.new_zeros(pad)])
-        yield start, stop, chunk, mask
+    _ACTIVE["kernels"] = _compiled_kernels() if enabled else _EAGER
 
 
 class _FusedLogProbSum(torch.autograd.Function):
@@ -214,25 +217,21 @@ class _FusedLogProbSum(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, weights, log_weights, means, scales, chunk_size):
-        rows, n = weights.shape
-        kernel = _KERNELS["grad"]
-        values = weights.new_zeros(rows)
-        grad_weights = torch.empty_like(weights)
-        sums = weights.new_zeros(3, rows, log_weights.numel())
-        for row in range(rows):
-            for start, stop, chunk, mask in _padded_chunks(weights[row], chunk_size):
-                value, grad_chunk, s0, s1, s2 = kernel(chunk, mask, log_weights, means, scales)
-                values[row] += value
-                grad_weights[row, start:stop] = grad_chunk[: stop - start]
-                sums[0, row] += s0
-                sums[1, row] += s1
-                sums[2, row] += s2
+        kernel = _ACTIVE["kernels"].grad
+        rows = [
+            [kernel(chunk, log_weights, means, scales) for chunk in row.split(chunk_size)]
+            for row in weights
+        ]
+        values = torch.stack([torch.stack([value for value, _, _ in row]).sum() for row in rows])
+        grad_weights = torch.cat([grad for row in rows for _, grad, _ in row]).view_as(weights)
+        statistics = torch.stack([torch.stack([stats for _, _, stats in row]).sum(0) for row in rows])
+        counts, first, second = statistics.unbind(1)  # each (B, J)
         precisions = scales.pow(-2)
         ctx.save_for_backward(
             grad_weights,
-            sums[0],
-            sums[1] * precisions,
-            (sums[2] * precisions - sums[0]) / scales,
+            counts,
+            first * precisions,
+            (second * precisions - counts) / scales,
         )
         return values
 
@@ -267,13 +266,15 @@ def mixture_log_prob_sum(
         ``B`` independent weight vectors of length ``N``.
     mixture : GaussianMixture with fields of shape ``(J,)``
     chunk_size : int, optional
-        Weights processed at once; defaults to 2**14 on CPU and 2**20 on CUDA.
+        Weights processed at once; defaults to the active kernels' best length
+        (eager: 2**12 on CPU, 2**18 on CUDA; compiled: 2**16 and 2**20).
 
     Returns
     -------
     Tensor of shape ``(B,)``.
     """
-    chunk_size = chunk_size or _default_chunk_size(weights.device)
+    kernels = _ACTIVE["kernels"]
+    chunk_size = chunk_size or kernels.chunk_size(weights.device)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     chunk_size = min(chunk_size, max(weights.shape[-1], 1))
@@ -283,12 +284,10 @@ def mixture_log_prob_sum(
     )
     if needs_grad:
         return _FusedLogProbSum.apply(weights, *mixture, chunk_size)
-    kernel = _KERNELS["value"]
-    values = weights.new_zeros(weights.shape[0])
-    for row, row_weights in enumerate(weights):
-        for _, _, chunk, mask in _padded_chunks(row_weights, chunk_size):
-            values[row] += kernel(chunk, mask, *mixture)
-    return values
+    return torch.stack([
+        torch.stack([kernels.value(chunk, *mixture) for chunk in row.split(chunk_size)]).sum()
+        for row in weights
+    ])
 
 
 class MixturePrior(TorchDistribution):

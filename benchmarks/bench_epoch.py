@@ -22,7 +22,7 @@ epoch time is extrapolated as 469 × (seconds per step); for (c) fit_map then ru
 "epoch" over the first S·128 training examples (so its likelihood is scaled by that
 smaller N, which does not change the work per step).
 
-A per-step breakdown compares one Trace_ELBO().differentiable_loss(model, guide, x, y,
+A per-step breakdown compares one map_loss(model, guide, x, y,
 data_size=N) + backward against the plain-torch loss + backward with the same prior,
 and splits Pyro's forward pass into guide, model (replay), log-prob and the rest.
 
@@ -41,9 +41,11 @@ import json
 import math
 import platform
 import pstats
+import resource
 import statistics
 import sys
 import time
+import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -52,13 +54,12 @@ from _common import ForeignLoad, fmt_seconds, loadavg, wait_until_idle  # noqa: 
 import pyro  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from pyro.infer import Trace_ELBO  # noqa: E402
 from pyro.infer.autoguide import AutoDelta, init_to_value  # noqa: E402
 from torch import nn  # noqa: E402
 
 from bayes_sws import prior as prior_module  # noqa: E402
 from bayes_sws.data import batches, load_fashion_mnist  # noqa: E402
-from bayes_sws.inference import LearningRates, evaluate, fit_map  # noqa: E402
+from bayes_sws.inference import LearningRates, evaluate, fit_map, map_loss  # noqa: E402
 from bayes_sws.model import Categorical, SoftWeightSharingModel  # noqa: E402
 from bayes_sws.prior import GaussianMixture, Hyperpriors, MixturePrior, SoftWeightSharingPrior  # noqa: E402
 
@@ -78,6 +79,11 @@ def sws_prior(components: int) -> SoftWeightSharingPrior:
         pi_zero=0.999,
         hyperpriors=Hyperpriors(precision_gamma=(250.0, 0.1), zero_precision_gamma=(5000.0, 2.0)),
     )
+
+
+def minor_faults() -> int:
+    """Minor page faults of this process so far (fresh pages mapped by the allocator)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 class Timer:
@@ -173,11 +179,13 @@ def train_torch(kind: str, data, args, device, steps: int) -> dict:
 
     for _ in range(args.warmup_steps):
         step()
+    faults = minor_faults()
     start = timer.now()
     for _ in range(steps):
         step()
     seconds = timer.now() - start
-    return {"seconds": seconds, "steps": steps, "per_step_s": seconds / steps}
+    return {"seconds": seconds, "steps": steps, "per_step_s": seconds / steps,
+            "minor_faults_per_step": (minor_faults() - faults) / steps}
 
 
 def make_model(args, device) -> SoftWeightSharingModel:
@@ -204,9 +212,11 @@ def train_pyro(data, args, device, steps: int, full_epochs: bool) -> dict:
         epochs = 1
     model = make_model(args, device)
     timer = Timer(device)
+    faults = minor_faults()
     start = timer.now()
     result = fit_map(model, subset, epochs=epochs, batch_size=batch, progress=False, seed=args.seed)
     wall = timer.now() - start
+    faults = minor_faults() - faults
     # fit_map evaluated the test set once per epoch: time that on its own and subtract it.
     with pyro.validation_enabled(False):
         eval_times = []
@@ -221,6 +231,7 @@ def train_pyro(data, args, device, steps: int, full_epochs: bool) -> dict:
             "fit_map_loop_s": result.seconds, "fit_map_wall_s": wall,
             "setup_s": wall - result.seconds, "test_eval_s": evaluation,
             "test_evals_subtracted": epochs,
+            "minor_faults_per_step": faults / n_steps,  # includes setup and test evaluation
             "final_test_accuracy": result.history[-1].get("accuracy")}
 
 
@@ -247,14 +258,13 @@ def breakdown(data, args, device) -> dict[str, float]:
     model = make_model(args, device)
     pyro.clear_param_store()
     guide = AutoDelta(model, init_loc_fn=init_to_value(values=model.initial_values()))
-    elbo = Trace_ELBO()
     with pyro.validation_enabled(False):
-        elbo.differentiable_loss(model, guide, xb, yb, data_size=n)
+        map_loss(model, guide, xb, yb, data_size=n)
     pyro_params = [p for _, p in pyro.get_param_store().named_parameters()]
     adam = torch.optim.Adam(pyro_params, lr=1e-6)
 
     def pyro_loss():
-        return elbo.differentiable_loss(model, guide, xb, yb, data_size=n)
+        return map_loss(model, guide, xb, yb, data_size=n)
 
     def traces():
         guide_trace = pyro.poutine.trace(guide).get_trace(xb, yb, data_size=n)
@@ -269,9 +279,9 @@ def breakdown(data, args, device) -> dict[str, float]:
             (lambda: sws.prior_loss().backward(), lambda: zero(torch_params)),
         "torch-sws: loss + backward  [(b) minus Adam]":
             (lambda: sws.loss(xb, yb).backward(), lambda: zero(torch_params)),
-        "pyro: differentiable_loss + backward  [(c) minus Adam]":
+        "pyro: map_loss + backward  [(c) minus Adam]":
             (lambda: pyro_loss().backward(), lambda: zero(pyro_params)),
-        "pyro: differentiable_loss only (forward)":
+        "pyro: map_loss only (forward)":
             (lambda: pyro_loss(), lambda: None),
         "pyro:   guide trace (AutoDelta)":
             (lambda: pyro.poutine.trace(guide).get_trace(xb, yb, data_size=n), lambda: None),
@@ -285,8 +295,10 @@ def breakdown(data, args, device) -> dict[str, float]:
     # gradients for the adam row
     zero(pyro_params)
     with pyro.validation_enabled(False):
-        pyro_loss().backward()
-    results = {}
+        pyro_value = pyro_loss()
+        pyro_value.backward()
+    torch_value = sws.loss(xb, yb)
+    results = {"_loss_torch_sws": float(torch_value.detach()), "_loss_pyro": float(pyro_value.detach())}
     with pyro.validation_enabled(False):
         for name, (fn, reset) in pieces.items():
             times = []
@@ -307,18 +319,16 @@ def profile_pyro_step(data, args, device, steps: int = 20) -> tuple[str, str]:
     model = make_model(args, device)
     pyro.clear_param_store()
     guide = AutoDelta(model, init_loc_fn=init_to_value(values=model.initial_values()))
-    elbo = Trace_ELBO()
     stream = index_stream(n, args.batch_size, args.seed, device)
     with pyro.validation_enabled(False):
-        elbo.differentiable_loss(model, guide, data.train_x[:2], data.train_y[:2], data_size=n)
+        map_loss(model, guide, data.train_x[:2], data.train_y[:2], data_size=n)
         params = [p for _, p in pyro.get_param_store().named_parameters()]
         adam = torch.optim.Adam(params, lr=1e-4)
 
         def step():
             index = next(stream)
             adam.zero_grad(set_to_none=True)
-            loss = elbo.differentiable_loss(model, guide, data.train_x[index], data.train_y[index],
-                                            data_size=n)
+            loss = map_loss(model, guide, data.train_x[index], data.train_y[index], data_size=n)
             loss.backward()
             adam.step()
             loss.item()
@@ -367,6 +377,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--wait-idle", type=float, default=0.0, metavar="SECONDS",
                         help="before each trainer wait up to this long for other processes "
                              "to leave the CPUs idle (the machine may be shared)")
+    parser.add_argument("--compile-cache", action="store_true",
+                        help="let inductor use its on-disk caches (default: cold compile)")
     parser.add_argument("--data-dir", default=None,
                         help="Fashion-MNIST IDX folder (default: load_fashion_mnist()'s, "
                              "/usr/share/datasets/fashion-mnist)")
@@ -374,8 +386,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON here")
     args = parser.parse_args(argv)
 
+    if not args.compile_cache:
+        import torch._inductor.config as inductor_config
+
+        inductor_config.force_disable_caches = True
+        warnings.filterwarnings("ignore", message="dynamo_pgo force disabled")
     torch.set_num_threads(args.threads)
-    torch.set_flush_denormal(True)  # fit_map does this; do it for every trainer
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: CUDA is not available")
@@ -441,7 +457,7 @@ def main(argv: list[str] | None = None) -> int:
                          f" setup {record['setup_s']:.2f} s)")
             print(f"  {trainer:<10} {record['kernels']:<9} {record['steps']:>5} steps "
                   f"{record['seconds']:>8.2f} s  {fmt_seconds(record['per_step_s']):>9}/step  "
-                  f"{record['per_epoch_s']:>7.2f} s/epoch"
+                  f"{record['per_epoch_s']:>7.2f} s/epoch {record['minor_faults_per_step']:>7.0f} faults/step"
                   f"{'  * busy %.0f%%' % (100 * load.fraction) if load.fraction > 0.1 else ''}"
                   f"{extra}", flush=True)
     print()
@@ -488,13 +504,19 @@ def main(argv: list[str] | None = None) -> int:
         print(header)
         print("-" * len(header))
         for name in pieces[modes[0]]:
+            if name.startswith("_"):
+                continue
             print(f"{name:<62}" + "".join(f"{fmt_seconds(pieces[m][name]):>11}" for m in modes))
         for m in modes:
             p = pieces[m]
             torch_key = "torch-sws: loss + backward  [(b) minus Adam]"
-            pyro_key = "pyro: differentiable_loss + backward  [(c) minus Adam]"
+            pyro_key = "pyro: map_loss + backward  [(c) minus Adam]"
             print(f"[{m}] Pyro adds {fmt_seconds(p[pyro_key] - p[torch_key])} per step over the "
                   f"plain-torch loss ({p[pyro_key] / p[torch_key]:.2f}x)")
+        p = pieces[modes[0]]
+        print(f"same objective check at the start: torch-sws loss {p['_loss_torch_sws']:.6g}, "
+              f"pyro loss {p['_loss_pyro']:.6g} (relative difference "
+              f"{abs(p['_loss_pyro'] - p['_loss_torch_sws']) / abs(p['_loss_torch_sws']):.1e})")
         print()
 
     profile_tables = None

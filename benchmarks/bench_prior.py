@@ -31,10 +31,12 @@ import math
 import os
 import platform
 import re
+import resource
 import statistics
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -101,12 +103,12 @@ def measure(method: str, n: int, args: argparse.Namespace) -> dict:
     from bayes_sws.prior import GaussianMixture, MixturePrior, mixture_log_density
 
     torch.set_num_threads(args.threads)
-    torch.set_flush_denormal(True)
     pyro.enable_validation(args.validate)
     if not args.compile_cache:
         import torch._inductor.config as inductor_config
 
         inductor_config.force_disable_caches = True
+        warnings.filterwarnings("ignore", message="dynamo_pgo force disabled")
     device = torch.device(args.device)
     cuda = device.type == "cuda"
 
@@ -145,27 +147,28 @@ def measure(method: str, n: int, args: argparse.Namespace) -> dict:
             return mixture_log_density(w, mixture).sum()
         raise ValueError(method)
 
+    faults: list[int] = []
+
     def call(w: torch.Tensor) -> float:
         w.grad = None
         for p in params:
             p.grad = None
         sync()
+        faults0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         start = time.perf_counter()
         value = loss_fn(w)
         value.backward()
         sync()
-        return time.perf_counter() - start
+        elapsed = time.perf_counter() - start
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0)
+        return elapsed
 
     record: dict = {"method": method, "n": n, "device": args.device}
-    if method == "compiled":
-        prior_module.use_compiled_kernels(True)
-    else:
-        prior_module.use_compiled_kernels(False)
+    prior_module.use_compiled_kernels(method == "compiled")
 
     # Warm-up on a small tensor: loads code pages, and for "compiled" compiles the
-    # kernel for the chunk shape that size N will use (N itself when N < chunk).
-    chunk = prior_module._default_chunk_size(device)
-    warm = make_weights(min(n, chunk))
+    # kernels (dynamic shapes: one graph for every chunk length).
+    warm = make_weights(min(n, 1 << 12))
     record["first_call_s"] = call(warm)  # includes compilation for "compiled"
     record["second_call_small_s"] = call(warm)
     del warm
@@ -192,8 +195,12 @@ def measure(method: str, n: int, args: argparse.Namespace) -> dict:
     for _ in range(args.warmup):
         call(w)
     times: list[float] = []
+    faults.clear()
     while len(times) < args.reps and (len(times) < 3 or sum(times) < args.max_seconds):
         times.append(call(w))
+    # minor page faults per timed call: fresh pages the allocator had to map (glibc returns
+    # large freed blocks to the OS, so chunk-sized temporaries can fault on every call)
+    record["minor_faults_per_call"] = statistics.median(faults)
     record["times_s"] = times
     record["median_s"] = statistics.median(times)
     record["value"] = float(loss_fn(w).detach()) if n <= 10**6 else None
@@ -347,9 +354,10 @@ def main(argv: list[str] | None = None) -> int:
     results: list[dict] = []
     notes: list[str] = []
     header = (f"{'N':>10} {'method':<10} {'median':>10} {'min':>10} {'1st call':>10} "
-              f"{'reps':>4} {'peak extra':>11} {'/(4N B)':>8}")
-    print("(* = other processes used this share of the CPUs during the measurement: "
-          "timings inflated)")
+              f"{'reps':>4} {'peak extra':>11} {'/(4N B)':>8} {'faults':>8}")
+    print("(1st call: first call on a small tensor, includes compilation for 'compiled'; "
+          "faults: minor page faults per timed call; * = other processes used this share of "
+          "the CPUs during the measurement: timings inflated)")
     print(header)
     print("-" * len(header))
     for n in sizes:
@@ -392,7 +400,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{n:>10.0e} {method:<10} {fmt_seconds(record['median_s']):>10} "
                   f"{fmt_seconds(min(record['times_s'])):>10} "
                   f"{fmt_seconds(record['first_call_s']):>10} {len(record['times_s']):>4} "
-                  f"{fmt_bytes(extra):>11} {extra / (4 * n):>8.2f}"
+                  f"{fmt_bytes(extra):>11} {extra / (4 * n):>8.2f} "
+                  f"{record['minor_faults_per_call']:>8.0f}"
                   f"{'  * busy %.0f%%' % (100 * busy) if busy > 0.1 else ''}", flush=True)
         print()
 

@@ -15,7 +15,7 @@ from pyro.infer.autoguide import AutoDelta, init_to_value
 from torch import nn
 
 from bayes_sws.data import Dataset
-from bayes_sws.inference import fit_map
+from bayes_sws.inference import fit_map, map_loss
 from bayes_sws.model import (
     Categorical,
     Gaussian,
@@ -128,10 +128,14 @@ def perturbed_initial_values(model, seed=1):
     return values
 
 
-def map_loss(model, x, y, *, data_size=None, init=None):
-    """The AutoDelta + Trace_ELBO loss and the guide's (constrained) values."""
+def auto_delta_loss(model, x, y, *, data_size=None, init=None):
+    """The AutoDelta + Trace_ELBO loss and the guide's (constrained) values.
+
+    Also checks that fit_map's cheaper ``map_loss`` (no guide log-density) equals it.
+    """
     guide = AutoDelta(model, init_loc_fn=init_to_value(values=init or perturbed_initial_values(model)))
     loss = Trace_ELBO().differentiable_loss(model, guide, x, y, data_size=data_size)
+    torch.testing.assert_close(map_loss(model, guide, x, y, data_size=data_size), loss, rtol=1e-12, atol=1e-12)
     return loss, {k: v.detach() for k, v in guide.median().items()}
 
 
@@ -187,7 +191,7 @@ def test_auto_delta_loss_equals_nll_plus_lambda_omega_minus_log_hyperpriors(case
         prior_weight=0.37, **spec["model"],
     )
     x, y = random_data()
-    loss, values = map_loss(model, x, y)
+    loss, values = auto_delta_loss(model, x, y)
     expected_groups = (
         {"mixture"} if model.shared else {f"mixture.{name}" for name in model.prior_sites}
     )
@@ -202,7 +206,7 @@ def test_minibatch_loss_scales_nll_by_n_over_b_and_keeps_prior_and_hyperprior_un
     )
     x, y = random_data(n=20)
     xb, yb = x[:5], y[:5]
-    loss, values = map_loss(model, xb, yb, data_size=20)
+    loss, values = auto_delta_loss(model, xb, yb, data_size=20)
     torch.testing.assert_close(loss, expected_loss(model, values, xb, yb, scale=20 / 5), rtol=1e-12, atol=1e-12)
 
 
@@ -237,7 +241,7 @@ def test_gaussian_likelihood_with_fixed_noise_gives_loss_with_gaussian_nll(data_
         likelihood=Gaussian(noise_scale=0.3), prior_weight=0.5,
     )
     x, y = random_data(n=10, regression=True)
-    loss, values = map_loss(model, x, y, data_size=data_size)
+    loss, values = auto_delta_loss(model, x, y, data_size=data_size)
     scale = (data_size or 10) / 10
     expected = expected_loss(model, values, x, y, scale=scale, nll=lambda out: hand_gaussian_nll(out, y, 0.3))
     torch.testing.assert_close(loss, expected, rtol=1e-12, atol=1e-12)
@@ -252,7 +256,7 @@ def test_gaussian_likelihood_with_learned_noise_has_one_scalar_noise_site_in_the
     x, y = random_data(n=10, regression=True)
     init = perturbed_initial_values(model)
     assert init["noise_scale"].shape == ()
-    loss, values = map_loss(model, x, y, data_size=data_size, init=init)
+    loss, values = auto_delta_loss(model, x, y, data_size=data_size, init=init)
     # One global noise scale, not one per data point.
     assert values["noise_scale"].shape == ()
     s = values["noise_scale"]
@@ -271,7 +275,7 @@ def test_zero_prior_weight_drops_the_prior_term_exactly(hyper):
     x, y = random_data()
     init = perturbed_initial_values(model)
     init["0.weight"] = init["0.weight"] + 50.0  # Ω would be enormous here
-    loss, values = map_loss(model, x, y, init=init)
+    loss, values = auto_delta_loss(model, x, y, init=init)
     e = hand_categorical_nll(hand_forward(model.network, values)(x), y)
     expected = e - hand_log_hyperprior(values, "mixture", hyper, model.prior)
     torch.testing.assert_close(loss, expected, rtol=1e-12, atol=1e-12)

@@ -643,3 +643,29 @@ def test_em_update_keeps_the_dtype_of_float32_weights():
     weights = three_cluster_weights(100).float()
     mixture = prior.em_update(weights, prior.initial_mixture(weights))
     assert all(t.dtype == torch.float32 for t in mixture)
+
+
+def test_compiled_kernels_match_eager_kernels_on_cpu():
+    """use_compiled_kernels(True) changes speed, not results (one dynamic graph for all lengths)."""
+    from bayes_sws.prior import use_compiled_kernels
+
+    generator = torch.Generator().manual_seed(11)
+    weights = torch.randn(2, 70_001, generator=generator) * 0.3
+    logits = torch.randn(5, generator=generator)
+    means = torch.tensor([0.0, -0.5, -0.1, 0.2, 0.6])
+    scales = torch.tensor([0.01, 0.1, 0.05, 0.2, 0.3])
+
+    def value_and_grads():
+        inputs = [t.clone().requires_grad_() for t in (weights, logits, means, scales)]
+        mixture = GaussianMixture(torch.log_softmax(inputs[1], 0), *inputs[2:])
+        value = mixture_log_prob_sum(inputs[0], mixture, chunk_size=30_000)
+        return [value.detach(), *torch.autograd.grad(value.sum(), inputs)]
+
+    eager = value_and_grads()
+    use_compiled_kernels(True)
+    try:
+        compiled = value_and_grads()
+    finally:
+        use_compiled_kernels(False)
+    for expected, actual in zip(eager, compiled):
+        torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4)
