@@ -153,8 +153,8 @@ def _chunk_value(weights, log_weights, means, scales):
 def _chunk_value_and_grads(weights, log_weights, means, scales):
     """One chunk's log-density sum with its analytic gradients (MATH.md §1).
 
-    Returns ``(value, grad_weights (C,), statistics (3, J))``, the statistics being
-    Σγ, Σγ·d and Σγ·d² over the chunk, with d = w − μ.
+    Returns ``(grad_weights (C,), summary (1 + 3J,))``: the summary packs the
+    chunk's Σ log p(w_i), then Σγ, Σγ·d and Σγ·d² (each (J,)), with d = w − μ.
     """
     log_comp, diff, precisions = _chunk_log_components(weights, log_weights, means, scales)
     top = log_comp.amax(dim=0)
@@ -164,8 +164,8 @@ def _chunk_value_and_grads(weights, log_weights, means, scales):
     gamma = unnormalised / total
     gamma_diff = gamma * diff
     grad_weights = -(gamma_diff * precisions).sum(dim=0)
-    statistics = torch.stack([gamma.sum(dim=1), gamma_diff.sum(dim=1), (gamma_diff * diff).sum(dim=1)])
-    return value, grad_weights, statistics
+    summary = torch.cat([value.reshape(1), gamma.sum(dim=1), gamma_diff.sum(dim=1), (gamma_diff * diff).sum(dim=1)])
+    return grad_weights, summary
 
 
 class _Kernels(NamedTuple):
@@ -218,14 +218,23 @@ class _FusedLogProbSum(torch.autograd.Function):
     @staticmethod
     def forward(ctx, weights, log_weights, means, scales, chunk_size):
         kernel = _ACTIVE["kernels"].grad
-        rows = [
-            [kernel(chunk, log_weights, means, scales) for chunk in row.split(chunk_size)]
-            for row in weights
-        ]
-        values = torch.stack([torch.stack([value for value, _, _ in row]).sum() for row in rows])
-        grad_weights = torch.cat([grad for row in rows for _, grad, _ in row]).view_as(weights)
-        statistics = torch.stack([torch.stack([stats for _, _, stats in row]).sum(0) for row in rows])
-        counts, first, second = statistics.unbind(1)  # each (B, J)
+        rows, n = weights.shape
+        components = log_weights.numel()
+        # Every chunk's results are copied into buffers allocated up front: keeping
+        # per-chunk tensors alive between the chunks' large temporaries fragments the
+        # heap, and peak memory then grows with N·J after all.
+        grad_weights = torch.empty_like(weights)
+        summaries = weights.new_empty(rows, -(-n // chunk_size), 1 + 3 * components)
+        for row, row_grad, row_summaries in zip(weights, grad_weights, summaries):
+            for chunk, chunk_grad, chunk_summary in zip(
+                row.split(chunk_size), row_grad.split(chunk_size), row_summaries
+            ):
+                grad, summary = kernel(chunk, log_weights, means, scales)
+                chunk_grad.copy_(grad)
+                chunk_summary.copy_(summary)
+        totals = summaries.sum(1)
+        values = totals[:, 0]
+        counts, first, second = totals[:, 1:].view(rows, 3, components).unbind(1)  # each (B, J)
         precisions = scales.pow(-2)
         ctx.save_for_backward(
             grad_weights,
@@ -284,10 +293,11 @@ def mixture_log_prob_sum(
     )
     if needs_grad:
         return _FusedLogProbSum.apply(weights, *mixture, chunk_size)
-    return torch.stack([
-        torch.stack([kernels.value(chunk, *mixture) for chunk in row.split(chunk_size)]).sum()
-        for row in weights
-    ])
+    chunk_values = weights.new_empty(weights.shape[0], -(-weights.shape[1] // chunk_size))
+    for row, row_values in zip(weights, chunk_values):
+        for chunk, slot in zip(row.split(chunk_size), row_values):
+            slot.copy_(kernels.value(chunk, *mixture))
+    return chunk_values.sum(1)
 
 
 class MixturePrior(TorchDistribution):
