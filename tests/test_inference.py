@@ -247,3 +247,36 @@ def test_parameter_group_maps_site_names_to_learning_rate_groups(site, group):
 def test_non_positive_learning_rate_raises_value_error(kwargs):
     with pytest.raises(ValueError):
         LearningRates(**kwargs)
+
+
+def _double(dataset):
+    return Dataset(name=dataset.name, task=dataset.task, train_x=dataset.train_x.double(),
+                   train_y=dataset.train_y, test_x=dataset.test_x.double(), test_y=dataset.test_y,
+                   n_classes=dataset.n_classes)
+
+
+def test_short_map_run_with_fused_prior_ends_at_the_same_loss_as_with_the_reference_prior(monkeypatch):
+    import bayes_sws.prior as prior_module
+    from bayes_sws.prior import GaussianMixture, mixture_log_density
+
+    data = _double(toy_dataset())
+    hyper = Hyperpriors(precision_gamma=(2.0, 0.1), dirichlet=2.0)
+    prior = SoftWeightSharingPrior(n_components=4, init_means=(-0.5, 0.5), hyperpriors=hyper)
+
+    def fit():
+        model = toy_model(prior=prior, prior_weight=0.5)
+        model.network.double()
+        result = fit_map(model, data, epochs=5, batch_size=16, progress=False,
+                         learning_rates=LearningRates(weights=1e-2, means=1e-2, precisions=1e-2, pi=1e-2))
+        return result.history[-1]["loss"], result.values
+
+    fused_loss, fused_values = fit()
+
+    def reference(weights, mixture: GaussianMixture, *, chunk_size=None):
+        return mixture_log_density(weights, mixture).sum(-1)
+
+    monkeypatch.setattr(prior_module, "mixture_log_prob_sum", reference)
+    reference_loss, reference_values = fit()
+    assert fused_loss == pytest.approx(reference_loss, rel=1e-9)
+    for name, value in reference_values.items():
+        torch.testing.assert_close(fused_values[name], value, rtol=1e-7, atol=1e-9)
