@@ -243,11 +243,9 @@ class SoftWeightSharingModel:
         parameters = {}
         for group, names in self.groups.items():
             mixture = self.prior.sample_mixture(group, like=x)
-            with self._prior_scale():
+            with poutine.scale(scale=self.prior_weight or 1.0):
                 for name in names:
-                    parameters[name] = pyro.sample(
-                        name, MixturePrior(mixture, event_shape=self._shapes[name])
-                    )
+                    parameters[name] = pyro.sample(name, self._weight_prior(mixture, self._shapes[name]))
         module_parameters = dict(self.network.named_parameters())
         for name in self.passthrough:
             initial = module_parameters[name]
@@ -259,10 +257,11 @@ class SoftWeightSharingModel:
             pyro.sample("y", observation, obs=y)
         return outputs
 
-    def _prior_scale(self):
+    def _weight_prior(self, mixture: GaussianMixture, shape: torch.Size) -> dist.Distribution:
         if self.prior_weight == 0:
-            return poutine.mask(mask=False)
-        return poutine.scale(scale=self.prior_weight)
+            # λ = 0 is maximum likelihood: a flat prior, not a mixture evaluated and masked.
+            return dist.ImproperUniform(constraints.independent(constraints.real, len(shape)), (), shape)
+        return MixturePrior(mixture, event_shape=shape)
 
 
 _SUFFIXES = ("means", "precisions", "pi", "pi_zero")
