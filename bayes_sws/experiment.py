@@ -25,7 +25,7 @@ import torch
 from . import plots
 from .data import Dataset, load_dataset
 from .errors import BayesSWSError
-from .inference import MAPResult, evaluate, fit_map
+from .inference import evaluate, fit_map
 from .model import Categorical, Gaussian, SoftWeightSharingModel
 from .nets import build_network
 from .prior import GaussianMixture, use_compiled_kernels

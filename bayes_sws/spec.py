@@ -34,7 +34,7 @@ from .errors import SpecError
 from .data import DATASET_NAMES
 from .inference import OPTIMIZERS, LearningRates
 from .nets import ACTIVATIONS, ARCHITECTURES
-from .prior import Hyperpriors, SoftWeightSharingPrior
+from .prior import SoftWeightSharingPrior
 
 __all__ = [
     "DataSpec",

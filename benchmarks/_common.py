@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import datetime
+import json
 import os
+import platform
 import time
 from pathlib import Path
 
@@ -79,3 +82,31 @@ def wait_until_idle(max_wait: float, *, threshold: float = 0.1, window: float = 
 
 def loadavg() -> str:
     return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
+def warn_if_loaded(records: list[dict], what: str) -> None:
+    """Print a warning when some measurements ran while other processes used >10% of the CPUs."""
+    loaded = [r for r in records if r.get("foreign_cpu_load", 0) > 0.1]
+    if loaded:
+        print(f"warning: {len(loaded)} {what} ran while other processes used >10% of the CPUs "
+              f"(marked *); rerun with --wait-idle 120 on a quiet machine. "
+              f"load average at end: {loadavg()}")
+
+
+def write_json(path: str, benchmark: str, *, config: dict, **results) -> None:
+    """Write a benchmark's results with the date and the versions that produced them."""
+    import pyro
+    import torch
+
+    payload = {
+        "benchmark": benchmark,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "config": {k: v for k, v in config.items() if not k.startswith("_")},
+        "platform": {"python": platform.python_version(), "torch": torch.__version__,
+                     "pyro": pyro.__version__, "machine": platform.machine()},
+        **results,
+    }
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(json.dumps(payload, indent=2))
+    print(f"wrote {target}")

@@ -35,11 +35,8 @@ from __future__ import annotations
 import argparse
 import cProfile
 import dataclasses
-import datetime
 import io
-import json
 import math
-import platform
 import pstats
 import resource
 import statistics
@@ -49,7 +46,7 @@ import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ForeignLoad, fmt_seconds, loadavg, wait_until_idle  # noqa: E402
+from _common import ForeignLoad, fmt_seconds, loadavg, wait_until_idle, warn_if_loaded, write_json  # noqa: E402
 
 import pyro  # noqa: E402
 import torch  # noqa: E402
@@ -528,26 +525,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"torch.profiler of 20 Pyro steps (kernels: {modes[-1]}), top ops by self CPU time:")
         print(torch_table)
 
-    loaded = [r for r in rows if r["foreign_cpu_load"] > 0.1]
-    if loaded:
-        print(f"warning: {len(loaded)} trainer run(s) ran while other processes used >10% of the "
-              f"CPUs (marked *); rerun with --wait-idle 120 on a quiet machine. "
-              f"load average at end: {loadavg()}")
-
+    warn_if_loaded(rows, "trainer run(s)")
     if args.json:
-        path = Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        payload = {
-            "benchmark": "bench_epoch",
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "config": vars(args),
-            "platform": {"python": platform.python_version(), "torch": torch.__version__,
-                         "pyro": pyro.__version__, "machine": platform.machine()},
-            "steps_per_epoch": steps_per_epoch, "compile_seconds": compile_seconds,
-            "rows": rows, "ratios": ratios, "breakdown": pieces, "profile": profile_tables,
-        }
-        path.write_text(json.dumps(payload, indent=2))
-        print(f"wrote {path}")
+        write_json(args.json, "bench_epoch", config=vars(args), steps_per_epoch=steps_per_epoch,
+                   compile_seconds=compile_seconds, rows=rows, ratios=ratios, breakdown=pieces,
+                   profile=profile_tables)
     return 0
 
 

@@ -25,7 +25,6 @@ Run:  cd /work/main && PYTHONPATH=. .venv/bin/python benchmarks/bench_prior.py \
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
 import os
@@ -40,7 +39,7 @@ import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ForeignLoad, fmt_bytes, fmt_seconds, loadavg, wait_until_idle  # noqa: E402
+from _common import ForeignLoad, fmt_bytes, fmt_seconds, loadavg, wait_until_idle, warn_if_loaded, write_json  # noqa: E402
 
 METHODS = ("fused", "compiled", "baseline", "reference")
 DESCRIPTIONS = {
@@ -368,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
                 (args.baseline_max_size is not None and n > args.baseline_max_size)
                 or (args.baseline_max_size is None and estimate > 0.7 * available)
             ):
-                reason = (f"N > --baseline-max-size" if args.baseline_max_size is not None
+                reason = ("N > --baseline-max-size" if args.baseline_max_size is not None
                           else f"estimated peak {fmt_bytes(estimate)} > 70% of "
                                f"available {fmt_bytes(available)}")
                 record = {"method": method, "n": n, "skipped": reason}
@@ -457,26 +456,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"target: {t['target']}: {t['value']:.2f} -> {'PASS' if t['pass'] else 'FAIL'}")
     for note in notes:
         print(f"note: {note}")
-    loaded = [r for r in results if r.get("foreign_cpu_load", 0) > 0.1]
-    if loaded:
-        print(f"warning: {len(loaded)} measurement(s) ran while other processes used >10% of "
-              f"the CPUs; rerun with --wait-idle 120 on a quiet machine. load average at end: "
-              f"{loadavg()}")
-
+    warn_if_loaded(results, "measurement(s)")
     if args.json:
-        path = Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        payload = {
-            "benchmark": "bench_prior",
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "config": {k: v for k, v in vars(args).items() if not k.startswith("_")},
-            "platform": {"python": platform.python_version(), "torch": torch.__version__,
-                         "pyro": pyro.__version__, "device_name": device_name,
-                         "machine": platform.machine()},
-            "results": results, "ratios": ratios, "targets": targets, "notes": notes,
-        }
-        path.write_text(json.dumps(payload, indent=2))
-        print(f"wrote {path}")
+        write_json(args.json, "bench_prior", config=vars(args), device_name=device_name,
+                   results=results, ratios=ratios, targets=targets, notes=notes)
     return 0
 
 

@@ -81,9 +81,9 @@ def test_digits_default_weights_form_clusters(default_run: Path, tmp_path: Path)
     plain_values = sws.load_checkpoint(plain / "checkpoint.pt").values
     plain_weights = torch.cat([plain_values[name].reshape(-1) for name in fitted.model.prior_sites])
     refit = sws.SoftWeightSharingPrior(n_components=8)
-    for _ in range(100):  # the best 8-component mixture for the plain weights
-        start = refit.initial_mixture(plain_weights) if _ == 0 else mixture_plain
-        mixture_plain = refit.em_update(plain_weights, start)
+    mixture_plain = refit.initial_mixture(plain_weights)
+    for _ in range(100):  # EM towards the best 8-component mixture for the plain weights
+        mixture_plain = refit.em_update(plain_weights, mixture_plain)
     assert _per_weight_gain_over_one_gaussian(plain_weights, mixture_plain) < 0.5
 
 
