@@ -11,6 +11,7 @@ E(w) + λΩ(w) plus the hyperprior terms.
 
 from .data import Dataset, load_dataset
 from .errors import BayesSWSError, DataError, SpecError
+from .kernels import set_backend, use_compiled_kernels
 from .experiment import FittedModel, build_model, load_checkpoint, run
 from .inference import LearningRates, MAPResult, evaluate, fit_map
 from .model import Categorical, Gaussian, SoftWeightSharingModel
@@ -23,7 +24,6 @@ from .prior import (
     mixture_log_density,
     mixture_log_prob_sum,
     responsibilities,
-    use_compiled_kernels,
 )
 from .spec import Spec, load_spec
 
@@ -56,5 +56,6 @@ __all__ = [
     "mixture_log_prob_sum",
     "responsibilities",
     "run",
+    "set_backend",
     "use_compiled_kernels",
 ]

@@ -28,7 +28,8 @@ from .errors import BayesSWSError
 from .inference import evaluate, fit_map
 from .model import Categorical, Gaussian, SoftWeightSharingModel
 from .nets import build_network
-from .prior import GaussianMixture, use_compiled_kernels
+from .kernels import set_backend
+from .prior import GaussianMixture
 from .spec import Spec, parse_spec
 
 __all__ = ["CHECKPOINT_FORMAT", "FittedModel", "build_model", "load_checkpoint", "resolve_device", "run"]
@@ -182,7 +183,7 @@ def run(
     model = build_model(spec, **_data_shape(data), device=torch_device)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    use_compiled_kernels(spec.inference.compile)
+    set_backend(spec.inference.kernels)
     settings = spec.inference
     common = dict(batch_size=settings.batch_size, optimizer=settings.optimizer,
                   learning_rates=settings.learning_rates,

@@ -22,9 +22,7 @@ Every weight ``w_i`` of a group gets the same one-dimensional mixture
 
 from __future__ import annotations
 
-import functools
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -35,6 +33,8 @@ from pyro.distributions.torch_distribution import TorchDistribution
 from torch.distributions import biject_to, constraints, transform_to
 from torch.distributions.mixture_same_family import MixtureSameFamilyConstraint
 
+from . import kernels
+
 __all__ = [
     "GaussianMixture",
     "Hyperpriors",
@@ -43,13 +43,7 @@ __all__ = [
     "mixture_log_density",
     "mixture_log_prob_sum",
     "responsibilities",
-    "use_compiled_kernels",
 ]
-
-_HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
-# exp() of anything below this is a subnormal float32; clamping keeps the kernel
-# at full speed when precisions grow large, and changes sums by < 1e-33.
-_MIN_LOG_RATIO = -80.0
 
 
 @biject_to.register(MixtureSameFamilyConstraint)
@@ -94,7 +88,7 @@ class GaussianMixture(NamedTuple):
 def _component_log_densities(weights: torch.Tensor, mixture: GaussianMixture) -> torch.Tensor:
     """log π_j N(w | μ_j, σ_j²) for every weight and component, shape ``(*w.shape, J)``."""
     standardised = (weights.unsqueeze(-1) - mixture.means) / mixture.scales
-    return mixture.log_weights - mixture.scales.log() - _HALF_LOG_2PI - 0.5 * standardised**2
+    return mixture.log_weights - mixture.scales.log() - kernels.HALF_LOG_2PI - 0.5 * standardised**2
 
 
 def mixture_log_density(weights: torch.Tensor, mixture: GaussianMixture) -> torch.Tensor:
@@ -136,78 +130,6 @@ def responsibilities(weights: torch.Tensor, mixture: GaussianMixture) -> torch.T
 # --------------------------------------------------------------------------- fused path
 
 
-def _chunk_log_components(weights, log_weights, means, scales):
-    """log π_j N(w_i|μ_j,σ_j²) laid out ``(J, C)`` (contiguous along weights), with d = w − μ and 1/σ²."""
-    precisions = scales.pow(-2).unsqueeze(1)
-    log_norm = (log_weights - scales.log() - _HALF_LOG_2PI).unsqueeze(1)
-    diff = weights.unsqueeze(0) - means.unsqueeze(1)
-    return log_norm - 0.5 * diff * diff * precisions, diff, precisions
-
-
-def _chunk_value(weights, log_weights, means, scales):
-    """Σ_i log p(w_i) over one chunk; ``weights`` (C,), parameters (J,)."""
-    log_comp, _, _ = _chunk_log_components(weights, log_weights, means, scales)
-    return torch.logsumexp(log_comp, dim=0).sum()
-
-
-def _chunk_value_and_grads(weights, log_weights, means, scales):
-    """One chunk's log-density sum with its analytic gradients (MATH.md §1).
-
-    Returns ``(grad_weights (C,), summary (1 + 3J,))``: the summary packs the
-    chunk's Σ log p(w_i), then Σγ, Σγ·d and Σγ·d² (each (J,)), with d = w − μ.
-    """
-    log_comp, diff, precisions = _chunk_log_components(weights, log_weights, means, scales)
-    top = log_comp.amax(dim=0)
-    unnormalised = torch.exp((log_comp - top).clamp_min(_MIN_LOG_RATIO))
-    total = unnormalised.sum(dim=0)
-    value = (top + total.log()).sum()
-    gamma = unnormalised / total
-    gamma_diff = gamma * diff
-    grad_weights = -(gamma_diff * precisions).sum(dim=0)
-    summary = torch.cat([value.reshape(1), gamma.sum(dim=1), gamma_diff.sum(dim=1), (gamma_diff * diff).sum(dim=1)])
-    return grad_weights, summary
-
-
-class _Kernels(NamedTuple):
-    """A pair of chunk kernels and the chunk lengths they run fastest at."""
-
-    value: Callable
-    grad: Callable
-    cpu_chunk: int
-    cuda_chunk: int
-
-    def chunk_size(self, device: torch.device) -> int:
-        return self.cuda_chunk if device.type == "cuda" else self.cpu_chunk
-
-
-# Eager kernels materialise a few (J, C) temporaries per chunk: small chunks keep them
-# in cache on CPU. Compiled kernels fuse them away and pay a per-call overhead, so they
-# prefer long chunks.
-_EAGER = _Kernels(_chunk_value, _chunk_value_and_grads, cpu_chunk=1 << 12, cuda_chunk=1 << 18)
-_ACTIVE = {"kernels": _EAGER}
-
-
-@functools.cache
-def _compiled_kernels() -> _Kernels:
-    # Dynamic shapes: one graph serves every chunk length (no recompile per layer).
-    return _Kernels(
-        torch.compile(_chunk_value, dynamic=True),
-        torch.compile(_chunk_value_and_grads, dynamic=True),
-        cpu_chunk=1 << 16,
-        cuda_chunk=1 << 20,
-    )
-
-
-def use_compiled_kernels(enabled: bool = True) -> None:
-    """Switch the fused prior's chunk kernels to versions built by ``torch.compile`` (or back).
-
-    Compiling costs seconds once per dtype and device (the graphs take dynamic
-    chunk lengths), then makes the prior several times faster on CPU and GPU.
-    Results are the same to round-off.
-    """
-    _ACTIVE["kernels"] = _compiled_kernels() if enabled else _EAGER
-
-
 class _FusedLogProbSum(torch.autograd.Function):
     """Row sums of log p(w) for ``(B, N)`` weights, gradients computed in the same pass.
 
@@ -217,22 +139,14 @@ class _FusedLogProbSum(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, weights, log_weights, means, scales, chunk_size):
-        kernel = _ACTIVE["kernels"].grad
-        rows, n = weights.shape
-        components = log_weights.numel()
-        # Every chunk's results are copied into buffers allocated up front: keeping
-        # per-chunk tensors alive between the chunks' large temporaries fragments the
-        # heap, and peak memory then grows with N·J after all.
+        rows, components = weights.shape[0], log_weights.numel()
+        mixture = (log_weights, means, scales)
+        row_functions = kernels.backend(weights, components)
         grad_weights = torch.empty_like(weights)
-        summaries = weights.new_empty(rows, -(-n // chunk_size), 1 + 3 * components)
-        for row, row_grad, row_summaries in zip(weights, grad_weights, summaries):
-            for chunk, chunk_grad, chunk_summary in zip(
-                row.split(chunk_size), row_grad.split(chunk_size), row_summaries
-            ):
-                grad, summary = kernel(chunk, log_weights, means, scales)
-                chunk_grad.copy_(grad)
-                chunk_summary.copy_(summary)
-        totals = summaries.sum(1)
+        totals = torch.stack([
+            row_functions.value_and_grads(row, mixture, row_grad, chunk_size=chunk_size)
+            for row, row_grad in zip(weights, grad_weights)
+        ])
         values = totals[:, 0]
         counts, first, second = totals[:, 1:].view(rows, 3, components).unbind(1)  # each (B, J)
         precisions = scales.pow(-2)
@@ -275,29 +189,21 @@ def mixture_log_prob_sum(
         ``B`` independent weight vectors of length ``N``.
     mixture : GaussianMixture with fields of shape ``(J,)``
     chunk_size : int, optional
-        Weights processed at once; defaults to the active kernels' best length
-        (eager: 2**12 on CPU, 2**18 on CUDA; compiled: 2**16 and 2**20).
+        Weights per chunk for the torch backends (see :mod:`bayes_sws.kernels`);
+        by default the length each runs fastest at.
 
     Returns
     -------
     Tensor of shape ``(B,)``.
     """
-    kernels = _ACTIVE["kernels"]
-    chunk_size = chunk_size or kernels.chunk_size(weights.device)
-    if chunk_size < 1:
+    if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
-    chunk_size = min(chunk_size, max(weights.shape[-1], 1))
     weights = weights.contiguous()
-    needs_grad = torch.is_grad_enabled() and any(
-        t.requires_grad for t in (weights, *mixture)
-    )
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (weights, *mixture))
     if needs_grad:
         return _FusedLogProbSum.apply(weights, *mixture, chunk_size)
-    chunk_values = weights.new_empty(weights.shape[0], -(-weights.shape[1] // chunk_size))
-    for row, row_values in zip(weights, chunk_values):
-        for chunk, slot in zip(row.split(chunk_size), row_values):
-            slot.copy_(kernels.value(chunk, *mixture))
-    return chunk_values.sum(1)
+    row_functions = kernels.backend(weights, mixture.means.numel())
+    return torch.stack([row_functions.value(row, tuple(mixture), chunk_size=chunk_size) for row in weights])
 
 
 class MixturePrior(TorchDistribution):

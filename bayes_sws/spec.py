@@ -33,6 +33,7 @@ from typing import Any
 from .errors import SpecError
 from .data import DATASET_NAMES
 from .inference import OPTIMIZERS, LearningRates
+from .kernels import BACKENDS
 from .nets import ACTIVATIONS, ARCHITECTURES
 from .prior import SoftWeightSharingPrior
 
@@ -104,7 +105,7 @@ class InferenceSpec:
     pretrain_epochs: int = 0
     iterations_per_epoch: int = 20
     em_every: int = 0
-    compile: bool = False
+    kernels: str = "auto"
     learning_rates: LearningRates = field(default_factory=LearningRates)
 
     def __post_init__(self) -> None:
@@ -115,6 +116,8 @@ class InferenceSpec:
         for name in ("epochs", "batch_size", "iterations_per_epoch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.kernels not in BACKENDS:
+            raise ValueError(f"kernels must be one of {', '.join(BACKENDS)}, got {self.kernels!r}")
         for name in ("pretrain_epochs", "em_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be non-negative, got {getattr(self, name)}")

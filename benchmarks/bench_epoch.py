@@ -12,7 +12,7 @@ Three trainers, batch 128, float32, the same network (Linear 784-300-100-10, ReL
                 Trace_ELBO), 17 components, zero component with π0 = 0.999, Gamma
                 hyperpriors (250, 0.1) and (5000, 2) for the zero component
 
-each with the fused prior's eager kernels and with use_compiled_kernels(True).
+each with every prior kernel backend (torch ops, torch.compile, the native C kernel).
 (b) and (c) optimise the same objective (up to (c)'s unconstrained coordinates).
 
 fit_map evaluates the test set once per epoch; that evaluation is timed on its own
@@ -54,7 +54,7 @@ import torch.nn.functional as F  # noqa: E402
 from pyro.infer.autoguide import AutoDelta, init_to_value  # noqa: E402
 from torch import nn  # noqa: E402
 
-from bayes_sws import prior as prior_module  # noqa: E402
+from bayes_sws.kernels import set_backend  # noqa: E402
 from bayes_sws.data import batches, load_fashion_mnist  # noqa: E402
 from bayes_sws.inference import LearningRates, evaluate, fit_map, map_loss  # noqa: E402
 from bayes_sws.model import Categorical, SoftWeightSharingModel  # noqa: E402
@@ -363,8 +363,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--components", "-J", type=int, default=17)
     parser.add_argument("--prior-weight", type=float, default=0.05, help="λ (τ)")
-    parser.add_argument("--kernels", choices=("eager", "compiled", "both"), default="both",
-                        help="fused prior kernels: eager, torch.compile'd, or both in turn")
+    parser.add_argument("--kernels", nargs="+", choices=("torch", "compile", "native"),
+                        default=["torch", "compile", "native"],
+                        help="prior kernel backends to time in turn (bayes_sws.kernels; native: CPU only)")
     parser.add_argument("--trainers", nargs="+", choices=("plain", "torch-sws", "pyro"),
                         default=["plain", "torch-sws", "pyro"])
     parser.add_argument("--no-breakdown", action="store_true", help="skip the per-step breakdown")
@@ -411,12 +412,12 @@ def main(argv: list[str] | None = None) -> int:
           f", after {args.warmup_steps} warm-up steps; (c) minus its per-epoch test evaluation")
     print()
 
-    modes = ["eager", "compiled"] if args.kernels == "both" else [args.kernels]
+    modes = [m for m in args.kernels if not (m == "native" and device.type != "cpu")]
     rows: list[dict] = []
     compile_seconds = None
     for mode in modes:
-        if mode == "compiled":
-            prior_module.use_compiled_kernels(True)
+        set_backend(mode)
+        if mode == "compile":
             # compile for every layer shape, grad and value kernels, and time it
             timer = Timer(device)
             start = timer.now()
@@ -431,8 +432,6 @@ def main(argv: list[str] | None = None) -> int:
             compile_seconds = timer.now() - start
             print(f"compiled kernels: compile time {compile_seconds:.1f} s (all layer shapes, "
                   f"value and grad kernels)")
-        else:
-            prior_module.use_compiled_kernels(False)
         for trainer in args.trainers:
             if trainer == "plain" and mode != modes[0]:
                 continue  # no prior: kernels make no difference
@@ -491,9 +490,7 @@ def main(argv: list[str] | None = None) -> int:
     pieces: dict[str, dict[str, float]] = {}
     if not args.no_breakdown:
         for mode in modes:
-            # a second use_compiled_kernels(True) wraps the same code objects again and
-            # reuses dynamo's cached graphs: no recompilation
-            prior_module.use_compiled_kernels(mode == "compiled")
+            set_backend(mode)  # compiled graphs are cached: no recompilation
             pieces[mode] = breakdown(data, args, device)
         print(f"per-step breakdown on one batch, median of {args.breakdown_reps} (no optimiser "
               f"step unless stated)")

@@ -77,7 +77,7 @@ def random_mixture_params(generator, j=4):
 
 
 @pytest.mark.parametrize("path", list(PATHS))
-def test_autograd_gradients_of_omega_equal_corrected_analytic_formulas(path):
+def test_autograd_gradients_of_omega_equal_corrected_analytic_formulas(path, kernel_backend):
     g = torch.Generator().manual_seed(1)
     n, j = 37, 4
     w = 1.5 * torch.randn(n, generator=g, dtype=F64)
@@ -179,7 +179,7 @@ def assert_close_to_reference(actual, expected, rtol):
     torch.testing.assert_close(actual.to(F64), expected, rtol=rtol, atol=rtol * scale)
 
 
-def test_fused_log_prob_sum_equals_reference_in_float64_at_extreme_parameters():
+def test_fused_log_prob_sum_equals_reference_in_float64_at_extreme_parameters(kernel_backend):
     tensors = extreme_case()
     ref_value, ref_grads = value_and_grads(reference_sum, tensors)
     value, grads = value_and_grads(fused_sum, tensors)
@@ -194,7 +194,7 @@ def test_fused_log_prob_sum_equals_reference_in_float64_at_extreme_parameters():
         assert_close_to_reference(grad, ref_grad, 1e-10)
 
 
-def test_fused_log_prob_sum_in_float32_matches_float64_reference_to_float32_round_off():
+def test_fused_log_prob_sum_in_float32_matches_float64_reference_to_float32_round_off(kernel_backend):
     tensors = extreme_case(torch.float32)
     ref_value, ref_grads = value_and_grads(reference_sum, tensors)
     value, grads = value_and_grads(fused_sum, [t.float() for t in tensors])
@@ -207,7 +207,7 @@ def test_fused_log_prob_sum_in_float32_matches_float64_reference_to_float32_roun
         assert_close_to_reference(grad, ref_grad, 1e-5)
 
 
-def test_chunk_size_smaller_than_n_gives_same_value_and_gradients_as_one_chunk():
+def test_chunk_size_smaller_than_n_gives_same_value_and_gradients_as_one_chunk(kernel_backend):
     g = torch.Generator().manual_seed(5)
     n = 1001  # not a multiple of 64
     w = 2 * torch.randn(n, generator=g, dtype=F64)
@@ -232,7 +232,7 @@ def test_chunk_size_smaller_than_n_gives_same_value_and_gradients_as_one_chunk()
 
 
 @pytest.mark.parametrize("chunk_size", [None, 3])
-def test_batched_rows_give_per_row_sums_and_per_row_gradients(chunk_size):
+def test_batched_rows_give_per_row_sums_and_per_row_gradients(chunk_size, kernel_backend):
     g = torch.Generator().manual_seed(6)
     rows, n = 4, 10
     w = torch.randn(rows, n, generator=g, dtype=F64)
@@ -643,29 +643,3 @@ def test_em_update_keeps_the_dtype_of_float32_weights():
     weights = three_cluster_weights(100).float()
     mixture = prior.em_update(weights, prior.initial_mixture(weights))
     assert all(t.dtype == torch.float32 for t in mixture)
-
-
-def test_compiled_kernels_match_eager_kernels_on_cpu():
-    """use_compiled_kernels(True) changes speed, not results (one dynamic graph for all lengths)."""
-    from bayes_sws.prior import use_compiled_kernels
-
-    generator = torch.Generator().manual_seed(11)
-    weights = torch.randn(2, 70_001, generator=generator) * 0.3
-    logits = torch.randn(5, generator=generator)
-    means = torch.tensor([0.0, -0.5, -0.1, 0.2, 0.6])
-    scales = torch.tensor([0.01, 0.1, 0.05, 0.2, 0.3])
-
-    def value_and_grads():
-        inputs = [t.clone().requires_grad_() for t in (weights, logits, means, scales)]
-        mixture = GaussianMixture(torch.log_softmax(inputs[1], 0), *inputs[2:])
-        value = mixture_log_prob_sum(inputs[0], mixture, chunk_size=30_000)
-        return [value.detach(), *torch.autograd.grad(value.sum(), inputs)]
-
-    eager = value_and_grads()
-    use_compiled_kernels(True)
-    try:
-        compiled = value_and_grads()
-    finally:
-        use_compiled_kernels(False)
-    for expected, actual in zip(eager, compiled):
-        torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4)

@@ -1,0 +1,274 @@
+"""The mixture prior's hot loop: value and analytic gradients over a row of weights.
+
+Three backends compute the same quantities for one row of N weights and a
+J-component mixture: Σ_i log p(w_i), the per-weight gradient −Σ_j γ_ij d_ij/σ_j²,
+and the sums Σ_i γ_ij, Σ_i γ_ij d_ij, Σ_i γ_ij d_ij² (d = w − μ) from which
+:mod:`bayes_sws.prior` forms the gradients of μ, σ and log π (MATH.md §1).
+
+* ``"torch"``: chunks of weights through torch ops (CPU or CUDA), O(chunk·J)
+  temporaries per chunk;
+* ``"compile"``: the same chunk function through ``torch.compile`` (dynamic
+  shapes, one graph for every layer), CPU or CUDA;
+* ``"native"``: a small C kernel (``sws_kernel.c``) built with the system's C
+  compiler on first use and cached, CPU only, one pass with an L1-resident block
+  table, split over ``torch.get_num_threads()`` threads.
+
+``"auto"`` (the default) takes ``"native"`` for CPU tensors where it builds and
+``"torch"`` elsewhere. Select with :func:`set_backend`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import math
+import os
+import subprocess
+import tempfile
+import warnings
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+
+__all__ = ["BACKENDS", "backend", "native_available", "set_backend", "use_compiled_kernels"]
+
+BACKENDS = ("auto", "torch", "compile", "native")
+HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
+# exp() of anything below this is a subnormal float32; clamping keeps the kernel at
+# full speed when precisions grow large, and changes sums by < 1e-33.
+_MIN_LOG_RATIO = -80.0
+_SOURCE = Path(__file__).with_name("sws_kernel.c")
+_MAX_NATIVE_COMPONENTS = 64
+_MIN_WEIGHTS_PER_THREAD = 1 << 14
+
+
+# --------------------------------------------------------------------------- torch
+
+
+def _chunk_log_components(weights, log_weights, means, scales):
+    """log π_j N(w_i|μ_j,σ_j²) laid out ``(J, C)`` (contiguous along weights), with d = w − μ and 1/σ²."""
+    precisions = scales.pow(-2).unsqueeze(1)
+    log_norm = (log_weights - scales.log() - HALF_LOG_2PI).unsqueeze(1)
+    diff = weights.unsqueeze(0) - means.unsqueeze(1)
+    return log_norm - 0.5 * diff * diff * precisions, diff, precisions
+
+
+def _chunk_value(weights, log_weights, means, scales):
+    """Σ_i log p(w_i) over one chunk; ``weights`` (C,), parameters (J,)."""
+    log_comp, _, _ = _chunk_log_components(weights, log_weights, means, scales)
+    return torch.logsumexp(log_comp, dim=0).sum()
+
+
+def _chunk_value_and_grads(weights, log_weights, means, scales):
+    """One chunk's log-density sum with its analytic gradients.
+
+    Returns ``(grad_weights (C,), summary (1 + 3J,))``: the summary packs the
+    chunk's Σ log p(w_i), then Σγ, Σγ·d and Σγ·d² (each (J,)), with d = w − μ.
+    """
+    log_comp, diff, precisions = _chunk_log_components(weights, log_weights, means, scales)
+    top = log_comp.amax(dim=0)
+    unnormalised = torch.exp((log_comp - top).clamp_min(_MIN_LOG_RATIO))
+    total = unnormalised.sum(dim=0)
+    value = (top + total.log()).sum()
+    gamma = unnormalised / total
+    gamma_diff = gamma * diff
+    grad_weights = -(gamma_diff * precisions).sum(dim=0)
+    summary = torch.cat([value.reshape(1), gamma.sum(dim=1), gamma_diff.sum(dim=1), (gamma_diff * diff).sum(dim=1)])
+    return grad_weights, summary
+
+
+class _ChunkedTorch(NamedTuple):
+    """Row functions built from chunk kernels, at the chunk lengths they run fastest at."""
+
+    value_kernel: Callable
+    grad_kernel: Callable
+    cpu_chunk: int
+    cuda_chunk: int
+
+    def _chunk_size(self, weights: torch.Tensor, chunk_size: int | None) -> int:
+        default = self.cuda_chunk if weights.is_cuda else self.cpu_chunk
+        return max(1, min(chunk_size or default, weights.numel()))
+
+    def value_and_grads(self, weights, mixture, grad_out, *, chunk_size=None) -> torch.Tensor:
+        size = self._chunk_size(weights, chunk_size)
+        # Chunk results are copied into buffers allocated up front: keeping per-chunk
+        # tensors alive between the chunks' large temporaries fragments the heap.
+        summaries = weights.new_empty(-(-weights.numel() // size), 1 + 3 * mixture[0].numel())
+        for chunk, chunk_grad, chunk_summary in zip(weights.split(size), grad_out.split(size), summaries):
+            grad, summary = self.grad_kernel(chunk, *mixture)
+            chunk_grad.copy_(grad)
+            chunk_summary.copy_(summary)
+        return summaries.sum(0)
+
+    def value(self, weights, mixture, *, chunk_size=None) -> torch.Tensor:
+        size = self._chunk_size(weights, chunk_size)
+        values = weights.new_empty(-(-weights.numel() // size))
+        for chunk, slot in zip(weights.split(size), values):
+            slot.copy_(self.value_kernel(chunk, *mixture))
+        return values.sum()
+
+
+# Eager kernels materialise a few (J, C) temporaries per chunk: small chunks keep them
+# in cache on CPU. Compiled kernels fuse them away and pay a per-call overhead.
+_TORCH = _ChunkedTorch(_chunk_value, _chunk_value_and_grads, cpu_chunk=1 << 12, cuda_chunk=1 << 18)
+
+
+@functools.cache
+def _compiled() -> _ChunkedTorch:
+    return _ChunkedTorch(
+        torch.compile(_chunk_value, dynamic=True),
+        torch.compile(_chunk_value_and_grads, dynamic=True),
+        cpu_chunk=1 << 16,
+        cuda_chunk=1 << 20,
+    )
+
+
+# --------------------------------------------------------------------------- native
+
+
+def _cpu_signature() -> str:
+    """Distinguishes machines whose CPUs differ (the kernel is built with -march=native)."""
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        flags = os.uname().machine
+    return hashlib.sha256(flags.encode()).hexdigest()[:12]
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("BAYES_SWS_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "bayes_sws"
+    )
+    return Path(root)
+
+
+class _Native:
+    """The C kernel through ctypes (which releases the GIL, so threads run in parallel)."""
+
+    def __init__(self, library: ctypes.CDLL) -> None:
+        pointer, size = ctypes.c_void_p, ctypes.c_long
+        self._functions = {}
+        for dtype, name in ((torch.float32, "sws_mixture_f32"), (torch.float64, "sws_mixture_f64")):
+            function = getattr(library, name)
+            function.argtypes = [pointer, size, pointer, pointer, pointer, ctypes.c_int, pointer, pointer]
+            function.restype = ctypes.c_int
+            self._functions[dtype] = function
+        self._pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="bayes-sws")
+
+    def supports(self, weights: torch.Tensor, components: int) -> bool:
+        return (weights.device.type == "cpu" and weights.dtype in self._functions
+                and components <= _MAX_NATIVE_COMPONENTS)
+
+    def _run(self, weights, mixture, grad_out) -> torch.Tensor:
+        log_weights, means, scales = mixture
+        components = log_weights.numel()
+        parameters = [
+            t.detach().contiguous()
+            for t in (log_weights - scales.log() - HALF_LOG_2PI, means, scales.pow(-2))
+        ]
+        n = weights.numel()
+        threads = max(1, min(torch.get_num_threads(), n // _MIN_WEIGHTS_PER_THREAD))
+        bounds = [n * k // threads for k in range(threads + 1)]
+        summaries = torch.empty(threads, 1 + 3 * components, dtype=torch.float64)
+        function, item = self._functions[weights.dtype], weights.element_size()
+
+        def part(k: int) -> int:
+            start, stop = bounds[k], bounds[k + 1]
+            grad_pointer = grad_out.data_ptr() + item * start if grad_out is not None else None
+            return function(weights.data_ptr() + item * start, stop - start,
+                            *(p.data_ptr() for p in parameters), components,
+                            grad_pointer, summaries[k].data_ptr())
+
+        statuses = [part(0)] if threads == 1 else list(self._pool.map(part, range(threads)))
+        if any(statuses):
+            raise RuntimeError("the native mixture kernel rejected its arguments")
+        return summaries.sum(0).to(weights.dtype)
+
+    def value_and_grads(self, weights, mixture, grad_out, *, chunk_size=None) -> torch.Tensor:
+        return self._run(weights.detach(), mixture, grad_out)
+
+    def value(self, weights, mixture, *, chunk_size=None) -> torch.Tensor:
+        return self._run(weights.detach(), mixture, None)[0]
+
+
+def _build_native() -> _Native:
+    source = _SOURCE.read_bytes()
+    flags = ["-O3", "-march=native", "-ffast-math", "-fPIC", "-shared"]
+    key = hashlib.sha256(source + " ".join(flags).encode()).hexdigest()[:16]
+    library = _cache_dir() / f"sws_kernel-{key}-{_cpu_signature()}.so"
+    if not library.exists():
+        library.parent.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(dir=library.parent, suffix=".so")
+        os.close(handle)
+        compiler = os.environ.get("CC", "cc")
+        try:
+            subprocess.run([compiler, *flags, "-o", temporary, str(_SOURCE), "-lm"],
+                           check=True, capture_output=True, timeout=120)
+            os.replace(temporary, library)
+        finally:
+            if os.path.exists(temporary):
+                os.remove(temporary)
+    return _Native(ctypes.CDLL(str(library)))
+
+
+@functools.cache
+def _native() -> _Native | None:
+    """The native kernel, or ``None`` (with one warning) where it cannot be built here."""
+    if os.environ.get("BAYES_SWS_NATIVE", "1") == "0":
+        return None
+    try:
+        return _build_native()
+    except (OSError, subprocess.SubprocessError) as error:
+        detail = getattr(error, "stderr", b"") or b""
+        warnings.warn(f"bayes_sws: native prior kernel unavailable ({error} {detail.decode()[:200]}); "
+                      "using torch kernels", RuntimeWarning, stacklevel=2)
+        return None
+
+
+def native_available() -> bool:
+    """Whether the C kernel builds and loads on this machine."""
+    return _native() is not None
+
+
+# --------------------------------------------------------------------------- selection
+
+_SELECTED = {"backend": "auto"}
+
+
+def set_backend(name: str) -> None:
+    """Choose how the prior is computed: ``"auto"``, ``"torch"``, ``"compile"`` or ``"native"``.
+
+    All give the same values and gradients to round-off. ``"native"`` falls back to
+    ``"torch"`` for CUDA tensors and raises if the kernel cannot be built here.
+
+    Examples
+    --------
+    >>> set_backend("compile")   # torch.compile the chunk kernel (CPU or CUDA)
+    >>> set_backend("auto")      # native C on CPU where it builds, torch elsewhere
+    """
+    if name not in BACKENDS:
+        raise ValueError(f"unknown kernel backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    if name == "native" and not native_available():
+        raise RuntimeError("the native prior kernel cannot be built here (is a C compiler installed?)")
+    _SELECTED["backend"] = name
+
+
+def use_compiled_kernels(enabled: bool = True) -> None:
+    """Shorthand for ``set_backend("compile" if enabled else "auto")``."""
+    set_backend("compile" if enabled else "auto")
+
+
+def backend(weights: torch.Tensor, components: int):
+    """The row functions that will compute the prior for these weights."""
+    name = _SELECTED["backend"]
+    if name == "compile":
+        return _compiled()
+    if name in ("auto", "native"):
+        native = _native()
+        if native is not None and native.supports(weights, components):
+            return native
+    return _TORCH

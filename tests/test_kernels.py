@@ -1,0 +1,90 @@
+"""The kernel backends of bayes_sws.kernels: building the native kernel, threads, fallbacks."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from bayes_sws import kernels
+from bayes_sws.prior import GaussianMixture, mixture_log_density, mixture_log_prob_sum
+
+PROBE = """
+import warnings, torch
+from bayes_sws import kernels
+from bayes_sws.prior import GaussianMixture, mixture_log_prob_sum
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    available = kernels.native_available()
+mixture = GaussianMixture(torch.tensor([-0.7, -0.7]), torch.tensor([0.0, 1.0]), torch.tensor([0.5, 0.5]))
+value = float(mixture_log_prob_sum(torch.zeros(1, 10), mixture)[0])
+print(available, len(caught), round(value, 6))
+"""
+
+
+def _probe(tmp_path, **environment) -> list[str]:
+    env = {**os.environ, "BAYES_SWS_CACHE": str(tmp_path / "cache"), **environment}
+    completed = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True,
+                               timeout=300, check=True)
+    return completed.stdout.split()
+
+
+def test_native_kernel_is_built_once_into_the_cache(tmp_path) -> None:
+    if not kernels.native_available():
+        pytest.skip("no C compiler here")
+    available, warned, value = _probe(tmp_path)
+    assert available == "True" and warned == "0"
+    built = list((tmp_path / "cache").glob("sws_kernel-*.so"))
+    assert len(built) == 1
+    modified = built[0].stat().st_mtime_ns
+    assert _probe(tmp_path)[2] == value  # the second process loads the cached library
+    assert built[0].stat().st_mtime_ns == modified
+
+
+def test_without_a_compiler_the_prior_falls_back_to_torch_with_one_warning(tmp_path) -> None:
+    available, warned, value = _probe(tmp_path, CC="/nonexistent/cc")
+    assert available == "False" and warned == "1"
+    # log p(0) = log(0.5 N(0|0,0.25) + 0.5 N(0|1,0.25)) for ten weights, by hand:
+    expected = 10 * torch.logsumexp(torch.tensor([-0.7, -0.7]) + torch.distributions.Normal(
+        torch.tensor([0.0, 1.0]), 0.5).log_prob(torch.tensor(0.0)), 0)
+    assert float(value) == pytest.approx(float(expected), rel=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_native_kernel_gives_the_same_result_on_one_thread_and_on_several(dtype) -> None:
+    if not kernels.native_available():
+        pytest.skip("no C compiler here")
+    generator = torch.Generator().manual_seed(3)
+    weights = (torch.randn(1, 100_003, generator=generator) * 0.3).to(dtype)
+    mixture = GaussianMixture(torch.log_softmax(torch.randn(7, generator=generator), 0).to(dtype),
+                              torch.linspace(-0.5, 0.5, 7, dtype=dtype), torch.full((7,), 0.1, dtype=dtype))
+    threads = torch.get_num_threads()
+    kernels.set_backend("native")
+    try:
+        results = []
+        for count in (1, 4):
+            torch.set_num_threads(count)
+            leaves = [weights.clone().requires_grad_(), *(t.clone().requires_grad_() for t in mixture)]
+            value = mixture_log_prob_sum(leaves[0], GaussianMixture(*leaves[1:]))
+            results.append([value.detach(), *torch.autograd.grad(value.sum(), leaves)])
+    finally:
+        torch.set_num_threads(threads)
+        kernels.set_backend("auto")
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-12
+    for single, several in zip(*results):
+        torch.testing.assert_close(several, single, rtol=tolerance, atol=tolerance)
+    reference = mixture_log_density(weights.double(), GaussianMixture(*(t.double() for t in mixture))).sum()
+    assert float(results[0][0]) == pytest.approx(float(reference), rel=tolerance)
+
+
+def test_tensors_the_native_kernel_cannot_take_go_to_the_torch_kernels() -> None:
+    assert kernels.backend(torch.zeros(3, dtype=torch.float16), 4) is kernels._TORCH
+    assert kernels.backend(torch.zeros(3), kernels._MAX_NATIVE_COMPONENTS + 1) is kernels._TORCH
+
+
+def test_unknown_backend_is_a_value_error() -> None:
+    with pytest.raises(ValueError, match="unknown kernel backend"):
+        kernels.set_backend("fortran")
