@@ -10,7 +10,7 @@ E(w) + λΩ(w) plus the hyperprior terms.
 """
 
 from .data import Dataset, load_dataset
-from .errors import BayesSWSError, DataError, SpecError
+from .errors import BayesSWSError, DataError, FitError, SpecError
 from .kernels import set_backend, use_compiled_kernels
 from .experiment import FittedModel, build_model, load_checkpoint, run
 from .inference import LearningRates, MAPResult, evaluate, fit_map
@@ -34,6 +34,7 @@ __all__ = [
     "Categorical",
     "DataError",
     "Dataset",
+    "FitError",
     "FittedModel",
     "Gaussian",
     "GaussianMixture",

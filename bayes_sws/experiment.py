@@ -179,11 +179,12 @@ def run(
     dict, the content of ``metrics.json``.
     """
     torch_device = resolve_device(device)
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise BayesSWSError(f"output path {out} exists and is not a directory")
+    set_backend(spec.inference.kernels)
     data = load_dataset(spec.data.dataset, path=spec.data.path, seed=spec.seed).to(torch_device)
     model = build_model(spec, **_data_shape(data), device=torch_device)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    set_backend(spec.inference.kernels)
     settings = spec.inference
     common = dict(batch_size=settings.batch_size, optimizer=settings.optimizer,
                   learning_rates=settings.learning_rates,
@@ -222,6 +223,10 @@ def run(
         "history": result.history,
         "spec": spec.to_dict(),
     }
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise BayesSWSError(f"cannot create output directory {out}: {error.strerror}") from None
     _write_atomically(out / "metrics.json", lambda p: Path(p).write_text(json.dumps(metrics, indent=2)))
     checkpoint = {
         "format": CHECKPOINT_FORMAT,
@@ -248,10 +253,13 @@ def load_checkpoint(path: str | os.PathLike[str], *, device: str = "cpu") -> Fit
 
     Rebuilds the network from the saved specification (no data is loaded:
     only its shape is needed, and it is saved too) and loads the fitted values.
+    The pass-through parameters also go into Pyro's param store, where the
+    model's ``pyro.param`` sites read them (as after :func:`run`).
     """
     path = Path(path)
+    torch_device = resolve_device(device)
     try:
-        checkpoint = torch.load(path, map_location=resolve_device(device), weights_only=False)
+        checkpoint = torch.load(path, map_location=torch_device, weights_only=False)
     except FileNotFoundError:
         raise BayesSWSError(f"checkpoint {path} not found") from None
     except Exception as error:  # torch raises many types for a damaged file
@@ -262,6 +270,9 @@ def load_checkpoint(path: str | os.PathLike[str], *, device: str = "cpu") -> Fit
     values = checkpoint["values"]
     shape = checkpoint["data"]
     model = build_model(spec, input_shape=tuple(shape["input_shape"]), task=shape["task"],
-                        n_outputs=shape["n_outputs"], device=device)
+                        n_outputs=shape["n_outputs"], device=torch_device)
     model.load_values({**values, **checkpoint["parameters"]})
+    store = pyro.get_param_store()
+    for name, value in checkpoint["parameters"].items():
+        store[f"network.{name}"] = value
     return FittedModel(spec=spec, model=model, values=values, metrics=checkpoint["metrics"])

@@ -27,6 +27,7 @@ from torch.distributions import transform_to
 from tqdm.auto import tqdm
 
 from .data import Dataset, batches
+from .errors import FitError
 from .model import SoftWeightSharingModel
 
 __all__ = [
@@ -167,7 +168,7 @@ class NonlinearCG(torch.optim.Optimizer):
             if sufficient and (best is None or new_loss < best[1]):
                 best = (step, new_loss, grad)
             if sufficient and abs(new_slope) <= group["curvature"] * abs(slope):
-                return best
+                return step, new_loss, grad
             if not sufficient:
                 curvature = new_loss - loss - slope * step if math.isfinite(new_loss) else math.inf
                 quadratic = -slope * step * step / (2.0 * curvature) if curvature > 0 else 0.5 * step
@@ -211,7 +212,7 @@ class NonlinearCG(torch.optim.Optimizer):
             step_length, loss, new_grad = found
             previous_grad, grad, previous_slope = grad, new_grad, slope
         state.update(direction=direction, grad=previous_grad, step=step_length, slope=previous_slope)
-        return torch.tensor(loss)
+        return torch.tensor(loss, dtype=torch.float64)
 
 
 def evaluate(
@@ -344,8 +345,9 @@ def fit_map(
     em_every : int, optional
         Run an EM update of the mixtures every this many optimiser steps.
     init_values : dict, optional
-        Starting site values; defaults to ``model.initial_values()`` (the network's
-        current weights and the configured initial mixture).
+        Starting values of some or all sites; the others start at
+        ``model.initial_values()`` (the network's current weights and the configured
+        initial mixture).
     seed : int
         Seeds Pyro and torch; a fit is reproducible on the same machine.
     progress : bool
@@ -356,6 +358,11 @@ def fit_map(
     Returns
     -------
     MAPResult
+
+    Raises
+    ------
+    FitError
+        If the loss becomes non-finite.
     """
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
@@ -364,7 +371,7 @@ def fit_map(
     pyro.set_rng_seed(seed)
     pyro.clear_param_store()
     x, y, n = data.train_x, data.train_y, data.train_x.shape[0]
-    guide = AutoDelta(model, init_loc_fn=init_to_value(values=init_values or model.initial_values()))
+    guide = AutoDelta(model, init_loc_fn=init_to_value(values={**model.initial_values(), **(init_values or {})}))
     full_batch = optimizer != "adam"
 
     def loss_on(xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
@@ -395,10 +402,16 @@ def fit_map(
                     return loss
 
                 if full_batch:
-                    loss = torch_optimizer.step(closure)
+                    torch_optimizer.step(closure)
+                    with torch.no_grad():  # L-BFGS returns the loss before its iterations
+                        loss = loss_on(xb, yb)
                 else:
                     loss = closure()
                     torch_optimizer.step()
+                if not math.isfinite(loss.item()):
+                    bar.close()
+                    raise FitError(f"the loss became {loss.item()} at epoch {epoch}, step {step + 1}: "
+                                   "lower the learning rates or the prior weight")
                 total += loss.item()
                 step += 1
                 if em_every and step % em_every == 0:

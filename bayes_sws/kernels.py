@@ -34,6 +34,8 @@ from typing import NamedTuple
 
 import torch
 
+from .errors import BayesSWSError
+
 __all__ = ["BACKENDS", "backend", "native_available", "set_backend", "use_compiled_kernels"]
 
 BACKENDS = ("auto", "torch", "compile", "native")
@@ -43,7 +45,7 @@ HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
 _MIN_LOG_RATIO = -80.0
 _SOURCE = Path(__file__).with_name("sws_kernel.c")
 _MAX_NATIVE_COMPONENTS = 64
-_MIN_WEIGHTS_PER_THREAD = 1 << 14
+_MIN_WEIGHTS_PER_THREAD = 1 << 13
 
 
 # --------------------------------------------------------------------------- torch
@@ -167,7 +169,7 @@ class _Native:
         log_weights, means, scales = mixture
         components = log_weights.numel()
         parameters = [
-            t.detach().contiguous()
+            t.detach().to(weights.device, weights.dtype).contiguous()
             for t in (log_weights - scales.log() - HALF_LOG_2PI, means, scales.pow(-2))
         ]
         n = weights.numel()
@@ -243,7 +245,8 @@ def set_backend(name: str) -> None:
     """Choose how the prior is computed: ``"auto"``, ``"torch"``, ``"compile"`` or ``"native"``.
 
     All give the same values and gradients to round-off. ``"native"`` falls back to
-    ``"torch"`` for CUDA tensors and raises if the kernel cannot be built here.
+    ``"torch"`` for CUDA tensors and raises :class:`~bayes_sws.errors.BayesSWSError`
+    if the kernel cannot be built here.
 
     Examples
     --------
@@ -253,7 +256,8 @@ def set_backend(name: str) -> None:
     if name not in BACKENDS:
         raise ValueError(f"unknown kernel backend {name!r}; choose one of {', '.join(BACKENDS)}")
     if name == "native" and not native_available():
-        raise RuntimeError("the native prior kernel cannot be built here (is a C compiler installed?)")
+        raise BayesSWSError("kernels 'native' requested but the C kernel cannot be built here "
+                            "(is a C compiler installed?); use 'auto' or 'torch'")
     _SELECTED["backend"] = name
 
 

@@ -14,6 +14,7 @@ E(w) + λΩ(w) − log p(π, μ, 1/σ²).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import pyro
@@ -151,8 +152,8 @@ class SoftWeightSharingModel:
         include_biases: bool = False,
         shared: bool = True,
     ) -> None:
-        if not prior_weight >= 0:
-            raise ValueError(f"prior_weight (λ) must be non-negative, got {prior_weight}")
+        if not 0 <= prior_weight < math.inf:
+            raise ValueError(f"prior_weight (λ) must be non-negative and finite, got {prior_weight}")
         self.network = network
         self.prior = prior
         self.likelihood = likelihood

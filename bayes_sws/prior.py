@@ -198,7 +198,13 @@ def mixture_log_prob_sum(
     """
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
-    weights = weights.contiguous()
+    # One dtype for weights and mixture (as torch's own promotion would give), so every
+    # backend reads its inputs as the type they are and returns gradients of that type.
+    dtype = weights.dtype
+    for t in mixture:
+        dtype = torch.promote_types(dtype, t.dtype)
+    weights = weights.to(dtype).contiguous()
+    mixture = GaussianMixture(*(t.to(dtype) for t in mixture))
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (weights, *mixture))
     if needs_grad:
         return _FusedLogProbSum.apply(weights, *mixture, chunk_size)
@@ -329,8 +335,8 @@ class Hyperpriors:
             "zero_weight_beta": self.zero_weight_beta,
         }
         for name, value in positive.items():
-            if value is not None and not all(v > 0 for v in _as_tuple(value)):
-                raise ValueError(f"hyperprior {name} must be positive, got {value}")
+            if value is not None and not all(0 < v < math.inf for v in _as_tuple(value)):
+                raise ValueError(f"hyperprior {name} must be positive and finite, got {value}")
         if self.zero_precision_gamma is not None and self.precision_gamma is None:
             raise ValueError("hyperprior zero_precision_gamma needs precision_gamma too")
 
@@ -381,12 +387,14 @@ class SoftWeightSharingPrior:
     def __post_init__(self) -> None:
         if self.n_components < 1:
             raise ValueError(f"n_components must be at least 1, got {self.n_components}")
-        if not self.init_scale > 0:
+        if not 0 < self.init_scale < math.inf:
             raise ValueError(f"init_scale (σ) must be positive, got {self.init_scale}")
         if self.pi_zero is not None:
             if not self.zero_component:
                 raise ValueError("pi_zero is set but zero_component is false")
-            if not 0 < self.pi_zero < 1 or (self.n_components == 1 and self.pi_zero != 1):
+            if self.n_components == 1:
+                raise ValueError("pi_zero needs at least two components (with one, the zero component has all the weight)")
+            if not 0 < self.pi_zero < 1:
                 raise ValueError(f"pi_zero must lie in (0, 1), got {self.pi_zero}")
         if self.init_means is not None and not self.init_means[0] < self.init_means[1]:
             raise ValueError(f"init_means must be an increasing pair, got {self.init_means}")
@@ -591,7 +599,8 @@ class SoftWeightSharingPrior:
         hyper = self.hyperpriors
         has_zero_split = self.zero_component and self.n_components > 1
         free = counts[1:] if has_zero_split else counts
-        pseudo = 0.0 if hyper.dirichlet is None else hyper.dirichlet - 1.0
+        # The Dirichlet is on the ``pi`` site, which exists only with two or more free components.
+        pseudo = hyper.dirichlet - 1.0 if hyper.dirichlet is not None and self.n_free_weights > 1 else 0.0
         free = (free + pseudo).clamp_min(0)
         if free.sum() <= 0:
             return log_weights
@@ -599,7 +608,7 @@ class SoftWeightSharingPrior:
         if not has_zero_split:
             return free.log()
         if self.pi_zero is not None:
-            pi_zero = torch.tensor(self.pi_zero, dtype=counts.dtype)
+            pi_zero = counts.new_tensor(self.pi_zero)
         else:
             a, b = hyper.zero_weight_beta or (1.0, 1.0)
             pi_zero = ((counts[0] + a - 1) / (counts.sum() + a + b - 2)).clamp(1e-12, 1 - 1e-12)

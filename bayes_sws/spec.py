@@ -22,6 +22,7 @@ Example (``models/digits.toml``)::
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import tomllib
 import types
@@ -90,7 +91,7 @@ class PriorSpec:
     mixture: SoftWeightSharingPrior = field(default_factory=SoftWeightSharingPrior, metadata=_INLINE)
 
     def __post_init__(self) -> None:
-        if not self.weight >= 0:
+        if not self.weight >= 0:  # finiteness is checked when the value is read
             raise ValueError(f"weight (λ) must be non-negative, got {self.weight}")
 
 
@@ -135,6 +136,10 @@ class Spec:
     prior: PriorSpec = field(default_factory=PriorSpec)
     inference: InferenceSpec = field(default_factory=InferenceSpec)
 
+    def __post_init__(self) -> None:
+        if not 0 <= self.seed < 2**32:
+            raise ValueError(f"seed must lie in [0, 2**32), got {self.seed}")
+
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (the inline mixture flattened into ``prior``), as in the TOML file."""
         return _to_table(self)
@@ -169,7 +174,9 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
         if args[-1] is not Ellipsis and len(value) != len(args):
             raise SpecError(f"{key}: expected a list of {len(args)} numbers, got {value!r}")
         return tuple(_coerce(v, args[0], key) for v in value)
-    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+    if annotation is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not math.isfinite(value):
+            raise SpecError(f"{key}: expected a finite number, got {value!r}")
         return float(value)
     if annotation is bool and not isinstance(value, bool):
         raise SpecError(f"{key}: expected true or false, got {value!r}")

@@ -142,6 +142,11 @@ BAD_INPUTS = {
     "missing dataset path": (["data.dataset=idx", "data.path=/nonexistent/mnist"], "/nonexistent/mnist"),
     "wrong type": (["inference.epochs=many"], "inference.epochs"),
     "unknown optimizer": (["inference.optimizer=sgd"], "optimizer"),
+    "seed out of range": (["seed=-1"], "seed"),
+    "infinite prior weight": (["prior.weight=inf"], "prior.weight"),
+    "infinite initial sigma": (["prior.init_scale=inf"], "prior.init_scale"),
+    "unknown kernel backend": (["inference.kernels=fortran"], "kernels"),
+    "diverging fit": (["inference.learning_rates.weights=1e30", "inference.epochs=3"], "loss became"),
 }
 
 
@@ -189,3 +194,24 @@ def test_console_script_is_installed_and_reports_bad_input_without_traceback(tmp
                                capture_output=True, text=True, timeout=120)
     assert completed.returncode == 2
     assert completed.stderr.count("\n") == 1 and "Traceback" not in completed.stderr
+
+
+def test_output_path_that_is_a_file_is_a_one_line_error(tmp_path: Path, capsys) -> None:
+    occupied = tmp_path / "occupied"
+    occupied.write_text("not a directory")
+    assert main(["fit", DIGITS, "--out", str(occupied), "--quiet"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "not a directory" in lines[0]
+    assert occupied.read_text() == "not a directory"
+
+
+def test_loaded_checkpoint_evaluates_with_its_own_pass_through_parameters(default_run: Path) -> None:
+    """Pyro-side evaluation reads biases from the param store: loading must put them there."""
+    import pyro
+
+    for name in ("1.bias", "3.bias"):  # stale values, as an earlier fit could leave
+        pyro.get_param_store()[f"network.{name}"] = torch.zeros(64 if name == "1.bias" else 10)
+    fitted = sws.load_checkpoint(default_run / "checkpoint.pt")
+    data = sws.load_dataset("digits", seed=fitted.spec.seed)
+    scores = sws.evaluate(fitted.model, fitted.values, data.test_x, data.test_y)
+    assert scores["accuracy"] == pytest.approx(fitted.metrics["test_accuracy"], abs=1e-12)

@@ -280,3 +280,43 @@ def test_short_map_run_with_fused_prior_ends_at_the_same_loss_as_with_the_refere
     assert fused_loss == pytest.approx(reference_loss, rel=1e-9)
     for name, value in reference_values.items():
         torch.testing.assert_close(fused_values[name], value, rtol=1e-7, atol=1e-9)
+
+
+def test_nonlinear_cg_reports_the_loss_at_the_point_it_leaves_the_parameters():
+    """A line search may pass a lower point before meeting the Wolfe conditions elsewhere."""
+    def objective(x):
+        return -10 * torch.exp(-(x - 0.7) ** 2 / (2 * 0.15 ** 2)) + 0.1 * (x - 5) ** 2 - 2.5
+
+    x = torch.zeros(1, dtype=F64, requires_grad=True)
+    optimizer = NonlinearCG([x], lr=0.5, max_iter=1)
+
+    def closure():
+        optimizer.zero_grad()
+        loss = objective(x).sum()
+        loss.backward()
+        return loss
+
+    reported = optimizer.step(closure)
+    assert float(reported) == pytest.approx(float(objective(x.detach())), rel=1e-12)
+
+
+@pytest.mark.parametrize("optimizer", ["lbfgs", "cg"])
+def test_full_batch_history_loss_is_the_objective_at_the_returned_point(optimizer):
+    data = toy_dataset()
+    model = toy_model()
+    result = fit_map(model, data, epochs=2, optimizer=optimizer, iterations_per_epoch=5, progress=False,
+                     learning_rates=FAST_RATES)
+    n = data.train_x.shape[0]
+    objective = joint_loss(model, result.values, data.train_x, data.train_y)
+    assert result.history[-1]["loss"] * n == pytest.approx(objective, rel=1e-6)
+
+
+def test_partial_init_values_start_the_other_sites_at_the_model_defaults():
+    model = toy_model()
+    start = {"0.weight": torch.full((8, 4), 0.3)}
+    result = fit_map(model, toy_dataset(), epochs=1, batch_size=60, progress=False,
+                     learning_rates=LearningRates(weights=1e-9, means=1e-9, precisions=1e-9, pi=1e-9))
+    started = fit_map(model, toy_dataset(), epochs=1, batch_size=60, progress=False, init_values=start,
+                      learning_rates=LearningRates(weights=1e-9, means=1e-9, precisions=1e-9, pi=1e-9))
+    torch.testing.assert_close(started.values["0.weight"], start["0.weight"], rtol=0, atol=1e-6)
+    torch.testing.assert_close(started.values["2.weight"], result.values["2.weight"], rtol=0, atol=1e-6)

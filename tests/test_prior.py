@@ -643,3 +643,31 @@ def test_em_update_keeps_the_dtype_of_float32_weights():
     weights = three_cluster_weights(100).float()
     mixture = prior.em_update(weights, prior.initial_mixture(weights))
     assert all(t.dtype == torch.float32 for t in mixture)
+
+
+def test_em_updates_pi_zero_when_one_free_component_shares_the_mixture():
+    """With a zero component and one other, π0 is the only mixing parameter (no Dirichlet site)."""
+    prior = SoftWeightSharingPrior(n_components=2, hyperpriors=Hyperpriors(dirichlet=0.5))
+    g = torch.Generator().manual_seed(9)
+    weights = torch.cat([0.01 * torch.randn(900, generator=g, dtype=F64),
+                         0.5 + 0.01 * torch.randn(100, generator=g, dtype=F64)])
+    start = GaussianMixture(torch.tensor([0.5, 0.5], dtype=F64).log(), torch.tensor([0.0, 0.5], dtype=F64),
+                            torch.tensor([0.05, 0.05], dtype=F64))
+    updated = prior.em_update(weights, start)
+    expected_pi_zero = responsibilities(weights, start)[:, 0].sum() / weights.numel()  # flat Beta
+    assert float(updated.weights[0]) == pytest.approx(float(expected_pi_zero), rel=1e-10)
+
+
+@pytest.mark.parametrize("weights_dtype, mixture_dtype", [(torch.float32, F64), (F64, torch.float32)])
+def test_mixed_weight_and_mixture_dtypes_are_promoted_like_torch(weights_dtype, mixture_dtype, kernel_backend):
+    g = torch.Generator().manual_seed(10)
+    w = (torch.randn(1, 5000, generator=g, dtype=F64) * 0.3).to(weights_dtype)
+    eta, mu, sigma = random_mixture_params(g, 5)
+    mixture = GaussianMixture(torch.log_softmax(eta, 0), mu, sigma)
+    narrow = GaussianMixture(*(t.to(mixture_dtype) for t in mixture))
+    leaves = [w.clone().requires_grad_(), *(t.clone().requires_grad_() for t in narrow)]
+    value = mixture_log_prob_sum(leaves[0], GaussianMixture(*leaves[1:]))
+    grads = torch.autograd.grad(value.sum(), leaves)
+    assert value.dtype == F64 and all(g_.dtype == leaf.dtype for g_, leaf in zip(grads, leaves))
+    reference = mixture_log_density(w.double(), GaussianMixture(*(t.double() for t in narrow))).sum()
+    assert float(value.detach()) == pytest.approx(float(reference), rel=1e-6)
