@@ -150,10 +150,6 @@ def _test_metrics(model: SoftWeightSharingModel, values: dict, data: Dataset) ->
     return metrics
 
 
-def _all_weights(model: SoftWeightSharingModel, values: dict, group: str) -> torch.Tensor:
-    return torch.cat([values[name].reshape(-1) for name in model.groups[group]])
-
-
 def run(
     spec: Spec,
     *,
@@ -241,7 +237,7 @@ def run(
     _write_atomically(out / "checkpoint.pt", lambda p: torch.save(checkpoint, p))
     group = next(iter(model.groups))
     _write_atomically(out / "weights.png", lambda p: plots.plot_weights(
-        _all_weights(model, result.values, group), mixtures[group], p,
+        model.group_weights(result.values, group), mixtures[group], p,
         title=f"{spec.name}: weights and learned mixture"))
     _write_atomically(out / "history.png", lambda p: plots.plot_history(
         result.history, p, metric=metric, group=group))

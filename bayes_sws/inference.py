@@ -299,8 +299,8 @@ def _em_step(model: SoftWeightSharingModel, guide: AutoDelta) -> None:
     values = guide.median()
     updated = {}
     for group, mixture in model.mixtures(values).items():
-        weights = torch.cat([values[name].reshape(-1) for name in model.groups[group]])
-        new = model.prior.em_update(weights, mixture, prior_weight=model.prior_weight)
+        new = model.prior.em_update(model.group_weights(values, group), mixture,
+                                    prior_weight=model.prior_weight)
         updated.update({f"{group}.{suffix}": v for suffix, v in model.prior.split(new).items()})
     _write_sites(guide, updated)
 
@@ -408,11 +408,12 @@ def fit_map(
                 else:
                     loss = closure()
                     torch_optimizer.step()
-                if not math.isfinite(loss.item()):
+                value = loss.item()
+                if not math.isfinite(value):
                     bar.close()
-                    raise FitError(f"the loss became {loss.item()} at epoch {epoch}, step {step + 1}: "
+                    raise FitError(f"the loss became {value} at epoch {epoch}, step {step + 1}: "
                                    "lower the learning rates or the prior weight")
-                total += loss.item()
+                total += value
                 step += 1
                 if em_every and step % em_every == 0:
                     _em_step(model, guide)

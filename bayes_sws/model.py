@@ -179,13 +179,16 @@ class SoftWeightSharingModel:
         """Number of scalar parameters under the prior."""
         return sum(self._shapes[name].numel() for name in self.prior_sites)
 
+    def group_weights(self, values: dict[str, torch.Tensor], group: str) -> torch.Tensor:
+        """All weights a mixture group models, flattened into one vector ``(N_group,)``."""
+        return torch.cat([values[name].reshape(-1) for name in self.groups[group]])
+
     def initial_values(self) -> dict[str, torch.Tensor]:
         """Starting values of every sample site: the network's weights, the initial mixtures."""
         parameters = dict(self.network.named_parameters())
         values = {name: parameters[name].detach().clone() for name in self.prior_sites}
-        for group, names in self.groups.items():
-            weights = torch.cat([values[name].reshape(-1) for name in names])
-            mixture = self.prior.initial_mixture(weights)
+        for group in self.groups:
+            mixture = self.prior.initial_mixture(self.group_weights(values, group))
             values.update(
                 {f"{group}.{suffix}": v for suffix, v in self.prior.split(mixture).items()}
             )
