@@ -11,7 +11,8 @@ and the sums Σ_i γ_ij, Σ_i γ_ij d_ij, Σ_i γ_ij d_ij² (d = w − μ) from 
   shapes, one graph for every layer), CPU or CUDA;
 * ``"native"``: a small C kernel (``sws_kernel.c``) built with the system's C
   compiler on first use and cached, CPU only, one pass with an L1-resident block
-  table, split over ``torch.get_num_threads()`` threads.
+  table, split over ``torch.get_num_threads()`` OpenMP threads (one thread where the
+  compiler has no OpenMP).
 
 ``"auto"`` (the default) takes ``"native"`` for CPU tensors where it builds and
 ``"torch"`` elsewhere. Select with :func:`set_backend`.
@@ -28,7 +29,6 @@ import subprocess
 import tempfile
 import warnings
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
 
@@ -149,46 +149,35 @@ def _cache_dir() -> Path:
 
 
 class _Native:
-    """The C kernel through ctypes (which releases the GIL, so threads run in parallel)."""
+    """The C kernel through ctypes, its ranges on torch's OpenMP threads where the build has OpenMP."""
 
     def __init__(self, library: ctypes.CDLL) -> None:
-        pointer, size = ctypes.c_void_p, ctypes.c_long
+        pointer = ctypes.c_void_p
         self._functions = {}
         for dtype, name in ((torch.float32, "sws_mixture_f32"), (torch.float64, "sws_mixture_f64")):
             function = getattr(library, name)
-            function.argtypes = [pointer, size, pointer, pointer, pointer, ctypes.c_int, pointer, pointer]
+            function.argtypes = [pointer, ctypes.c_long, pointer, pointer, pointer, ctypes.c_int,
+                                 pointer, pointer, ctypes.c_int]
             function.restype = ctypes.c_int
             self._functions[dtype] = function
-        self._pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="bayes-sws")
+        self.openmp = bool(library.sws_openmp())
 
     def supports(self, weights: torch.Tensor, components: int) -> bool:
         return (weights.device.type == "cpu" and weights.dtype in self._functions
                 and components <= _MAX_NATIVE_COMPONENTS)
 
     def _run(self, weights, mixture, grad_out) -> torch.Tensor:
-        log_weights, means, scales = mixture
-        components = log_weights.numel()
-        parameters = [
-            t.detach().to(weights.device, weights.dtype).contiguous()
-            for t in (log_weights - scales.log() - HALF_LOG_2PI, means, scales.pow(-2))
-        ]
-        n = weights.numel()
-        threads = max(1, min(torch.get_num_threads(), n // _MIN_WEIGHTS_PER_THREAD))
-        bounds = [n * k // threads for k in range(threads + 1)]
-        summaries = torch.empty(threads, 1 + 3 * components, dtype=torch.float64)
-        function, item = self._functions[weights.dtype], weights.element_size()
-
-        def part(k: int) -> int:
-            start, stop = bounds[k], bounds[k + 1]
-            grad_pointer = grad_out.data_ptr() + item * start if grad_out is not None else None
-            return function(weights.data_ptr() + item * start, stop - start,
-                            *(p.data_ptr() for p in parameters), components,
-                            grad_pointer, summaries[k].data_ptr())
-
-        statuses = [part(0)] if threads == 1 else list(self._pool.map(part, range(threads)))
-        if any(statuses):
+        # The mixture is already in the weights' dtype (mixture_log_prob_sum sees to it).
+        log_weights, means, scales = (t.contiguous() for t in mixture)
+        n, components = weights.numel(), log_weights.numel()
+        parts = max(1, min(torch.get_num_threads(), n // _MIN_WEIGHTS_PER_THREAD)) if self.openmp else 1
+        summary = torch.empty(1 + 3 * components, dtype=torch.float64)
+        status = self._functions[weights.dtype](
+            weights.data_ptr(), n, log_weights.data_ptr(), means.data_ptr(), scales.data_ptr(),
+            components, None if grad_out is None else grad_out.data_ptr(), summary.data_ptr(), parts)
+        if status:
             raise RuntimeError("the native mixture kernel rejected its arguments")
-        return summaries.sum(0).to(weights.dtype)
+        return summary.to(weights.dtype)
 
     def value_and_grads(self, weights, mixture, grad_out, *, chunk_size=None) -> torch.Tensor:
         return self._run(weights.detach(), mixture, grad_out)
@@ -197,9 +186,9 @@ class _Native:
         return self._run(weights.detach(), mixture, None)[0]
 
 
-def _build_native() -> _Native:
+def _compile_native(flags: list[str]) -> Path:
+    """The kernel built with these flags, from the cache or compiled into it now."""
     source = _SOURCE.read_bytes()
-    flags = ["-O3", "-march=native", "-ffast-math", "-fPIC", "-shared"]
     key = hashlib.sha256(source + " ".join(flags).encode()).hexdigest()[:16]
     library = _cache_dir() / f"sws_kernel-{key}-{_cpu_signature()}.so"
     if not library.exists():
@@ -214,6 +203,15 @@ def _build_native() -> _Native:
         finally:
             if os.path.exists(temporary):
                 os.remove(temporary)
+    return library
+
+
+def _build_native() -> _Native:
+    flags = ["-O3", "-march=native", "-ffast-math", "-fPIC", "-shared"]
+    try:
+        library = _compile_native([*flags, "-fopenmp"])
+    except subprocess.CalledProcessError:  # a compiler without OpenMP: one thread
+        library = _compile_native(flags)
     return _Native(ctypes.CDLL(str(library)))
 
 

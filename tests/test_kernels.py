@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,7 +22,7 @@ with warnings.catch_warnings(record=True) as caught:
     available = kernels.native_available()
 mixture = GaussianMixture(torch.tensor([-0.7, -0.7]), torch.tensor([0.0, 1.0]), torch.tensor([0.5, 0.5]))
 value = float(mixture_log_prob_sum(torch.zeros(1, 10), mixture)[0])
-print(available, len(caught), round(value, 6))
+print(available, len(caught), round(value, 6), available and kernels._native().openmp)
 """
 
 
@@ -35,7 +36,7 @@ def _probe(tmp_path, **environment) -> list[str]:
 def test_native_kernel_is_built_once_into_the_cache(tmp_path) -> None:
     if not kernels.native_available():
         pytest.skip("no C compiler here")
-    available, warned, value = _probe(tmp_path)
+    available, warned, value, _ = _probe(tmp_path)
     assert available == "True" and warned == "0"
     built = list((tmp_path / "cache").glob("sws_kernel-*.so"))
     assert len(built) == 1
@@ -45,12 +46,34 @@ def test_native_kernel_is_built_once_into_the_cache(tmp_path) -> None:
 
 
 def test_without_a_compiler_the_prior_falls_back_to_torch_with_one_warning(tmp_path) -> None:
-    available, warned, value = _probe(tmp_path, CC="/nonexistent/cc")
+    available, warned, value, _ = _probe(tmp_path, CC="/nonexistent/cc")
     assert available == "False" and warned == "1"
     # log p(0) = log(0.5 N(0|0,0.25) + 0.5 N(0|1,0.25)) for ten weights, by hand:
     expected = 10 * torch.logsumexp(torch.tensor([-0.7, -0.7]) + torch.distributions.Normal(
         torch.tensor([0.0, 1.0]), 0.5).log_prob(torch.tensor(0.0)), 0)
     assert float(value) == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_a_compiler_without_openmp_builds_a_one_thread_kernel_with_the_same_result(tmp_path) -> None:
+    if not kernels.native_available():
+        pytest.skip("no C compiler here")
+    compiler = tmp_path / "cc-without-openmp"
+    compiler.write_text('#!/bin/sh\nfor a in "$@"; do [ "$a" = -fopenmp ] && exit 1; done\n'
+                        f'exec {os.environ.get("CC", "cc")} "$@"\n')
+    compiler.chmod(0o755)
+    available, warned, value, openmp = _probe(tmp_path, CC=str(compiler))
+    assert (available, warned, openmp) == ("True", "0", "False")
+    assert value == _probe(tmp_path / "default")[2]
+
+
+def test_native_kernel_threads_are_torchs_own_openmp_threads() -> None:
+    if not kernels.native_available() or not kernels._native().openmp:
+        pytest.skip("no C compiler with OpenMP here")
+    maps = Path("/proc/self/maps")
+    if not maps.exists():
+        pytest.skip("needs /proc to list loaded libraries")
+    runtimes = {line.split()[-1] for line in maps.read_text().splitlines() if "libgomp" in line}
+    assert len(runtimes) == 1, f"two OpenMP runtimes loaded: {runtimes}"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
