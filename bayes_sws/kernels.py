@@ -1,9 +1,10 @@
 """The mixture prior's hot loop: value and analytic gradients over a row of weights.
 
 Three backends compute the same quantities for one row of N weights and a
-J-component mixture: Σ_i log p(w_i), the per-weight gradient −Σ_j γ_ij d_ij/σ_j²,
-and the sums Σ_i γ_ij, Σ_i γ_ij d_ij, Σ_i γ_ij d_ij² (d = w − μ) from which
-:mod:`bayes_sws.prior` forms the gradients of μ, σ and log π (MATH.md §1).
+J-component mixture (MATH.md §1): the value Σ_i log p(w_i), its gradient with
+respect to each weight, −Σ_j γ_ij d_ij/σ_j², and with respect to the mixture,
+Σ_i γ_ij (log π_j), Σ_i γ_ij d_ij/σ_j² (μ_j) and Σ_i γ_ij (d_ij²/σ_j² − 1)/σ_j (σ_j),
+with responsibilities γ and d = w − μ.
 
 * ``"torch"``: chunks of weights through torch ops (CPU or CUDA), O(chunk·J)
   temporaries per chunk;
@@ -83,6 +84,13 @@ def _chunk_value_and_grads(weights, log_weights, means, scales):
     return grad_weights, summary
 
 
+def _mixture_gradients(sums: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """(value, Σγ, Σγd, Σγd²) → (value, ∂/∂log π, ∂/∂μ, ∂/∂σ), each part (J,) after the value."""
+    counts, first, second = sums[1:].view(3, -1)
+    precisions = scales.pow(-2)
+    return torch.cat([sums[:1], counts, first * precisions, (second * precisions - counts) / scales])
+
+
 class _ChunkedTorch(NamedTuple):
     """Row functions built from chunk kernels, at the chunk lengths they run fastest at."""
 
@@ -95,7 +103,7 @@ class _ChunkedTorch(NamedTuple):
         default = self.cuda_chunk if weights.is_cuda else self.cpu_chunk
         return max(1, min(chunk_size or default, weights.numel()))
 
-    def value_and_grads(self, weights, mixture, grad_out, *, chunk_size=None) -> torch.Tensor:
+    def value_and_grads(self, weights, mixture, grad_out, summary_out, *, chunk_size=None) -> None:
         size = self._chunk_size(weights, chunk_size)
         # Chunk results are copied into buffers allocated up front: keeping per-chunk
         # tensors alive between the chunks' large temporaries fragments the heap.
@@ -104,7 +112,7 @@ class _ChunkedTorch(NamedTuple):
             grad, summary = self.grad_kernel(chunk, *mixture)
             chunk_grad.copy_(grad)
             chunk_summary.copy_(summary)
-        return summaries.sum(0)
+        summary_out.copy_(_mixture_gradients(summaries.sum(0), mixture[2]))
 
     def value(self, weights, mixture, *, chunk_size=None) -> torch.Tensor:
         size = self._chunk_size(weights, chunk_size)
@@ -166,24 +174,25 @@ class _Native:
         return (weights.device.type == "cpu" and weights.dtype in self._functions
                 and components <= _MAX_NATIVE_COMPONENTS)
 
-    def _run(self, weights, mixture, grad_out) -> torch.Tensor:
-        # The mixture is already in the weights' dtype (mixture_log_prob_sum sees to it).
-        log_weights, means, scales = (t.contiguous() for t in mixture)
-        n, components = weights.numel(), log_weights.numel()
+    def _run(self, weights, mixture, grad_out, summary_out) -> None:
+        # Every tensor is contiguous and of the weights' dtype (mixture_log_prob_sum sees to it).
+        log_weights, means, scales = mixture
+        n = weights.numel()
         parts = max(1, min(torch.get_num_threads(), n // _MIN_WEIGHTS_PER_THREAD)) if self.openmp else 1
-        summary = torch.empty(1 + 3 * components, dtype=torch.float64)
         status = self._functions[weights.dtype](
             weights.data_ptr(), n, log_weights.data_ptr(), means.data_ptr(), scales.data_ptr(),
-            components, None if grad_out is None else grad_out.data_ptr(), summary.data_ptr(), parts)
+            log_weights.numel(), None if grad_out is None else grad_out.data_ptr(), summary_out.data_ptr(),
+            parts)
         if status:
             raise RuntimeError("the native mixture kernel rejected its arguments")
-        return summary.to(weights.dtype)
 
-    def value_and_grads(self, weights, mixture, grad_out, *, chunk_size=None) -> torch.Tensor:
-        return self._run(weights.detach(), mixture, grad_out)
+    def value_and_grads(self, weights, mixture, grad_out, summary_out, *, chunk_size=None) -> None:
+        self._run(weights, mixture, grad_out, summary_out)
 
     def value(self, weights, mixture, *, chunk_size=None) -> torch.Tensor:
-        return self._run(weights.detach(), mixture, None)[0]
+        summary = weights.new_empty(1 + 3 * mixture[0].numel())
+        self._run(weights, mixture, None, summary)
+        return summary[0]
 
 
 def _compile_native(flags: list[str]) -> Path:

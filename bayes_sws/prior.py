@@ -139,36 +139,22 @@ class _FusedLogProbSum(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, weights, log_weights, means, scales, chunk_size):
-        rows, components = weights.shape[0], log_weights.numel()
         mixture = (log_weights, means, scales)
-        row_functions = kernels.backend(weights, components)
+        row_functions = kernels.backend(weights, log_weights.numel())
         grad_weights = torch.empty_like(weights)
-        totals = torch.stack([
-            row_functions.value_and_grads(row, mixture, row_grad, chunk_size=chunk_size)
-            for row, row_grad in zip(weights, grad_weights)
-        ])
-        values = totals[:, 0]
-        counts, first, second = totals[:, 1:].view(rows, 3, components).unbind(1)  # each (B, J)
-        precisions = scales.pow(-2)
-        ctx.save_for_backward(
-            grad_weights,
-            counts,
-            first * precisions,
-            (second * precisions - counts) / scales,
-        )
-        return values
+        # per row: the value, then its gradients with respect to log π, μ and σ (each J)
+        summaries = weights.new_empty(weights.shape[0], 1 + 3 * log_weights.numel())
+        for row, row_grad, row_summary in zip(weights, grad_weights, summaries):
+            row_functions.value_and_grads(row, mixture, row_grad, row_summary, chunk_size=chunk_size)
+        ctx.save_for_backward(grad_weights, summaries)
+        return summaries[:, 0]
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_values):
-        grad_weights, grad_log_weights, grad_means, grad_scales = ctx.saved_tensors
-        return (
-            grad_weights * grad_values.unsqueeze(1),
-            grad_values @ grad_log_weights,
-            grad_values @ grad_means,
-            grad_values @ grad_scales,
-            None,
-        )
+        grad_weights, summaries = ctx.saved_tensors
+        grad_log_weights, grad_means, grad_scales = (grad_values @ summaries[:, 1:]).view(3, -1)
+        return grad_weights * grad_values.unsqueeze(1), grad_log_weights, grad_means, grad_scales, None
 
 
 def mixture_log_prob_sum(
@@ -204,7 +190,7 @@ def mixture_log_prob_sum(
     for t in mixture:
         dtype = torch.promote_types(dtype, t.dtype)
     weights = weights.to(dtype).contiguous()
-    mixture = GaussianMixture(*(t.to(dtype) for t in mixture))
+    mixture = GaussianMixture(*(t.to(dtype).contiguous() for t in mixture))
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (weights, *mixture))
     if needs_grad:
         return _FusedLogProbSum.apply(weights, *mixture, chunk_size)
@@ -278,8 +264,10 @@ class MixturePrior(TorchDistribution):
             self._validate_sample(value)
         leading = value.shape[: value.dim() - len(self.event_shape)]
         rows = value.reshape(-1, self.event_shape.numel())
-        log_prob = mixture_log_prob_sum(rows, self.mixture, chunk_size=self.chunk_size)
-        return log_prob.reshape(leading).expand(torch.broadcast_shapes(leading, self.batch_shape))
+        log_prob = mixture_log_prob_sum(rows, self.mixture, chunk_size=self.chunk_size).reshape(leading)
+        if leading == self.batch_shape:
+            return log_prob
+        return log_prob.expand(torch.broadcast_shapes(leading, self.batch_shape))
 
     def sample(self, sample_shape: torch.Size = torch.Size()) -> torch.Tensor:
         shape = self._extended_shape(sample_shape)

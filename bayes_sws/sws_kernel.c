@@ -2,13 +2,14 @@
  *
  * For weights w_i (i < n) and a J-component mixture (log pi_j, mu_j, sigma_j), with
  * log_norm_j = log pi_j - log sigma_j - log(2 pi)/2 and precisions p_j = 1/sigma_j^2,
- * sws_mixture_f32/_f64 compute
+ * sws_mixture_f32/_f64 compute, with responsibilities gamma_ij and d_ij = w_i - mu_j,
  *
- *   summary[0]         = sum_i log sum_j exp(log_norm_j - p_j (w_i - mu_j)^2 / 2)
- *   summary[1 + j]     = sum_i gamma_ij                    (responsibilities)
- *   summary[1 + J + j] = sum_i gamma_ij d_ij               (d = w - mu)
- *   summary[1 + 2J + j]= sum_i gamma_ij d_ij^2
- *   grad_w[i]          = -sum_j gamma_ij d_ij p_j          (if grad_w is not NULL)
+ *   summary[0]          = sum_i log sum_j exp(log_norm_j - p_j d_ij^2 / 2)      (value)
+ *   summary[1 + j]      = sum_i gamma_ij                        (d value / d log pi_j)
+ *   summary[1 + J + j]  = p_j sum_i gamma_ij d_ij                (d value / d mu_j)
+ *   summary[1 + 2J + j] = (p_j sum_i gamma_ij d_ij^2 - sum_i gamma_ij) / sigma_j
+ *                                                                (d value / d sigma_j)
+ *   grad_w[i]           = -sum_j gamma_ij d_ij p_j               (if grad_w is not NULL)
  *
  * and return 0 (1 for arguments out of range). The weights are split into `parts`
  * ranges run on OpenMP threads: linked against the libgomp that torch has already
@@ -61,6 +62,7 @@ static inline float exp_f32(float x)
 #define SUMMARY(J) (1 + 3 * (J))
 
 #define DEFINE_KERNEL(NAME, REAL, REAL_MAX, EXP, LOG)                                       \
+    /* summary: the value, then sum gamma, sum gamma d, sum gamma d^2 (each J) */          \
     static void NAME##_range(const REAL *w, long n, const REAL *log_norm, const REAL *means, \
                              const REAL *precisions, int J, REAL *grad_w, double *summary)  \
     {                                                                                       \
@@ -123,7 +125,7 @@ static inline float exp_f32(float x)
     }                                                                                       \
                                                                                             \
     int NAME(const REAL *w, long n, const REAL *log_weights, const REAL *means,             \
-             const REAL *scales, int J, REAL *grad_w, double *summary, int parts)           \
+             const REAL *scales, int J, REAL *grad_w, REAL *summary, int parts)             \
     {                                                                                       \
         REAL log_norm[MAX_COMPONENTS], precisions[MAX_COMPONENTS];                          \
         if (J < 1 || J > MAX_COMPONENTS || parts < 1 || parts > MAX_PARTS || n < 0)         \
@@ -132,7 +134,7 @@ static inline float exp_f32(float x)
             log_norm[j] = log_weights[j] - LOG(scales[j]) - (REAL)HALF_LOG_2PI;             \
             precisions[j] = (REAL)1 / (scales[j] * scales[j]);                              \
         }                                                                                   \
-        double partial[parts][SUMMARY(J)];                                                  \
+        double partial[parts][SUMMARY(J)], sums[SUMMARY(J)];                                \
         _Pragma("omp parallel for num_threads(parts) schedule(static, 1)")                  \
         for (int k = 0; k < parts; k++) {                                                   \
             const long start = n * k / parts, stop = n * (k + 1) / parts;                   \
@@ -140,9 +142,16 @@ static inline float exp_f32(float x)
                          grad_w ? grad_w + start : NULL, partial[k]);                       \
         }                                                                                   \
         for (int m = 0; m < SUMMARY(J); m++) {                                              \
-            summary[m] = 0.0;                                                               \
+            sums[m] = 0.0;                                                                  \
             for (int k = 0; k < parts; k++)                                                 \
-                summary[m] += partial[k][m];                                                \
+                sums[m] += partial[k][m];                                                   \
+        }                                                                                   \
+        summary[0] = (REAL)sums[0];                                                         \
+        for (int j = 0; j < J; j++) {                                                       \
+            const double p = precisions[j];                                                 \
+            summary[1 + j] = (REAL)sums[1 + j];                                             \
+            summary[1 + J + j] = (REAL)(p * sums[1 + J + j]);                               \
+            summary[1 + 2 * J + j] = (REAL)((p * sums[1 + 2 * J + j] - sums[1 + j]) / scales[j]); \
         }                                                                                   \
         return 0;                                                                           \
     }
