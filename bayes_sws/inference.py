@@ -275,8 +275,10 @@ def map_loss(model: Callable, guide: AutoDelta, *args, **kwargs) -> torch.Tensor
 def _make_optimizer(name: str, groups: dict[str, list[torch.Tensor]], learning_rates: LearningRates,
                     *, iterations: int) -> torch.optim.Optimizer:
     if name == "adam":
+        # fused: one kernel per parameter for the whole update (CPU and CUDA)
         return torch.optim.Adam(
-            [{"params": params, "lr": getattr(learning_rates, group)} for group, params in groups.items()]
+            [{"params": params, "lr": getattr(learning_rates, group)} for group, params in groups.items()],
+            fused=True,
         )
     params = [p for params in groups.values() for p in params]
     if name == "lbfgs":

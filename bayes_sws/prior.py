@@ -386,6 +386,7 @@ class SoftWeightSharingPrior:
                 raise ValueError(f"pi_zero must lie in (0, 1), got {self.pi_zero}")
         if self.init_means is not None and not self.init_means[0] < self.init_means[1]:
             raise ValueError(f"init_means must be an increasing pair, got {self.init_means}")
+        object.__setattr__(self, "_site_prior_cache", {})
 
     @property
     def n_free_means(self) -> int:
@@ -404,9 +405,19 @@ class SoftWeightSharingPrior:
     # ---- sites
 
     def _site_priors(self, like: torch.Tensor) -> dict[str, dist.Distribution]:
-        """The hyperprior of every site, keyed by suffix (``means``, ``precisions``, …)."""
+        """The hyperprior of every site, keyed by suffix (``means``, ``precisions``, …).
+
+        Built once per dtype and device: they are constants, and a training step
+        should not pay for creating them again.
+        """
+        key = (like.dtype, like.device)
+        if key not in self._site_prior_cache:
+            self._site_prior_cache[key] = self._build_site_priors(like.dtype, like.device)
+        return self._site_prior_cache[key]
+
+    def _build_site_priors(self, dtype: torch.dtype, device: torch.device) -> dict[str, dist.Distribution]:
         hyper = self.hyperpriors
-        options = {"dtype": like.dtype, "device": like.device}
+        options = {"dtype": dtype, "device": device}
         priors: dict[str, dist.Distribution] = {}
         if self.n_free_means:
             shape = (self.n_free_means,)

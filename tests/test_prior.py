@@ -674,3 +674,12 @@ def test_mixed_weight_and_mixture_dtypes_are_promoted_like_torch(weights_dtype, 
     assert value.dtype == F64 and all(g_.dtype == leaf.dtype for g_, leaf in zip(grads, leaves))
     reference = mixture_log_density(w.double(), GaussianMixture(*(t.double() for t in narrow))).sum()
     assert float(value.detach()) == pytest.approx(float(reference), rel=1e-6)
+
+
+def test_site_hyperpriors_are_built_once_per_dtype_and_device():
+    prior = SoftWeightSharingPrior(n_components=3, hyperpriors=Hyperpriors(precision_gamma=(2.0, 1.0)))
+    single = prior._site_priors(torch.zeros(1))
+    assert prior._site_priors(torch.zeros(5)) is single
+    double = prior._site_priors(torch.zeros(1, dtype=F64))
+    assert double["precisions"].base_dist.concentration.dtype == F64
+    assert single["precisions"].base_dist.concentration.dtype == torch.float32
