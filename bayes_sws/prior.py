@@ -407,10 +407,10 @@ class SoftWeightSharingPrior:
     def _site_priors(self, like: torch.Tensor) -> dict[str, dist.Distribution]:
         """The hyperprior of every site, keyed by suffix (``means``, ``precisions``, …).
 
-        Built once per dtype and device: they are constants, and a training step
-        should not pay for creating them again.
+        Built once per dtype, device and validation setting: they are constants, and
+        a training step should not pay for creating them again.
         """
-        key = (like.dtype, like.device)
+        key = (like.dtype, like.device, torch.distributions.Distribution._validate_args)
         if key not in self._site_prior_cache:
             self._site_prior_cache[key] = self._build_site_priors(like.dtype, like.device)
         return self._site_prior_cache[key]

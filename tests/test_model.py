@@ -139,6 +139,23 @@ def auto_delta_loss(model, x, y, *, data_size=None, init=None):
     return loss, {k: v.detach() for k, v in guide.median().items()}
 
 
+def test_map_loss_replays_the_guide_where_latent_sites_sit_in_subsampled_plates():
+    def data_plate(y):
+        return pyro.plate("data", 10, subsample=torch.tensor([1, 4, 7]))
+
+    def model(y):
+        scale = pyro.sample("scale", pyro.distributions.LogNormal(0.0, 1.0))
+        with data_plate(y):
+            local = pyro.sample("local", pyro.distributions.Normal(0.0, scale))
+            pyro.sample("y", pyro.distributions.Normal(local, 1.0), obs=y)
+
+    y = torch.tensor([0.5, -1.0, 2.0], dtype=F64)
+    guide = AutoDelta(model, create_plates=data_plate, init_loc_fn=init_to_value(
+        values={"scale": torch.tensor(1.5, dtype=F64), "local": torch.tensor([0.1, -0.2, 0.3], dtype=F64)}))
+    expected = Trace_ELBO().differentiable_loss(model, guide, y)
+    torch.testing.assert_close(map_loss(model, guide, y), expected, rtol=1e-12, atol=1e-12)
+
+
 def random_data(n=12, classes=2, seed=2, regression=False):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, 4, generator=g, dtype=F64)

@@ -683,3 +683,5 @@ def test_site_hyperpriors_are_built_once_per_dtype_and_device():
     double = prior._site_priors(torch.zeros(1, dtype=F64))
     assert double["precisions"].base_dist.concentration.dtype == F64
     assert single["precisions"].base_dist.concentration.dtype == torch.float32
+    with pyro.validation_enabled(not torch.distributions.Distribution._validate_args):
+        assert prior._site_priors(torch.zeros(1)) is not single
