@@ -131,59 +131,71 @@ def responsibilities(weights: torch.Tensor, mixture: GaussianMixture) -> torch.T
 
 
 class _FusedLogProbSum(torch.autograd.Function):
-    """Row sums of log p(w) for ``(B, N)`` weights, gradients computed in the same pass.
+    """Sums of log p(w) over the last ``event_dim`` dimensions, gradients computed in the same pass.
 
     The output is a sum, so the backward pass only rescales the gradients that the
-    forward pass accumulated: nothing of size N×J is ever stored.
+    forward pass accumulated: nothing of size N×J is ever stored. The weight
+    gradient keeps the weights' shape (not a view of a flattened one), so autograd
+    can add the network's gradient into it in place.
     """
 
     @staticmethod
-    def forward(ctx, weights, log_weights, means, scales, chunk_size):
+    def forward(ctx, weights, log_weights, means, scales, event_dim, chunk_size):
         mixture = (log_weights, means, scales)
         row_functions = kernels.backend(weights, log_weights.numel())
+        batch_shape = weights.shape[: weights.dim() - event_dim]
+        rows = weights.view(batch_shape.numel(), -1)
         grad_weights = torch.empty_like(weights)
         # per row: the value, then its gradients with respect to log π, μ and σ (each J)
-        summaries = weights.new_empty(weights.shape[0], 1 + 3 * log_weights.numel())
-        for row, row_grad, row_summary in zip(weights, grad_weights, summaries):
+        summaries = weights.new_empty(rows.shape[0], 1 + 3 * log_weights.numel())
+        for row, row_grad, row_summary in zip(rows, grad_weights.view(rows.shape), summaries):
             row_functions.value_and_grads(row, mixture, row_grad, row_summary, chunk_size=chunk_size)
         ctx.save_for_backward(grad_weights, summaries)
-        return summaries[:, 0]
+        ctx.event_dim = event_dim
+        return summaries[:, 0].view(batch_shape)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_values):
         grad_weights, summaries = ctx.saved_tensors
-        grad_log_weights, grad_means, grad_scales = (grad_values @ summaries[:, 1:]).view(3, -1)
-        return grad_weights * grad_values.unsqueeze(1), grad_log_weights, grad_means, grad_scales, None
+        grad_log_weights, grad_means, grad_scales = (grad_values.reshape(-1) @ summaries[:, 1:]).view(3, -1)
+        scale = grad_values.reshape(grad_values.shape + (1,) * ctx.event_dim)
+        return grad_weights * scale, grad_log_weights, grad_means, grad_scales, None, None
 
 
 def mixture_log_prob_sum(
     weights: torch.Tensor,
     mixture: GaussianMixture,
     *,
+    event_dim: int = 1,
     chunk_size: int | None = None,
 ) -> torch.Tensor:
-    """Σ_i log p(w_i) over each row of ``weights``: −Ω(w) per row, fused and exact.
+    """Σ_i log p(w_i) over the last ``event_dim`` dimensions: −Ω(w), fused and exact.
 
     Value and gradients (with respect to the weights and every mixture parameter)
-    equal those of ``mixture_log_density(weights, mixture).sum(-1)`` to round-off,
-    while extra memory stays O(N + chunk_size·J).
+    equal those of ``mixture_log_density(weights, mixture)`` summed over those
+    dimensions, to round-off, while extra memory stays O(N + chunk_size·J).
 
     Parameters
     ----------
-    weights : Tensor of shape ``(B, N)``
-        ``B`` independent weight vectors of length ``N``.
+    weights : Tensor of shape ``(*batch, *event)``
+        Independent weight tensors of ``event_dim`` dimensions, e.g. ``(B, N)``.
     mixture : GaussianMixture with fields of shape ``(J,)``
+    event_dim : int
+        How many trailing dimensions one sum runs over.
     chunk_size : int, optional
         Weights per chunk for the torch backends (see :mod:`bayes_sws.kernels`);
         by default the length each runs fastest at.
 
     Returns
     -------
-    Tensor of shape ``(B,)``.
+    Tensor of shape ``batch``.
     """
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    if not 0 <= event_dim <= weights.dim():
+        raise ValueError(f"event_dim must lie in [0, {weights.dim()}] for weights of shape "
+                         f"{tuple(weights.shape)}, got {event_dim}")
     # One dtype for weights and mixture (as torch's own promotion would give), so every
     # backend reads its inputs as the type they are and returns gradients of that type.
     dtype = weights.dtype
@@ -193,9 +205,12 @@ def mixture_log_prob_sum(
     mixture = GaussianMixture(*(t.to(dtype).contiguous() for t in mixture))
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (weights, *mixture))
     if needs_grad:
-        return _FusedLogProbSum.apply(weights, *mixture, chunk_size)
+        return _FusedLogProbSum.apply(weights, *mixture, event_dim, chunk_size)
+    batch_shape = weights.shape[: weights.dim() - event_dim]
     row_functions = kernels.backend(weights, mixture.means.numel())
-    return torch.stack([row_functions.value(row, tuple(mixture), chunk_size=chunk_size) for row in weights])
+    rows = weights.view(batch_shape.numel(), -1)
+    values = [row_functions.value(row, tuple(mixture), chunk_size=chunk_size) for row in rows]
+    return torch.stack(values).view(batch_shape)
 
 
 class MixturePrior(TorchDistribution):
@@ -262,9 +277,12 @@ class MixturePrior(TorchDistribution):
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         if self._validate_args:
             self._validate_sample(value)
-        leading = value.shape[: value.dim() - len(self.event_shape)]
-        rows = value.reshape(-1, self.event_shape.numel())
-        log_prob = mixture_log_prob_sum(rows, self.mixture, chunk_size=self.chunk_size).reshape(leading)
+        event_dim = len(self.event_shape)
+        if value.shape[value.dim() - event_dim :] != self.event_shape:
+            raise ValueError(f"value of shape {tuple(value.shape)} does not end in the event shape "
+                             f"{tuple(self.event_shape)}")
+        leading = value.shape[: value.dim() - event_dim]
+        log_prob = mixture_log_prob_sum(value, self.mixture, event_dim=event_dim, chunk_size=self.chunk_size)
         if leading == self.batch_shape:
             return log_prob
         return log_prob.expand(torch.broadcast_shapes(leading, self.batch_shape))

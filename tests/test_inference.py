@@ -272,8 +272,8 @@ def test_short_map_run_with_fused_prior_ends_at_the_same_loss_as_with_the_refere
 
     fused_loss, fused_values = fit()
 
-    def reference(weights, mixture: GaussianMixture, *, chunk_size=None):
-        return mixture_log_density(weights, mixture).sum(-1)
+    def reference(weights, mixture: GaussianMixture, *, event_dim=1, chunk_size=None):
+        return mixture_log_density(weights, mixture).flatten(-event_dim).sum(-1)
 
     monkeypatch.setattr(prior_module, "mixture_log_prob_sum", reference)
     reference_loss, reference_values = fit()

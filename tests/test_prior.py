@@ -232,30 +232,48 @@ def test_chunk_size_smaller_than_n_gives_same_value_and_gradients_as_one_chunk(k
 
 
 @pytest.mark.parametrize("chunk_size", [None, 3])
-def test_batched_rows_give_per_row_sums_and_per_row_gradients(chunk_size, kernel_backend):
+@pytest.mark.parametrize("shape, event_dim", [((4, 10), 1), ((2, 3, 4, 5), 2), ((7,), 1)])
+def test_sums_over_event_dims_give_one_sum_and_gradient_per_batch_element(shape, event_dim, chunk_size,
+                                                                          kernel_backend):
     g = torch.Generator().manual_seed(6)
-    rows, n = 4, 10
-    w = torch.randn(rows, n, generator=g, dtype=F64)
+    w = torch.randn(shape, generator=g, dtype=F64)
     eta, mu, sigma = random_mixture_params(g, 3)
     lw = torch.log_softmax(eta, 0)
-    cotangent = torch.randn(rows, generator=g, dtype=F64)
+    batch_shape = shape[: len(shape) - event_dim]
+    cotangent = torch.randn(batch_shape, generator=g, dtype=F64)
 
     def fused(w, lw, mu, sigma):
-        sums = mixture_log_prob_sum(w, GaussianMixture(lw, mu, sigma), chunk_size=chunk_size)
-        assert sums.shape == (rows,)
+        sums = mixture_log_prob_sum(w, GaussianMixture(lw, mu, sigma), event_dim=event_dim, chunk_size=chunk_size)
+        assert sums.shape == batch_shape
         return (cotangent * sums).sum()
 
+    def by_hand_sums(w, lw, mu, sigma):
+        return hand_log_density(w, lw.exp(), mu, sigma).flatten(len(batch_shape)).sum(-1)
+
     def by_hand(w, lw, mu, sigma):
-        return (cotangent * hand_log_density(w, lw.exp(), mu, sigma).sum(1)).sum()
+        return (cotangent * by_hand_sums(w, lw, mu, sigma)).sum()
 
     with torch.no_grad():
-        sums = mixture_log_prob_sum(w, GaussianMixture(lw, mu, sigma), chunk_size=chunk_size)
-    torch.testing.assert_close(sums, hand_log_density(w, lw.exp(), mu, sigma).sum(1), rtol=1e-12, atol=0)
+        sums = mixture_log_prob_sum(w, GaussianMixture(lw, mu, sigma), event_dim=event_dim, chunk_size=chunk_size)
+    torch.testing.assert_close(sums, by_hand_sums(w, lw, mu, sigma), rtol=1e-12, atol=0)
     value, grads = value_and_grads(fused, (w, lw, mu, sigma))
     expected_value, expected_grads = value_and_grads(by_hand, (w, lw, mu, sigma))
     torch.testing.assert_close(value, expected_value, rtol=1e-12, atol=1e-12)
     for grad, expected in zip(grads, expected_grads):
         torch.testing.assert_close(grad, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_weight_gradient_is_a_tensor_of_its_own_so_autograd_can_add_into_it_in_place():
+    w = torch.randn(3, 5, dtype=F64, requires_grad=True)
+    log_prob = MixturePrior(small_mixture(), event_shape=(3, 5)).log_prob(w)
+    (grad,) = torch.autograd.grad(log_prob, w)
+    assert grad.shape == w.shape and not grad._is_view()
+
+
+def test_mixture_prior_rejects_a_value_whose_trailing_shape_is_not_the_event_shape():
+    prior = MixturePrior(small_mixture(), event_shape=(3, 5), validate_args=False)
+    with pytest.raises(ValueError, match=r"does not end in the event shape \(3, 5\)"):
+        prior.log_prob(torch.zeros(5, 3))
 
 
 # --------------------------------------------------------------------------- MixturePrior
