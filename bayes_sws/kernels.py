@@ -47,6 +47,7 @@ _MIN_LOG_RATIO = -80.0
 _SOURCE = Path(__file__).with_name("sws_kernel.c")
 _MAX_NATIVE_COMPONENTS = 64
 _MIN_WEIGHTS_PER_THREAD = 1 << 13
+_MAX_NATIVE_PARTS = 256  # MAX_PARTS in sws_kernel.c
 
 
 # --------------------------------------------------------------------------- torch
@@ -174,11 +175,13 @@ class _Native:
         return (weights.device.type == "cpu" and weights.dtype in self._functions
                 and components <= _MAX_NATIVE_COMPONENTS)
 
-    def _run(self, weights, mixture, grad_out, summary_out) -> None:
-        # Every tensor is contiguous and of the weights' dtype (mixture_log_prob_sum sees to it).
+    def value_and_grads(self, weights, mixture, grad_out, summary_out, *, chunk_size=None) -> None:
+        # Every tensor is contiguous and of the weights' dtype (mixture_log_prob_sum sees to it);
+        # grad_out None skips the weight gradient.
         log_weights, means, scales = mixture
         n = weights.numel()
-        parts = max(1, min(torch.get_num_threads(), n // _MIN_WEIGHTS_PER_THREAD)) if self.openmp else 1
+        threads = min(torch.get_num_threads(), _MAX_NATIVE_PARTS) if self.openmp else 1
+        parts = max(1, min(threads, n // _MIN_WEIGHTS_PER_THREAD))
         status = self._functions[weights.dtype](
             weights.data_ptr(), n, log_weights.data_ptr(), means.data_ptr(), scales.data_ptr(),
             log_weights.numel(), None if grad_out is None else grad_out.data_ptr(), summary_out.data_ptr(),
@@ -186,12 +189,9 @@ class _Native:
         if status:
             raise RuntimeError("the native mixture kernel rejected its arguments")
 
-    def value_and_grads(self, weights, mixture, grad_out, summary_out, *, chunk_size=None) -> None:
-        self._run(weights, mixture, grad_out, summary_out)
-
     def value(self, weights, mixture, *, chunk_size=None) -> torch.Tensor:
         summary = weights.new_empty(1 + 3 * mixture[0].numel())
-        self._run(weights, mixture, None, summary)
+        self.value_and_grads(weights, mixture, None, summary)
         return summary[0]
 
 

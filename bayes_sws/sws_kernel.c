@@ -56,7 +56,7 @@ static inline float exp_f32(float x)
 
 #define BLOCK 256
 #define MAX_COMPONENTS 64
-#define MAX_PARTS 1024
+#define MAX_PARTS 256 /* the partial sums live on the stack */
 #define MIN_LOG_RATIO (-80) /* exp below this is subnormal in float32 */
 #define HALF_LOG_2PI 0.91893853320467274178
 #define SUMMARY(J) (1 + 3 * (J))
