@@ -16,6 +16,11 @@ each with every prior kernel backend (torch ops, torch.compile, the native C ker
 (b) and (c) optimise the same objective (up to (c)'s unconstrained coordinates).
 fit_map uses torch's fused Adam; (a) and (b) use it too unless --adam default.
 
+The machine's speed drifts by up to 2× over seconds, so the trainers take turns:
+--rounds R times (a), (b), (c) for each kernel backend. The table shows each
+trainer's median over the rounds; c/a and c/b are formed within each round (from
+neighbouring measurements) and their median is checked against the targets.
+
 fit_map evaluates the test set once per epoch; that evaluation is timed on its own
 (evaluate() on the fitted values) and subtracted from fit_map's loop time. With
 --max-steps S, every trainer runs S steps after --warmup-steps untimed ones and the
@@ -25,10 +30,11 @@ smaller N, which does not change the work per step).
 
 A per-step breakdown compares one map_loss(model, guide, x, y,
 data_size=N) + backward against the plain-torch loss + backward with the same prior,
-and splits Pyro's forward pass into guide, model (replay), log-prob and the rest.
+and splits Pyro's forward pass into reading the AutoDelta point, the model trace
+conditioned on it, and the log-probabilities.
 
 Run:  cd /work/main && PYTHONPATH=. .venv/bin/python benchmarks/bench_epoch.py \
-          --max-steps 100 --json benchmarks/results/epoch.json
+          --max-steps 200 --json benchmarks/results/epoch.json
 """
 
 from __future__ import annotations
@@ -265,11 +271,13 @@ def breakdown(data, args, device) -> dict[str, float]:
     def pyro_loss():
         return map_loss(model, guide, xb, yb, data_size=n)
 
-    def traces():
-        guide_trace = pyro.poutine.trace(guide).get_trace(xb, yb, data_size=n)
-        model_trace = pyro.poutine.trace(
-            pyro.poutine.replay(model, trace=guide_trace)).get_trace(xb, yb, data_size=n)
-        return guide_trace, model_trace
+    site_names = [name for name, _ in guide.prototype_trace.iter_stochastic_nodes()]
+
+    def point():
+        return {name: pyro.get_param_store()[f"{guide._pyro_name}.{name}"] for name in site_names}
+
+    def model_trace():
+        return pyro.poutine.trace(pyro.poutine.condition(model, data=point())).get_trace(xb, yb, data_size=n)
 
     pieces = {
         "network: forward + mean CE + backward (no prior)":
@@ -282,12 +290,12 @@ def breakdown(data, args, device) -> dict[str, float]:
             (lambda: pyro_loss().backward(), lambda: zero(pyro_params)),
         "pyro: map_loss only (forward)":
             (lambda: pyro_loss(), lambda: None),
-        "pyro:   guide trace (AutoDelta)":
-            (lambda: pyro.poutine.trace(guide).get_trace(xb, yb, data_size=n), lambda: None),
-        "pyro:   guide + model traces (replay, incl. network forward)":
-            (traces, lambda: None),
-        "pyro:   traces + compute_log_prob (incl. fused prior)":
-            (lambda: [t.compute_log_prob() for t in traces()], lambda: None),
+        "pyro:   the AutoDelta point, from the param store":
+            (point, lambda: None),
+        "pyro:   + model trace conditioned on it (incl. network forward)":
+            (model_trace, lambda: None),
+        "pyro:   + compute_log_prob (incl. fused prior)":
+            (lambda: model_trace().compute_log_prob(), lambda: None),
         "adam step (pyro's parameters)":
             (lambda: adam.step(), lambda: None),
     }
@@ -370,6 +378,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="prior kernel backends to time in turn (bayes_sws.kernels; native: CPU only)")
     parser.add_argument("--trainers", nargs="+", choices=("plain", "torch-sws", "pyro"),
                         default=["plain", "torch-sws", "pyro"])
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="measure every trainer this many times, taking turns (the machine's "
+                             "speed drifts); tables show medians, ratios pair trainers of one round")
     parser.add_argument("--adam", choices=("fused", "default"), default="fused",
                         help="Adam implementation of (a) and (b): fused, as fit_map uses for (c), "
                              "or torch's default (a loop over parameters on CPU)")
@@ -437,57 +448,64 @@ def main(argv: list[str] | None = None) -> int:
             compile_seconds = timer.now() - start
             print(f"compiled kernels: compile time {compile_seconds:.1f} s (all layer shapes, "
                   f"value and grad kernels)")
-        for trainer in args.trainers:
-            if trainer == "plain" and mode != modes[0]:
-                continue  # no prior: kernels make no difference
-            if args.wait_idle > 0 and device.type == "cpu":
-                wait_until_idle(args.wait_idle)
-            with ForeignLoad() as load:
+        for round_ in range(1, args.rounds + 1):
+            for trainer in args.trainers:
+                if args.wait_idle > 0 and device.type == "cpu":
+                    wait_until_idle(args.wait_idle)
+                with ForeignLoad() as load:
+                    if trainer == "pyro":
+                        record = train_pyro(data, args, device, steps, full_epochs)
+                    else:
+                        record = train_torch(trainer, data, args, device, steps)
+                record.update(trainer=trainer, kernels=mode, round=round_,
+                              per_epoch_s=record["per_step_s"] * steps_per_epoch,
+                              foreign_cpu_load=load.fraction)
+                rows.append(record)
+                extra = ""
                 if trainer == "pyro":
-                    record = train_pyro(data, args, device, steps, full_epochs)
-                else:
-                    record = train_torch(trainer, data, args, device, steps)
-            record.update(trainer=trainer, kernels=mode if trainer != "plain" else "-",
-                          per_epoch_s=record["per_step_s"] * steps_per_epoch,
-                          foreign_cpu_load=load.fraction)
-            rows.append(record)
-            extra = ""
-            if trainer == "pyro":
-                extra = (f"  (fit_map loop {record['fit_map_loop_s']:.2f} s − "
-                         f"{record['test_evals_subtracted']}×test eval {record['test_eval_s']:.2f} s;"
-                         f" setup {record['setup_s']:.2f} s)")
-            print(f"  {trainer:<10} {record['kernels']:<9} {record['steps']:>5} steps "
-                  f"{record['seconds']:>8.2f} s  {fmt_seconds(record['per_step_s']):>9}/step  "
-                  f"{record['per_epoch_s']:>7.2f} s/epoch {record['minor_faults_per_step']:>7.0f} faults/step"
-                  f"{'  * busy %.0f%%' % (100 * load.fraction) if load.fraction > 0.1 else ''}"
-                  f"{extra}", flush=True)
+                    extra = (f"  (fit_map loop {record['fit_map_loop_s']:.2f} s − "
+                             f"{record['test_evals_subtracted']}×test eval {record['test_eval_s']:.2f} s;"
+                             f" setup {record['setup_s']:.2f} s)")
+                print(f"  round {round_}  {trainer:<10} {mode:<9} {record['steps']:>5} steps "
+                      f"{record['seconds']:>8.2f} s  {fmt_seconds(record['per_step_s']):>9}/step  "
+                      f"{record['per_epoch_s']:>7.2f} s/epoch {record['minor_faults_per_step']:>7.0f} faults/step"
+                      f"{'  * busy %.0f%%' % (100 * load.fraction) if load.fraction > 0.1 else ''}"
+                      f"{extra}", flush=True)
     print()
 
-    # ---- table and ratios
-    by = {(r["trainer"], r["kernels"]): r for r in rows}
-    plain = by.get(("plain", "-"))
-    header = (f"{'trainer':<12} {'kernels':<9} {'s/epoch':>8} {'ms/step':>8} {'c/a':>6} {'c/b':>6}")
-    print("seconds per epoch (c/a, c/b: pyro / plain, pyro / torch-sws with the same kernels)")
+    # ---- table and ratios: medians over rounds; ratios within a round, then their median
+    def per_step(trainer: str, mode: str) -> dict[int, float]:
+        return {r["round"]: r["per_step_s"] for r in rows if (r["trainer"], r["kernels"]) == (trainer, mode)}
+
+    ratios = []
+    for mode in modes:
+        pyro_steps, plain_steps, torch_steps = (per_step(t, mode) for t in ("pyro", "plain", "torch-sws"))
+        ratio = {"kernels": mode}
+        for key, other in (("c_over_a", plain_steps), ("c_over_b", torch_steps)):
+            by_round = [pyro_steps[k] / other[k] for k in pyro_steps if k in other]
+            ratio[key] = statistics.median(by_round) if by_round else None
+            ratio[key + "_by_round"] = by_round
+        ratio["target_c_over_a_le_2"] = None if ratio["c_over_a"] is None else ratio["c_over_a"] <= 2.0
+        ratio["target_c_over_b_le_1.3"] = None if ratio["c_over_b"] is None else ratio["c_over_b"] <= 1.3
+        ratios.append(ratio)
+    header = f"{'trainer':<12} {'kernels':<9} {'s/epoch':>8} {'ms/step':>8} {'(range)':>13}"
+    print(f"per-step time, median of {args.rounds} round(s) (range over rounds)")
     print(header)
     print("-" * len(header))
-    ratios = []
-    for r in rows:
-        c_over_a = c_over_b = None
-        if r["trainer"] == "pyro":
-            torch_sws = by.get(("torch-sws", r["kernels"]))
-            c_over_a = r["per_step_s"] / plain["per_step_s"] if plain else None
-            c_over_b = r["per_step_s"] / torch_sws["per_step_s"] if torch_sws else None
-            ratios.append({"kernels": r["kernels"], "c_over_a": c_over_a, "c_over_b": c_over_b,
-                           "target_c_over_a_le_2": None if c_over_a is None else c_over_a <= 2.0,
-                           "target_c_over_b_le_1.3": None if c_over_b is None else c_over_b <= 1.3})
-        f = (lambda v: f"{v:.2f}" if v is not None else "")
-        print(f"{r['trainer']:<12} {r['kernels']:<9} {r['per_epoch_s']:>8.2f} "
-              f"{r['per_step_s'] * 1e3:>8.1f} {f(c_over_a):>6} {f(c_over_b):>6}"
-              f"{'  *' if r['foreign_cpu_load'] > 0.1 else ''}")
+    for mode in modes:
+        for trainer in args.trainers:
+            times = list(per_step(trainer, mode).values())
+            if times:
+                middle = statistics.median(times)
+                print(f"{trainer:<12} {mode:<9} {middle * steps_per_epoch:>8.2f} {middle * 1e3:>8.1f} "
+                      f"{'(%.1f–%.1f)' % (min(times) * 1e3, max(times) * 1e3):>13}")
+    print()
+    print("ratios per round (c/a: pyro / plain, c/b: pyro / torch-sws, same kernels, same round), median:")
     for ratio in ratios:
         for key, limit, name in (("c_over_a", 2.0, "(c) <= 2.0 x (a)"), ("c_over_b", 1.3, "(c) <= 1.3 x (b)")):
             if ratio[key] is not None:
-                print(f"target {name} [{ratio['kernels']}]: {ratio[key]:.2f} -> "
+                rounds = ", ".join(f"{v:.2f}" for v in ratio[key + "_by_round"])
+                print(f"target {name} [{ratio['kernels']}]: median {ratio[key]:.2f} (rounds: {rounds}) -> "
                       f"{'PASS' if ratio[key] <= limit else 'FAIL'}")
     print()
 

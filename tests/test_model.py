@@ -156,6 +156,20 @@ def test_map_loss_replays_the_guide_where_latent_sites_sit_in_subsampled_plates(
     torch.testing.assert_close(map_loss(model, guide, y), expected, rtol=1e-12, atol=1e-12)
 
 
+def test_map_loss_after_the_param_store_was_cleared_equals_trace_elbo():
+    model = SoftWeightSharingModel(
+        make_net(), prior=SoftWeightSharingPrior(n_components=4, hyperpriors=ALL_HYPER),
+        likelihood=Categorical(), prior_weight=0.2,
+    )
+    x, y = random_data()
+    guide = AutoDelta(model, init_loc_fn=init_to_value(values=perturbed_initial_values(model)))
+    before = map_loss(model, guide, x, y)
+    pyro.clear_param_store()
+    torch.testing.assert_close(map_loss(model, guide, x, y), before, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(map_loss(model, guide, x, y), Trace_ELBO().differentiable_loss(model, guide, x, y),
+                               rtol=1e-12, atol=1e-12)
+
+
 def random_data(n=12, classes=2, seed=2, regression=False):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, 4, generator=g, dtype=F64)
