@@ -20,6 +20,9 @@ The machine's speed drifts by up to 2× over seconds, so the trainers take turns
 --rounds R times (a), (b), (c) for each kernel backend. The table shows each
 trainer's median over the rounds; c/a and c/b are formed within each round (from
 neighbouring measurements) and their median is checked against the targets.
+Then --interleaved-steps S: the three take turns step by step (same batches, (c) as
+one step of fit_map's loop), which gives the most stable c/b; a step then starts with
+caches the others used, which slows the smallest, (a), most, so c/a reads low there.
 
 fit_map evaluates the test set once per epoch; that evaluation is timed on its own
 (evaluate() on the fitted values) and subtracted from fit_map's loop time. With
@@ -63,7 +66,7 @@ from torch import nn  # noqa: E402
 
 from bayes_sws.kernels import set_backend  # noqa: E402
 from bayes_sws.data import batches, load_fashion_mnist  # noqa: E402
-from bayes_sws.inference import LearningRates, evaluate, fit_map, map_loss  # noqa: E402
+from bayes_sws.inference import LearningRates, evaluate, fit_map, map_loss, parameter_group  # noqa: E402
 from bayes_sws.model import Categorical, SoftWeightSharingModel  # noqa: E402
 from bayes_sws.prior import GaussianMixture, Hyperpriors, MixturePrior, SoftWeightSharingPrior  # noqa: E402
 
@@ -154,11 +157,10 @@ def index_stream(n: int, batch_size: int, seed: int, device):
         yield from batches(n, batch_size=batch_size, generator=generator, device=device)
 
 
-def train_torch(kind: str, data, args, device, steps: int) -> dict:
-    """(a) or (b): ``warmup`` untimed steps then ``steps`` timed ones, fresh model."""
+def torch_trainer(kind: str, args, device, n: int):
+    """(a) or (b) on a fresh network: a function that takes one Adam step on a batch."""
     torch.manual_seed(args.seed)
     net = lenet_300_100().to(device)
-    x, y, n = data.train_x, data.train_y, data.train_x.shape[0]
     if kind == "plain":
         optimizer = torch.optim.Adam(net.parameters(), lr=1e-3, fused=args.adam == "fused")
 
@@ -168,29 +170,86 @@ def train_torch(kind: str, data, args, device, steps: int) -> dict:
         sws = TorchSWS(net, sws_prior(args.components), args.prior_weight, n)
         optimizer = sws.optimizer(LearningRates(), fused=args.adam == "fused")
         loss_fn = sws.loss
-    timer = Timer(device)
-    stream = index_stream(n, args.batch_size, args.seed, device)
-    total_loss = 0.0
 
-    def step():
-        nonlocal total_loss
-        index = next(stream)
-        xb, yb = x[index], y[index]
+    def step(xb, yb) -> float:
         optimizer.zero_grad(set_to_none=True)
         loss = loss_fn(xb, yb)
         loss.backward()
         optimizer.step()
-        total_loss += loss.item()  # fit_map does the same every step
+        return loss.item()  # fit_map does the same every step
 
+    return step
+
+
+def pyro_trainer(args, device, n: int, xb, yb):
+    """(c) as one step of fit_map's loop: map_loss on an AutoDelta guide, backward, fused Adam."""
+    model = make_model(args, device)
+    pyro.clear_param_store()
+    guide = AutoDelta(model, init_loc_fn=init_to_value(values=model.initial_values()))
+    with pyro.validation_enabled(False):
+        map_loss(model, guide, xb, yb, data_size=n)  # creates the guide's parameters
+    groups: dict[str, list[torch.Tensor]] = {}
+    for name, param in pyro.get_param_store().named_parameters():
+        groups.setdefault(parameter_group(name), []).append(param)
+    rates = LearningRates()
+    optimizer = torch.optim.Adam([{"params": params, "lr": getattr(rates, group)}
+                                  for group, params in groups.items()], fused=True)
+
+    def step(xb, yb) -> float:
+        optimizer.zero_grad(set_to_none=True)
+        with pyro.validation_enabled(False):
+            loss = map_loss(model, guide, xb, yb, data_size=n)
+        loss.backward()
+        optimizer.step()
+        return loss.item()
+
+    return step
+
+
+def train_torch(kind: str, data, args, device, steps: int) -> dict:
+    """(a) or (b): ``warmup`` untimed steps then ``steps`` timed ones, fresh model."""
+    x, y, n = data.train_x, data.train_y, data.train_x.shape[0]
+    step = torch_trainer(kind, args, device, n)
+    timer = Timer(device)
+    stream = index_stream(n, args.batch_size, args.seed, device)
     for _ in range(args.warmup_steps):
-        step()
+        index = next(stream)
+        step(x[index], y[index])
     faults = minor_faults()
     start = timer.now()
     for _ in range(steps):
-        step()
+        index = next(stream)
+        step(x[index], y[index])
     seconds = timer.now() - start
     return {"seconds": seconds, "steps": steps, "per_step_s": seconds / steps,
             "minor_faults_per_step": (minor_faults() - faults) / steps}
+
+
+def interleaved_steps(data, args, device, steps: int) -> dict[str, list[float]]:
+    """Seconds of each step of (a), (b) and (c), the trainers taking turns step by step.
+
+    The machine's speed drifts over seconds; stepping the three in turn (who goes
+    first rotates) exposes them to the same drift, so their ratios are stable.
+    """
+    x, y, n = data.train_x, data.train_y, data.train_x.shape[0]
+    stream = index_stream(n, args.batch_size, args.seed, device)
+    first = next(stream)
+    trainers = {"plain": torch_trainer("plain", args, device, n),
+                "torch-sws": torch_trainer("torch-sws", args, device, n),
+                "pyro": pyro_trainer(args, device, n, x[first], y[first])}
+    timer = Timer(device)
+    order = list(trainers)
+    times: dict[str, list[float]] = {name: [] for name in trainers}
+    for k in range(args.warmup_steps + steps):
+        index = next(stream)
+        xb, yb = x[index], y[index]
+        for name in order:
+            start = timer.now()
+            trainers[name](xb, yb)
+            if k >= args.warmup_steps:
+                times[name].append(timer.now() - start)
+        order = order[1:] + order[:1]
+    return times
 
 
 def make_model(args, device) -> SoftWeightSharingModel:
@@ -381,6 +440,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3,
                         help="measure every trainer this many times, taking turns (the machine's "
                              "speed drifts); tables show medians, ratios pair trainers of one round")
+    parser.add_argument("--interleaved-steps", type=int, default=200,
+                        help="then time (a), (b), (c) taking turns step by step for this many steps "
+                             "each (0: skip)")
     parser.add_argument("--adam", choices=("fused", "default"), default="fused",
                         help="Adam implementation of (a) and (b): fused, as fit_map uses for (c), "
                              "or torch's default (a loop over parameters on CPU)")
@@ -509,6 +571,29 @@ def main(argv: list[str] | None = None) -> int:
                       f"{'PASS' if ratio[key] <= limit else 'FAIL'}")
     print()
 
+    # ---- the same three, interleaved step by step
+    interleaved: dict[str, dict] = {}
+    if args.interleaved_steps and set(args.trainers) == {"plain", "torch-sws", "pyro"}:
+        print(f"interleaved: (a), (b), (c) take turns step by step, {args.interleaved_steps} steps each; "
+              f"median ms/step and ratios of the medians")
+        header = f"{'kernels':<9} {'(a)':>7} {'(b)':>7} {'(c)':>7} {'c/a':>6} {'c/b':>6}"
+        print(header)
+        print("-" * len(header))
+        for mode in modes:
+            set_backend(mode)
+            times = interleaved_steps(data, args, device, args.interleaved_steps)
+            middle = {name: statistics.median(values) for name, values in times.items()}
+            c_over_a, c_over_b = middle["pyro"] / middle["plain"], middle["pyro"] / middle["torch-sws"]
+            interleaved[mode] = {"median_step_s": middle, "c_over_a": c_over_a, "c_over_b": c_over_b,
+                                 "step_s": times}
+            print(f"{mode:<9} {middle['plain'] * 1e3:>7.2f} {middle['torch-sws'] * 1e3:>7.2f} "
+                  f"{middle['pyro'] * 1e3:>7.2f} {c_over_a:>6.2f} {c_over_b:>6.2f}")
+        for mode, result in interleaved.items():
+            for key, limit, name in (("c_over_a", 2.0, "(c) <= 2.0 x (a)"), ("c_over_b", 1.3, "(c) <= 1.3 x (b)")):
+                print(f"target {name} [{mode}, interleaved]: {result[key]:.2f} -> "
+                      f"{'PASS' if result[key] <= limit else 'FAIL'}")
+        print()
+
     # ---- breakdown
     pieces: dict[str, dict[str, float]] = {}
     if not args.no_breakdown:
@@ -548,7 +633,9 @@ def main(argv: list[str] | None = None) -> int:
     warn_if_loaded(rows, "trainer run(s)")
     if args.json:
         write_json(args.json, "bench_epoch", config=vars(args), steps_per_epoch=steps_per_epoch,
-                   compile_seconds=compile_seconds, rows=rows, ratios=ratios, breakdown=pieces,
+                   compile_seconds=compile_seconds, rows=rows, ratios=ratios,
+                   interleaved={mode: {k: v for k, v in r.items() if k != "step_s"} for mode, r in interleaved.items()},
+                   breakdown=pieces,
                    profile=profile_tables)
     return 0
 
