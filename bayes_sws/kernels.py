@@ -218,10 +218,9 @@ def _compile_native(flags: list[str]) -> Path:
 def _build_native() -> _Native:
     flags = ["-O3", "-march=native", "-ffast-math", "-fPIC", "-shared"]
     try:
-        library = _compile_native([*flags, "-fopenmp"])
-    except subprocess.CalledProcessError:  # a compiler without OpenMP: one thread
-        library = _compile_native(flags)
-    return _Native(ctypes.CDLL(str(library)))
+        return _Native(ctypes.CDLL(str(_compile_native([*flags, "-fopenmp"]))))
+    except (OSError, subprocess.SubprocessError):  # no OpenMP to build or load with: one thread
+        return _Native(ctypes.CDLL(str(_compile_native(flags))))
 
 
 @functools.cache

@@ -196,13 +196,16 @@ def mixture_log_prob_sum(
     if not 0 <= event_dim <= weights.dim():
         raise ValueError(f"event_dim must lie in [0, {weights.dim()}] for weights of shape "
                          f"{tuple(weights.shape)}, got {event_dim}")
+    if any(t.dim() != 1 for t in mixture) or len({t.numel() for t in mixture}) != 1:
+        raise ValueError("mixture parameters must all have shape (J,), got "
+                         + ", ".join(str(tuple(t.shape)) for t in mixture))
     # One dtype for weights and mixture (as torch's own promotion would give), so every
     # backend reads its inputs as the type they are and returns gradients of that type.
     dtype = weights.dtype
     for t in mixture:
         dtype = torch.promote_types(dtype, t.dtype)
     weights = weights.to(dtype).contiguous()
-    mixture = GaussianMixture(*(t.to(dtype).contiguous() for t in mixture))
+    mixture = GaussianMixture(*(t.to(weights.device, dtype).contiguous() for t in mixture))
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (weights, *mixture))
     if needs_grad:
         return _FusedLogProbSum.apply(weights, *mixture, event_dim, chunk_size)
@@ -430,7 +433,8 @@ class SoftWeightSharingPrior:
         """
         key = (like.dtype, like.device, torch.distributions.Distribution._validate_args)
         if key not in self._site_prior_cache:
-            self._site_prior_cache[key] = self._build_site_priors(like.dtype, like.device)
+            with torch.inference_mode(False):  # normal tensors, usable later in training too
+                self._site_prior_cache[key] = self._build_site_priors(like.dtype, like.device)
         return self._site_prior_cache[key]
 
     def _build_site_priors(self, dtype: torch.dtype, device: torch.device) -> dict[str, dist.Distribution]:

@@ -26,11 +26,13 @@
 #include <stdint.h>
 #include <string.h>
 
-/* exp(x) for float x in [MIN_LOG_RATIO, 0], within 1.2e-7 relative (about one ulp):
- * x = n ln2 + r, |r| <= ln2/2, with Cephes' polynomial for exp(r) and n added to the
- * exponent bits. Inline and branch-free, so the loops calling it vectorise (glibc's
- * vector expf is a call per vector and 1.4 times slower here). Where the CPU has FMA,
- * fmaf keeps -ffast-math from merging the two parts of ln2. */
+/* exp(x) for float x in [MIN_LOG_RATIO, 0] only (the caller clamps; below about -87
+ * the exponent arithmetic overflows): x = n ln2 + r, |r| <= ln2/2, with Cephes'
+ * polynomial for exp(r) and n added to the exponent bits. Inline and branch-free, so
+ * the loops calling it vectorise (glibc's vector expf is a call per vector and 1.4
+ * times slower here). Within 1.2e-7 relative (about one ulp) where the CPU has FMA:
+ * fmaf keeps -ffast-math from merging the two parts of ln2. Without FMA it may merge
+ * them, and the error grows with |n| to 4e-6 near x = -72, on terms that small. */
 #ifdef __FP_FAST_FMAF
 #define MINUS_PRODUCT_PLUS(a, b, c) fmaf(-(a), (b), (c))
 #else

@@ -73,7 +73,8 @@ def test_native_kernel_threads_are_torchs_own_openmp_threads() -> None:
         pytest.skip("needs /proc to list loaded libraries")
     # In a fresh process: other packages (scikit-learn) bring OpenMP runtimes of their own.
     probe = ("from pathlib import Path; from bayes_sws import kernels; kernels.native_available(); "
-             "print(*{l.split()[-1] for l in Path('/proc/self/maps').read_text().splitlines() if 'gomp' in l})")
+             "import re; print(*{l.split()[-1] for l in Path('/proc/self/maps').read_text().splitlines() "
+             "if re.search(r'lib(g|i)?omp', l)})")
     runtimes = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300,
                               check=True).stdout.split()
     assert len(runtimes) == 1, f"two OpenMP runtimes loaded: {runtimes}"

@@ -156,7 +156,7 @@ def test_map_loss_replays_the_guide_where_latent_sites_sit_in_subsampled_plates(
     torch.testing.assert_close(map_loss(model, guide, y), expected, rtol=1e-12, atol=1e-12)
 
 
-def test_map_loss_after_the_param_store_was_cleared_equals_trace_elbo():
+def test_map_loss_after_the_param_store_was_cleared_puts_the_guide_parameters_back():
     model = SoftWeightSharingModel(
         make_net(), prior=SoftWeightSharingPrior(n_components=4, hyperpriors=ALL_HYPER),
         likelihood=Categorical(), prior_weight=0.2,
@@ -164,10 +164,52 @@ def test_map_loss_after_the_param_store_was_cleared_equals_trace_elbo():
     x, y = random_data()
     guide = AutoDelta(model, init_loc_fn=init_to_value(values=perturbed_initial_values(model)))
     before = map_loss(model, guide, x, y)
+    names = set(pyro.get_param_store().keys())
     pyro.clear_param_store()
     torch.testing.assert_close(map_loss(model, guide, x, y), before, rtol=1e-12, atol=1e-12)
+    assert set(pyro.get_param_store().keys()) == names
     torch.testing.assert_close(map_loss(model, guide, x, y), Trace_ELBO().differentiable_loss(model, guide, x, y),
                                rtol=1e-12, atol=1e-12)
+
+
+def test_svi_with_map_loss_trains_the_guide_to_the_conjugate_posterior_mode():
+    def model(y):
+        mean = pyro.sample("mean", pyro.distributions.Normal(0.0, 10.0))
+        with pyro.plate("data", len(y)):
+            pyro.sample("y", pyro.distributions.Normal(mean, 1.0), obs=y)
+
+    y = torch.linspace(2.0, 4.0, 20, dtype=F64)
+    guide = AutoDelta(model, init_loc_fn=init_to_value(values={"mean": torch.tensor(-4.0, dtype=F64)}))
+    svi = pyro.infer.SVI(model, guide, pyro.optim.Adam({"lr": 0.1}), loss=map_loss)
+    for _ in range(300):
+        svi.step(y)
+    mode = y.sum() / (len(y) + 1 / 10.0**2)  # prior N(0, 10²), unit noise
+    assert float(guide.median(y)["mean"]) == pytest.approx(float(mode), abs=1e-3)
+
+
+def test_map_loss_keeps_the_observation_of_a_site_that_was_latent_in_the_guide_prototype():
+    def model(x, y=None):
+        slope = pyro.sample("slope", pyro.distributions.LogNormal(0.0, 1.0))
+        return pyro.sample("y", pyro.distributions.Normal(x * slope, 1.0).to_event(1), obs=y)
+
+    x = torch.tensor([1.0, 2.0, 3.0], dtype=F64)
+    guide = AutoDelta(model, init_loc_fn=init_to_value(values={"slope": torch.tensor(1.5, dtype=F64),
+                                                              "y": torch.zeros(3, dtype=F64)}))
+    guide(x)  # the prototype sees y as latent (built for prediction)
+    y = torch.tensor([0.5, 0.1, 4.0], dtype=F64)
+    with pytest.warns(UserWarning, match="non-auxiliary"):
+        expected = Trace_ELBO().differentiable_loss(model, guide, x, y)
+    torch.testing.assert_close(map_loss(model, guide, x, y), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_map_loss_with_module_local_guide_parameters_equals_trace_elbo():
+    def model():
+        pyro.sample("a", pyro.distributions.Normal(0.0, 1.0))
+
+    with pyro.settings.context(module_local_params=True):
+        guide = AutoDelta(model, init_loc_fn=init_to_value(values={"a": torch.tensor(0.7, dtype=F64)}))
+        torch.testing.assert_close(map_loss(model, guide), Trace_ELBO().differentiable_loss(model, guide),
+                                   rtol=1e-12, atol=1e-12)
 
 
 def random_data(n=12, classes=2, seed=2, regression=False):

@@ -703,3 +703,18 @@ def test_site_hyperpriors_are_built_once_per_dtype_and_device():
     assert single["precisions"].base_dist.concentration.dtype == torch.float32
     with pyro.validation_enabled(not torch.distributions.Distribution._validate_args):
         assert prior._site_priors(torch.zeros(1)) is not single
+
+
+def test_hyperpriors_first_built_under_inference_mode_still_train():
+    prior = SoftWeightSharingPrior(n_components=3, hyperpriors=Hyperpriors(precision_gamma=(2.0, 1.0), dirichlet=2.0))
+    with torch.inference_mode():
+        prior.log_hyperprior(prior.initial_mixture(torch.randn(10)))
+    mixture = GaussianMixture(*(t.clone().requires_grad_() for t in prior.initial_mixture(torch.randn(10))))
+    prior.log_hyperprior(mixture).backward()
+    assert mixture.scales.grad is not None and torch.isfinite(mixture.scales.grad).all()
+
+
+def test_mixture_parameters_of_different_lengths_are_a_value_error(kernel_backend):
+    mixture = GaussianMixture(torch.log(torch.tensor([0.5, 0.3, 0.2])), torch.tensor([0.0, 1.0]), torch.tensor([0.5, 0.5]))
+    with pytest.raises(ValueError, match=r"shape \(J,\), got \(3,\), \(2,\), \(2,\)"):
+        mixture_log_prob_sum(torch.randn(1, 100), mixture)
