@@ -34,7 +34,7 @@ smaller N, which does not change the work per step).
 A per-step breakdown compares one map_loss(model, guide, x, y,
 data_size=N) + backward against the plain-torch loss + backward with the same prior,
 and splits Pyro's forward pass into reading the AutoDelta point, the model trace
-conditioned on it, and the log-probabilities.
+replayed on it, and the log-probabilities.
 
 Run:  cd /work/main && PYTHONPATH=. .venv/bin/python benchmarks/bench_epoch.py \
           --max-steps 200 --json benchmarks/results/epoch.json
@@ -332,11 +332,15 @@ def breakdown(data, args, device) -> dict[str, float]:
 
     site_names = [name for name, _ in guide.prototype_trace.iter_stochastic_nodes()]
 
-    def point():
-        return {name: pyro.get_param_store()[f"{guide._pyro_name}.{name}"] for name in site_names}
+    def point():  # as map_loss reads it
+        trace = pyro.poutine.Trace()
+        for name in site_names:
+            trace.add_node(name, type="sample", value=pyro.param(f"{guide._pyro_name}.{name}"),
+                           is_observed=False, infer={})
+        return trace
 
     def model_trace():
-        return pyro.poutine.trace(pyro.poutine.condition(model, data=point())).get_trace(xb, yb, data_size=n)
+        return pyro.poutine.trace(pyro.poutine.replay(model, trace=point())).get_trace(xb, yb, data_size=n)
 
     pieces = {
         "network: forward + mean CE + backward (no prior)":
@@ -349,9 +353,9 @@ def breakdown(data, args, device) -> dict[str, float]:
             (lambda: pyro_loss().backward(), lambda: zero(pyro_params)),
         "pyro: map_loss only (forward)":
             (lambda: pyro_loss(), lambda: None),
-        "pyro:   the AutoDelta point, from the param store":
+        "pyro:   the AutoDelta point (pyro.param)":
             (point, lambda: None),
-        "pyro:   + model trace conditioned on it (incl. network forward)":
+        "pyro:   + model trace replayed on it (incl. network forward)":
             (model_trace, lambda: None),
         "pyro:   + compute_log_prob (incl. fused prior)":
             (lambda: model_trace().compute_log_prob(), lambda: None),
