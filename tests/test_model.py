@@ -157,10 +157,7 @@ def test_map_loss_replays_the_guide_where_latent_sites_sit_in_subsampled_plates(
 
 
 def test_map_loss_after_the_param_store_was_cleared_puts_the_guide_parameters_back():
-    model = SoftWeightSharingModel(
-        make_net(), prior=SoftWeightSharingPrior(n_components=4, hyperpriors=ALL_HYPER),
-        likelihood=Categorical(), prior_weight=0.2,
-    )
+    model = four_component_model(prior_weight=0.2)
     x, y = random_data()
     guide = AutoDelta(model, init_loc_fn=init_to_value(values=perturbed_initial_values(model)))
     before = map_loss(model, guide, x, y)
@@ -228,6 +225,15 @@ ALL_HYPER = Hyperpriors(
     zero_weight_beta=(5.0, 2.0),
 )
 
+
+def four_component_model(*, prior_weight):
+    """A small classifier under a four-component prior with every hyperprior."""
+    return SoftWeightSharingModel(
+        make_net(), prior=SoftWeightSharingPrior(n_components=4, hyperpriors=ALL_HYPER),
+        likelihood=Categorical(), prior_weight=prior_weight,
+    )
+
+
 LOSS_CASES = {
     "flat_hyperpriors": dict(prior=dict(n_components=4), model=dict()),
     "all_hyperpriors": dict(prior=dict(n_components=4, hyperpriors=ALL_HYPER), model=dict()),
@@ -273,10 +279,7 @@ def test_auto_delta_loss_equals_nll_plus_lambda_omega_minus_log_hyperpriors(case
 
 
 def test_minibatch_loss_scales_nll_by_n_over_b_and_keeps_prior_and_hyperprior_unscaled():
-    model = SoftWeightSharingModel(
-        make_net(), prior=SoftWeightSharingPrior(n_components=4, hyperpriors=ALL_HYPER),
-        likelihood=Categorical(), prior_weight=0.2,
-    )
+    model = four_component_model(prior_weight=0.2)
     x, y = random_data(n=20)
     xb, yb = x[:5], y[:5]
     loss, values = auto_delta_loss(model, xb, yb, data_size=20)
@@ -284,10 +287,7 @@ def test_minibatch_loss_scales_nll_by_n_over_b_and_keeps_prior_and_hyperprior_un
 
 
 def test_loss_gradient_with_respect_to_weights_equals_nll_gradient_plus_lambda_omega_gradient():
-    model = SoftWeightSharingModel(
-        make_net(), prior=SoftWeightSharingPrior(n_components=4, hyperpriors=ALL_HYPER),
-        likelihood=Categorical(), prior_weight=0.37,
-    )
+    model = four_component_model(prior_weight=0.37)
     x, y = random_data()
     guide = AutoDelta(model, init_loc_fn=init_to_value(values=perturbed_initial_values(model)))
     loss = Trace_ELBO().differentiable_loss(model, guide, x, y)
