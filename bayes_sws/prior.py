@@ -143,8 +143,8 @@ class _FusedLogProbSum(torch.autograd.Function):
     def forward(ctx, weights, log_weights, means, scales, event_dim, chunk_size):
         mixture = (log_weights, means, scales)
         row_functions = kernels.backend(weights, log_weights.numel())
-        batch_shape = weights.shape[: weights.dim() - event_dim]
-        rows = weights.view(batch_shape.numel(), -1)
+        batch_shape, event_shape = weights.shape[: weights.dim() - event_dim], weights.shape[weights.dim() - event_dim :]
+        rows = weights.view(batch_shape.numel(), event_shape.numel())
         grad_weights = torch.empty_like(weights)
         # per row: the value, then its gradients with respect to log π, μ and σ (each J)
         summaries = weights.new_empty(rows.shape[0], 1 + 3 * log_weights.numel())
@@ -209,11 +209,12 @@ def mixture_log_prob_sum(
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (weights, *mixture))
     if needs_grad:
         return _FusedLogProbSum.apply(weights, *mixture, event_dim, chunk_size)
-    batch_shape = weights.shape[: weights.dim() - event_dim]
+    batch_shape, event_shape = weights.shape[: weights.dim() - event_dim], weights.shape[weights.dim() - event_dim :]
     row_functions = kernels.backend(weights, mixture.means.numel())
-    rows = weights.view(batch_shape.numel(), -1)
-    values = [row_functions.value(row, tuple(mixture), chunk_size=chunk_size) for row in rows]
-    return torch.stack(values).view(batch_shape)
+    values = weights.new_empty(batch_shape.numel())
+    for row, slot in zip(weights.view(batch_shape.numel(), event_shape.numel()), values):
+        slot.copy_(row_functions.value(row, tuple(mixture), chunk_size=chunk_size))
+    return values.view(batch_shape)
 
 
 class MixturePrior(TorchDistribution):

@@ -718,3 +718,15 @@ def test_mixture_parameters_of_different_lengths_are_a_value_error(kernel_backen
     mixture = GaussianMixture(torch.log(torch.tensor([0.5, 0.3, 0.2])), torch.tensor([0.0, 1.0]), torch.tensor([0.5, 0.5]))
     with pytest.raises(ValueError, match=r"shape \(J,\), got \(3,\), \(2,\), \(2,\)"):
         mixture_log_prob_sum(torch.randn(1, 100), mixture)
+
+
+@pytest.mark.parametrize("shape", [(0, 5), (3, 0)])
+def test_empty_batches_and_empty_weight_rows_give_empty_and_zero_sums(shape, kernel_backend):
+    weights = torch.zeros(shape, dtype=F64, requires_grad=True)
+    sums = mixture_log_prob_sum(weights, small_mixture())
+    assert sums.shape == shape[:1]
+    torch.testing.assert_close(sums, torch.zeros(shape[:1], dtype=F64))
+    sums.sum().backward()
+    assert weights.grad.shape == shape
+    with torch.no_grad():
+        torch.testing.assert_close(mixture_log_prob_sum(weights, small_mixture()), torch.zeros(shape[:1], dtype=F64))
