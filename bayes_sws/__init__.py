@@ -13,7 +13,9 @@ from .data import Dataset, load_dataset
 from .errors import BayesSWSError, DataError, FitError, SpecError
 from .kernels import set_backend, use_compiled_kernels
 from .experiment import FittedModel, build_model, load_checkpoint, run
-from .inference import LearningRates, MAPResult, evaluate, fit_map
+from .fit import Callback, Evaluate, FitState, evaluate, fit, start_fit
+from .inference import EMUpdate, fit_map, map_guide, map_loss
+from .optim import LearningRates
 from .model import Categorical, Gaussian, SoftWeightSharingModel
 from .nets import build_network
 from .prior import (
@@ -31,16 +33,19 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BayesSWSError",
+    "Callback",
     "Categorical",
     "DataError",
     "Dataset",
+    "EMUpdate",
+    "Evaluate",
     "FitError",
+    "FitState",
     "FittedModel",
     "Gaussian",
     "GaussianMixture",
     "Hyperpriors",
     "LearningRates",
-    "MAPResult",
     "MixturePrior",
     "SoftWeightSharingModel",
     "SoftWeightSharingPrior",
@@ -49,14 +54,18 @@ __all__ = [
     "build_model",
     "build_network",
     "evaluate",
+    "fit",
     "fit_map",
     "load_checkpoint",
     "load_dataset",
     "load_spec",
+    "map_guide",
+    "map_loss",
     "mixture_log_density",
     "mixture_log_prob_sum",
     "responsibilities",
     "run",
     "set_backend",
+    "start_fit",
     "use_compiled_kernels",
 ]

@@ -96,6 +96,13 @@ class Dataset:
     target_variance : float or None
         Regression only: the target variance that normalises the average relative
         variance (ARV = mean squared error / ``target_variance``).
+    valid_x, valid_y : torch.Tensor or None
+        A validation split carved from the training data for model selection
+        (:meth:`with_validation`), shaped like ``(train_x, train_y)``; ``None`` when
+        there is none.
+    sequential : bool
+        The examples are in time order (a series): a validation split is then the
+        last stretch of the training period, not a random subset.
 
     Raises
     ------
@@ -113,13 +120,20 @@ class Dataset:
     n_classes: int | None
     extra_tests: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     target_variance: float | None = None
+    valid_x: torch.Tensor | None = None
+    valid_y: torch.Tensor | None = None
+    sequential: bool = False
 
     def __post_init__(self) -> None:
         if self.task not in _TASKS:
             raise ValueError(f"task must be one of {_TASKS}, got {self.task!r}")
         if (self.n_classes is None) != (self.task == "regression"):
             raise ValueError(f"n_classes={self.n_classes!r} does not fit task {self.task!r}")
+        if (self.valid_x is None) != (self.valid_y is None):
+            raise ValueError("valid_x and valid_y must both be given or both be None")
         splits = {"train": (self.train_x, self.train_y), "test": (self.test_x, self.test_y)}
+        if self.valid_x is not None:
+            splits["valid"] = (self.valid_x, self.valid_y)
         for split, (x, y) in {**splits, **self.extra_tests}.items():
             if len(x) != len(y):
                 raise ValueError(f"split {split!r} has {len(x)} inputs but {len(y)} targets")
@@ -157,6 +171,51 @@ class Dataset:
             extra_tests={
                 split: (x.to(device), y.to(device)) for split, (x, y) in self.extra_tests.items()
             },
+            valid_x=None if self.valid_x is None else self.valid_x.to(device),
+            valid_y=None if self.valid_y is None else self.valid_y.to(device),
+        )
+
+    def with_validation(self, fraction: float, *, seed: int = 0) -> Dataset:
+        """Return a copy whose validation split is ``fraction`` of the training examples.
+
+        The examples are drawn at random (seeded) or, for a ``sequential`` dataset,
+        taken from the end of the training period; they leave the training split.
+        A dataset that already has a validation split is split again from its
+        training split only.
+
+        Parameters
+        ----------
+        fraction : float
+            In [0, 1); 0 gives no validation split.
+        seed : int
+            Seed of the random draw.
+
+        Returns
+        -------
+        Dataset
+
+        Raises
+        ------
+        ValueError
+            If ``fraction`` is out of range or leaves no training example.
+        """
+        if not 0 <= fraction < 1:
+            raise ValueError(f"validation fraction must lie in [0, 1), got {fraction}")
+        n = self.train_x.shape[0]
+        n_valid = round(fraction * n)
+        if n_valid == 0:
+            return dataclasses.replace(self, valid_x=None, valid_y=None)
+        if n_valid >= n:
+            raise ValueError(f"validation fraction {fraction} leaves no training example of {n}")
+        if self.sequential:
+            order = torch.arange(n)
+        else:
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+        keep, held_out = order[: n - n_valid].sort().values, order[n - n_valid:].sort().values
+        keep, held_out = keep.to(self.train_x.device), held_out.to(self.train_x.device)
+        return dataclasses.replace(
+            self, train_x=self.train_x[keep], train_y=self.train_y[keep],
+            valid_x=self.train_x[held_out], valid_y=self.train_y[held_out],
         )
 
 
@@ -449,6 +508,7 @@ def load_sunspots(*, lags: int = 12) -> Dataset:
         n_classes=None,
         extra_tests={f"{first_extra}-{last_extra}": split(first_extra, last_extra)},
         target_variance=float(series.var()),
+        sequential=True,
     )
 
 

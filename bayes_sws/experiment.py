@@ -19,13 +19,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-import pyro
 import torch
 
 from . import plots
 from .data import Dataset, load_dataset
 from .errors import BayesSWSError
-from .inference import evaluate, fit_map
+from .fit import evaluate
+from .inference import fit_map
 from .model import Categorical, Gaussian, SoftWeightSharingModel
 from .nets import build_network
 from .kernels import set_backend
@@ -34,7 +34,7 @@ from .spec import Spec, parse_spec
 
 __all__ = ["CHECKPOINT_FORMAT", "FittedModel", "build_model", "load_checkpoint", "resolve_device", "run"]
 
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2
 
 
 def resolve_device(name: str) -> torch.device:
@@ -58,7 +58,8 @@ def build_model(
 ) -> SoftWeightSharingModel:
     """The Pyro model a specification describes, for data of the given shape.
 
-    Seeds torch with ``spec.seed`` first, so the network's initial weights are reproducible.
+    The network's initial weights are drawn from torch's RNG seeded with
+    ``spec.seed`` (forked: the caller's RNG is left as it was).
 
     Parameters
     ----------
@@ -70,8 +71,9 @@ def build_model(
         Classes, or 1 for regression.
     device : torch.device or str
     """
-    torch.manual_seed(spec.seed)
-    network = build_network(spec.network, input_shape=input_shape, n_outputs=n_outputs).to(device)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(spec.seed)
+        network = build_network(spec.network, input_shape=input_shape, n_outputs=n_outputs).to(device)
     return SoftWeightSharingModel(
         network,
         prior=spec.prior.mixture,
@@ -190,17 +192,16 @@ def run(
         likelihood_only = SoftWeightSharingModel(
             model.network, prior=model.prior, likelihood=model.likelihood, prior_weight=0.0,
             include_biases=spec.prior.include_biases, shared=spec.prior.shared)
-        pretrained = fit_map(likelihood_only, data, epochs=settings.pretrain_epochs, **common)
-        model.load_values(pretrained.all_values())
-        pretrain_seconds = pretrained.seconds
+        pretrain_seconds = fit_map(likelihood_only, data, epochs=settings.pretrain_epochs, **common).seconds
     result = fit_map(model, data, epochs=settings.epochs, em_every=settings.em_every or None, **common)
-    model.load_values(result.all_values())
+    values = result.values
 
     metric = _metric_name(data)
     for record in result.history:
         if metric == "arv":
-            record["arv"] = record["mse"] / data.target_variance
-    mixtures = model.mixtures(result.values)
+            for key in [k for k in record if k.endswith("_mse")]:
+                record[key.removesuffix("_mse") + "_arv"] = record[key] / data.target_variance
+    mixtures = model.mixtures(values)
     metrics = {
         "model": spec.name,
         "method": spec.inference.method,
@@ -211,7 +212,7 @@ def run(
         "pretrain_epochs": spec.inference.pretrain_epochs,
         "seconds": result.seconds + pretrain_seconds,
         "train_loss": result.history[-1]["loss"],
-        **_test_metrics(model, result.values, data),
+        **_test_metrics(model, values, data),
         "n_weights": model.n_weights,
         "prior_weight": model.prior_weight,
         "mixture": {group: m.as_dict() for group, m in mixtures.items()}
@@ -228,37 +229,42 @@ def run(
         "format": CHECKPOINT_FORMAT,
         "spec": spec.to_dict(),
         "data": _data_shape(data),
-        "values": {k: v.cpu() for k, v in result.values.items()},
-        "parameters": {k: v.cpu() for k, v in result.parameters.items()},
-        "optimizer_state": result.optimizer_state,
-        "param_store": pyro.get_param_store().get_state(),
+        "values": {k: v.cpu() for k, v in values.items()},
+        "network": {k: v.detach().cpu() for k, v in model.network.state_dict().items()},
+        "fit_state": result.state_dict(),
         "metrics": metrics,
     }
     _write_atomically(out / "checkpoint.pt", lambda p: torch.save(checkpoint, p))
     group = next(iter(model.groups))
     _write_atomically(out / "weights.png", lambda p: plots.plot_weights(
-        model.group_weights(result.values, group), mixtures[group], p,
+        model.group_weights(values, group), mixtures[group], p,
         title=f"{spec.name}: weights and learned mixture"))
     _write_atomically(out / "history.png", lambda p: plots.plot_history(
-        result.history, p, metric=metric, group=group))
+        result.history, p, metric=f"test_{metric}", group=group))
     return metrics
 
 
 def load_checkpoint(path: str | os.PathLike[str], *, device: str = "cpu") -> FittedModel:
     """Load a run's ``checkpoint.pt`` back into a :class:`FittedModel`.
 
-    Rebuilds the network from the saved specification (no data is loaded:
-    only its shape is needed, and it is saved too) and loads the fitted values.
-    The pass-through parameters also go into Pyro's param store, where the
-    model's ``pyro.param`` sites read them (as after :func:`run`).
+    The file is read with ``torch.load(..., weights_only=True)``: it holds tensors
+    and plain data only, and loading it runs no code from it. The network is rebuilt
+    from the saved specification (no data is loaded: only its shape is needed, and
+    it is saved too) and gets the fitted values; nothing global changes, so any
+    number of checkpoints can be loaded side by side.
+
+    Raises
+    ------
+    BayesSWSError
+        If the file is missing, unreadable, or not a checkpoint of this format.
     """
     path = Path(path)
     torch_device = resolve_device(device)
     try:
-        checkpoint = torch.load(path, map_location=torch_device, weights_only=False)
+        checkpoint = torch.load(path, map_location=torch_device, weights_only=True)
     except FileNotFoundError:
         raise BayesSWSError(f"checkpoint {path} not found") from None
-    except Exception as error:  # torch raises many types for a damaged file
+    except Exception as error:  # torch raises many types for a damaged or foreign file
         raise BayesSWSError(f"checkpoint {path} cannot be read: {error}") from None
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
         raise BayesSWSError(f"checkpoint {path} is not a bayes-sws checkpoint of format {CHECKPOINT_FORMAT}")
@@ -267,8 +273,9 @@ def load_checkpoint(path: str | os.PathLike[str], *, device: str = "cpu") -> Fit
     shape = checkpoint["data"]
     model = build_model(spec, input_shape=tuple(shape["input_shape"]), task=shape["task"],
                         n_outputs=shape["n_outputs"], device=torch_device)
-    model.load_values({**values, **checkpoint["parameters"]})
-    store = pyro.get_param_store()
-    for name, value in checkpoint["parameters"].items():
-        store[f"network.{name}"] = value
+    try:
+        model.network.load_state_dict(checkpoint["network"])
+        model.load_values(values)
+    except (RuntimeError, KeyError) as error:
+        raise BayesSWSError(f"checkpoint {path} does not match its specification: {error}") from None
     return FittedModel(spec=spec, model=model, values=values, metrics=checkpoint["metrics"])

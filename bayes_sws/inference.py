@@ -1,263 +1,33 @@
-"""Fitting a :class:`~bayes_sws.model.SoftWeightSharingModel`: MAP by Pyro's SVI machinery.
+"""MAP fitting: an ``AutoDelta`` guide and :func:`map_loss` in the one fit loop (:mod:`bayes_sws.fit`).
 
-MAP uses an ``AutoDelta`` guide and the ``Trace_ELBO`` objective (zero entropy, so
-the loss is E(w) + λΩ(w) − log p(π, μ, 1/σ²); :func:`map_loss` computes it without
-the guide's zero log-density), with a torch optimiser over the guide's
-unconstrained parameters:
+With a Delta guide the ELBO's entropy term is zero, so the loss is exactly
+E(w) + λΩ(w) − log p(π, μ, 1/σ²) (docs/objective.md), minimised by
 
 * ``"adam"``: minibatch steps (N/B-scaled likelihood), one learning rate per
   parameter group (weights, means, precisions, mixing proportions);
-* ``"lbfgs"`` and ``"cg"`` (Polak–Ribière nonlinear conjugate gradients):
-  full-batch, as the slides recommend;
-* optionally an EM update of the mixtures, weights held fixed, between steps.
+* ``"lbfgs"`` and ``"cg"``: full-batch iterations;
+* optionally an EM update of the mixtures, weights held fixed, every few steps
+  (:class:`EMUpdate`).
 """
 
 from __future__ import annotations
 
-import math
 import operator
-import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import pyro
 import torch
 from pyro import poutine
 from pyro.infer.autoguide import AutoDelta, init_to_value
 from torch.distributions import transform_to
-from tqdm.auto import tqdm
 
-from .data import Dataset, batches
-from .errors import FitError
+from .data import Dataset
+from .fit import Callback, Evaluate, FitState, fit, start_fit
 from .model import SoftWeightSharingModel
+from .optim import LearningRates
 
-__all__ = [
-    "LearningRates",
-    "MAPResult",
-    "NonlinearCG",
-    "OPTIMIZERS",
-    "evaluate",
-    "fit_map",
-    "map_loss",
-    "parameter_group",
-]
-
-OPTIMIZERS = ("adam", "lbfgs", "cg")
-
-
-@dataclass(frozen=True)
-class LearningRates:
-    """Learning rate of each parameter group (Adam); ``weights`` also covers pass-through parameters.
-
-    The defaults follow Ullrich et al.'s public code.
-    """
-
-    weights: float = 5e-4
-    means: float = 1e-4
-    precisions: float = 3e-3
-    pi: float = 3e-3
-
-    def __post_init__(self) -> None:
-        for name, value in vars(self).items():
-            if not value > 0:
-                raise ValueError(f"learning rate for {name} must be positive, got {value}")
-
-
-def parameter_group(site: str) -> str:
-    """The learning-rate group of a site or parameter name.
-
-    >>> parameter_group("mixture.layers.0.weight.precisions"), parameter_group("layers.0.weight")
-    ('precisions', 'weights')
-    """
-    suffix = site.rsplit(".", 1)[-1]
-    return {"means": "means", "precisions": "precisions", "pi": "pi", "pi_zero": "pi"}.get(
-        suffix, "weights"
-    )
-
-
-@dataclass
-class MAPResult:
-    """The outcome of :func:`fit_map`.
-
-    Attributes
-    ----------
-    values : dict
-        Every sample site's MAP value (constrained), keyed by site name.
-    parameters : dict
-        Pass-through network parameters (``pyro.param`` sites), keyed by parameter name.
-    history : list of dict
-        One record per epoch: ``epoch``, ``loss`` (objective per training example),
-        test metrics from :func:`evaluate`, and ``mixtures``.
-    seconds : float
-        Wall time of the fitting loop.
-    optimizer_state : dict
-        The torch optimiser's ``state_dict`` at the end.
-    """
-
-    values: dict[str, torch.Tensor]
-    parameters: dict[str, torch.Tensor]
-    history: list[dict] = field(default_factory=list)
-    seconds: float = 0.0
-    optimizer_state: dict = field(default_factory=dict)
-
-    def all_values(self) -> dict[str, torch.Tensor]:
-        """Site values and pass-through parameters in one dict (network names)."""
-        return {**self.values, **self.parameters}
-
-
-class NonlinearCG(torch.optim.Optimizer):
-    """Polak–Ribière (PR+) nonlinear conjugate gradients with a Wolfe line search.
-
-    Use like ``torch.optim.LBFGS``: ``optimizer.step(closure)`` runs up to
-    ``max_iter`` iterations, the closure re-evaluating the loss and its gradient.
-    The line search interpolates along the direction (secant steps on the
-    directional derivative, quadratic backtracking on the loss) until the strong
-    Wolfe conditions hold, so on a quadratic it is an exact line search and CG
-    converges in at most n iterations.
-
-    Parameters
-    ----------
-    params : iterable of Tensor
-    lr : float
-        First trial step length; later iterations start from the previous step
-        scaled by the ratio of directional derivatives.
-    max_iter : int
-        Iterations per :meth:`step`.
-    armijo : float
-        Sufficient-decrease constant c1.
-    curvature : float
-        Strong Wolfe curvature constant c2 (small: close to an exact line search).
-    max_evaluations : int
-        Loss evaluations allowed per line search.
-    tolerance_grad : float
-        Stop when the gradient's largest entry falls below this.
-    """
-
-    def __init__(self, params, *, lr: float = 1e-3, max_iter: int = 20, armijo: float = 1e-4,
-                 curvature: float = 0.1, max_evaluations: int = 25, tolerance_grad: float = 1e-9) -> None:
-        super().__init__(params, {"lr": lr, "max_iter": max_iter, "armijo": armijo, "curvature": curvature,
-                                  "max_evaluations": max_evaluations, "tolerance_grad": tolerance_grad})
-
-    def _params(self) -> list[torch.Tensor]:
-        return [p for group in self.param_groups for p in group["params"]]
-
-    def _flat_grad(self) -> torch.Tensor:
-        return torch.cat([
-            (p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
-            for p in self._params()
-        ])
-
-    def _move(self, step: float, direction: torch.Tensor) -> None:
-        offset = 0
-        with torch.no_grad():
-            for p in self._params():
-                p.add_(direction[offset: offset + p.numel()].view_as(p), alpha=step)
-                offset += p.numel()
-
-    def _line_search(self, evaluate_, loss: float, slope: float, direction: torch.Tensor,
-                     step: float) -> tuple[float, float, torch.Tensor] | None:
-        """Move along ``direction`` to a strong-Wolfe point; return (step, loss, grad) or None."""
-        group = self.param_groups[0]
-        position, best = 0.0, None
-        for _ in range(group["max_evaluations"]):
-            self._move(step - position, direction)
-            position = step
-            new_loss = float(evaluate_())
-            grad = self._flat_grad()
-            new_slope = float(grad @ direction)
-            sufficient = math.isfinite(new_loss) and new_loss <= loss + group["armijo"] * step * slope
-            if sufficient and (best is None or new_loss < best[1]):
-                best = (step, new_loss, grad)
-            if sufficient and abs(new_slope) <= group["curvature"] * abs(slope):
-                return step, new_loss, grad
-            if not sufficient:
-                curvature = new_loss - loss - slope * step if math.isfinite(new_loss) else math.inf
-                quadratic = -slope * step * step / (2.0 * curvature) if curvature > 0 else 0.5 * step
-                step = min(max(quadratic, 0.1 * step), 0.5 * step)
-            elif new_slope > slope:
-                step = min(step * slope / (slope - new_slope), 10.0 * step)
-            else:
-                step *= 10.0
-        if best is None:
-            self._move(-position, direction)
-            return None
-        self._move(best[0] - position, direction)
-        return best
-
-    @torch.no_grad()
-    def step(self, closure: Callable[[], torch.Tensor]) -> torch.Tensor:
-        group = self.param_groups[0]
-        state = self.state["cg"]
-        evaluate_ = torch.enable_grad()(closure)
-        loss = float(evaluate_())
-        grad = self._flat_grad()
-        direction, previous_grad = state.get("direction"), state.get("grad")
-        step_length, previous_slope = state.get("step", group["lr"]), state.get("slope")
-        for _ in range(group["max_iter"]):
-            if grad.abs().max() <= group["tolerance_grad"]:
-                break
-            if direction is None or previous_grad is None:
-                direction = -grad
-            else:
-                beta = max(0.0, float(grad @ (grad - previous_grad) / (previous_grad @ previous_grad)))
-                direction = -grad + beta * direction
-            slope = float(grad @ direction)
-            if slope >= 0:
-                direction, slope = -grad, -float(grad @ grad)
-            if previous_slope is not None:
-                step_length = step_length * previous_slope / slope
-            found = self._line_search(evaluate_, loss, slope, direction, step_length)
-            if found is None:
-                direction = None
-                break
-            step_length, loss, new_grad = found
-            previous_grad, grad, previous_slope = grad, new_grad, slope
-        state.update(direction=direction, grad=previous_grad, step=step_length, slope=previous_slope)
-        return torch.tensor(loss, dtype=torch.float64)
-
-
-def evaluate(
-    model: SoftWeightSharingModel,
-    values: dict[str, torch.Tensor],
-    x: torch.Tensor,
-    y: torch.Tensor,
-    *,
-    batch_size: int = 2048,
-) -> dict[str, float]:
-    """Test metrics of the model at fixed site values (a MAP point or one posterior draw).
-
-    Parameters
-    ----------
-    model : SoftWeightSharingModel
-    values : dict
-        Values of every sample site (pass-through parameters come from Pyro's param store).
-    x : Tensor of shape ``(M, *input_shape)``
-    y : Tensor of shape ``(M,)``
-
-    Returns
-    -------
-    dict with ``nll`` (mean negative log-likelihood per example) and ``accuracy``
-    (classification) or ``mse`` (regression).
-    """
-    conditioned = poutine.condition(model, data=values)
-    nll, score = 0.0, 0.0
-    training = model.network.training
-    model.network.eval()
-    try:
-        with torch.no_grad():
-            for start in range(0, x.shape[0], batch_size):
-                xb, yb = x[start: start + batch_size], y[start: start + batch_size]
-                trace = poutine.trace(conditioned).get_trace(xb, yb)
-                outputs = trace.nodes["_RETURN"]["value"]
-                nll -= float(trace.nodes["y"]["fn"].log_prob(yb).sum())
-                if model.likelihood.task == "classification":
-                    score += float((outputs.argmax(-1) == yb).sum())
-                else:
-                    score += float(((outputs.reshape(-1) - yb) ** 2).sum())
-    finally:
-        model.network.train(training)
-    key = "accuracy" if model.likelihood.task == "classification" else "mse"
-    return {"nll": nll / x.shape[0], key: score / x.shape[0]}
+__all__ = ["EMUpdate", "fit_map", "map_guide", "map_loss", "write_point"]
 
 
 def map_loss(model: Callable, guide: AutoDelta, *args, **kwargs) -> torch.Tensor:
@@ -300,44 +70,52 @@ def _guide_point(guide: AutoDelta, sites: list[str], *args, **kwargs) -> dict[st
         return {name: pyro.param(full) for name, full in names.items()}
 
 
-def _make_optimizer(name: str, groups: dict[str, list[torch.Tensor]], learning_rates: LearningRates,
-                    *, iterations: int) -> torch.optim.Optimizer:
-    if name == "adam":
-        # fused: one kernel per parameter for the whole update (CPU and CUDA)
-        return torch.optim.Adam(
-            [{"params": params, "lr": getattr(learning_rates, group)} for group, params in groups.items()],
-            fused=True,
-        )
-    params = [p for params in groups.values() for p in params]
-    if name == "lbfgs":
-        return torch.optim.LBFGS(params, lr=1.0, max_iter=iterations, line_search_fn="strong_wolfe")
-    if name == "cg":
-        return NonlinearCG(params, lr=learning_rates.weights, max_iter=iterations)
-    raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
+def map_guide(model: SoftWeightSharingModel, *, init_values: dict[str, torch.Tensor] | None = None) -> AutoDelta:
+    """An ``AutoDelta`` guide starting at ``model.initial_values()``, updated by ``init_values``.
+
+    Parameters
+    ----------
+    model : SoftWeightSharingModel
+    init_values : dict, optional
+        Starting values of some or all latent sites.
+    """
+    values = {**model.initial_values(), **(init_values or {})}
+    return AutoDelta(model, init_loc_fn=init_to_value(values=values))
 
 
-def _write_sites(guide: AutoDelta, values: dict[str, torch.Tensor]) -> None:
-    """Overwrite the guide's point estimates in place (optimiser state stays attached)."""
-    store = dict(pyro.get_param_store().named_parameters())
+def write_point(guide: AutoDelta, values: dict[str, torch.Tensor]) -> None:
+    """Overwrite an ``AutoDelta`` guide's point at some sites, in place (optimiser state stays attached)."""
+    parameters = dict(guide.named_parameters())
     with torch.no_grad():
         for site, value in values.items():
             support = guide.prototype_trace.nodes[site]["fn"].support
-            store[f"{guide._pyro_name}.{site}"].copy_(transform_to(support).inv(value))
+            parameters[f"{site}_unconstrained"].copy_(transform_to(support).inv(value))
 
 
-def _em_step(model: SoftWeightSharingModel, guide: AutoDelta) -> None:
-    values = guide.median()
-    updated = {}
-    for group, mixture in model.mixtures(values).items():
-        new = model.prior.em_update(model.group_weights(values, group), mixture,
-                                    prior_weight=model.prior_weight)
-        updated.update({f"{group}.{suffix}": v for suffix, v in model.prior.split(new).items()})
-    _write_sites(guide, updated)
+@dataclass
+class EMUpdate(Callback):
+    """Every ``every`` optimiser steps, one EM update of each mixture with the weights held fixed.
 
+    The update is :meth:`~bayes_sws.prior.SoftWeightSharingPrior.em_update` at the
+    guide's current point, written back into the guide.
+    """
 
-def _mixture_summary(mixtures: dict) -> str:
-    mixture = next(iter(mixtures.values()))
-    return f"π0={mixture.weights[0]:.3f} σ∈[{mixture.scales.min():.2g},{mixture.scales.max():.2g}]"
+    every: int
+
+    def __post_init__(self) -> None:
+        if self.every < 1:
+            raise ValueError(f"EM every {self.every} steps: must be at least 1")
+
+    def on_step(self, state: FitState) -> None:
+        if state.step % self.every:
+            return
+        model, values = state.model, state.values
+        updated = {}
+        for group, mixture in model.mixtures(values).items():
+            new = model.prior.em_update(model.group_weights(values, group), mixture,
+                                        prior_weight=model.prior_weight)
+            updated.update({f"{group}.{suffix}": v for suffix, v in model.prior.split(new).items()})
+        write_point(state.guide, updated)
 
 
 def fit_map(
@@ -352,16 +130,19 @@ def fit_map(
     em_every: int | None = None,
     init_values: dict[str, torch.Tensor] | None = None,
     seed: int = 0,
+    callbacks: Sequence[Callback] = (),
+    state_dict: dict | None = None,
     progress: bool = True,
-    on_epoch: Callable[[dict], None] | None = None,
-) -> MAPResult:
-    """Find the MAP point of the model on a dataset.
+) -> FitState:
+    """Find the MAP point of the model on a dataset; the network ends holding it.
 
     Parameters
     ----------
     model : SoftWeightSharingModel
     data : Dataset
-        On the device the fit should run on.
+        On the device the fit should run on. Each epoch's record gets the test
+        metrics (``test_nll``, ``test_accuracy`` or ``test_mse``) and, where the
+        dataset has a validation split, the same for ``valid``.
     epochs : int
         Passes over the data (Adam) or outer iterations of ``iterations_per_epoch``
         full-batch steps (L-BFGS, CG).
@@ -379,97 +160,32 @@ def fit_map(
         ``model.initial_values()`` (the network's current weights and the configured
         initial mixture).
     seed : int
-        Seeds Pyro and torch; a fit is reproducible on the same machine.
+        Seeds the fit's own random streams; a fit is reproducible on the same machine.
+    callbacks : sequence of Callback
+        Run after the evaluation (and EM) callbacks.
+    state_dict : dict, optional
+        A :meth:`~bayes_sws.fit.FitState.state_dict` of an earlier fit of the same
+        model and settings: the fit continues from it up to ``epochs``.
     progress : bool
-        Show a progress bar with the loss, test metrics and mixture state.
-    on_epoch : callable, optional
-        Called with each epoch's history record.
+        Show a progress bar.
 
     Returns
     -------
-    MAPResult
+    FitState; ``state.values`` is the MAP point, also copied into ``model.network``.
 
     Raises
     ------
     FitError
         If the loss becomes non-finite.
     """
-    if optimizer not in OPTIMIZERS:
-        raise ValueError(f"unknown optimizer {optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
-    if epochs < 1 or batch_size < 1:
-        raise ValueError("epochs and batch_size must be at least 1")
-    pyro.set_rng_seed(seed)
-    pyro.clear_param_store()
-    x, y, n = data.train_x, data.train_y, data.train_x.shape[0]
-    guide = AutoDelta(model, init_loc_fn=init_to_value(values={**model.initial_values(), **(init_values or {})}))
-    full_batch = optimizer != "adam"
-
-    def loss_on(xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
-        return map_loss(model, guide, xb, yb, data_size=n)
-
-    with pyro.validation_enabled(False):
-        loss_on(x[:batch_size], y[:batch_size])  # creates the guide's parameters
-        store = dict(pyro.get_param_store().named_parameters())
-        groups: dict[str, list[torch.Tensor]] = {}
-        for name, param in store.items():
-            groups.setdefault(parameter_group(name), []).append(param)
-        torch_optimizer = _make_optimizer(optimizer, groups, learning_rates, iterations=iterations_per_epoch)
-        generator = torch.Generator(device=x.device).manual_seed(seed)
-        steps_per_epoch = 1 if full_batch else math.ceil(n / batch_size)
-        history: list[dict] = []
-        bar = tqdm(total=epochs * steps_per_epoch, disable=not progress, unit="step", dynamic_ncols=True)
-        started = time.perf_counter()
-        step = 0
-        for epoch in range(1, epochs + 1):
-            total = 0.0
-            for index in _epoch_batches(n, batch_size, full_batch, generator, x.device):
-                xb, yb = x[index], y[index]
-
-                def closure() -> torch.Tensor:
-                    torch_optimizer.zero_grad(set_to_none=True)
-                    loss = loss_on(xb, yb)
-                    loss.backward()
-                    return loss
-
-                if full_batch:
-                    torch_optimizer.step(closure)
-                    with torch.no_grad():  # L-BFGS returns the loss before its iterations
-                        loss = loss_on(xb, yb)
-                else:
-                    loss = closure()
-                    torch_optimizer.step()
-                value = loss.item()
-                if not math.isfinite(value):
-                    bar.close()
-                    raise FitError(f"the loss became {value} at epoch {epoch}, step {step + 1}: "
-                                   "lower the learning rates or the prior weight")
-                total += value
-                step += 1
-                if em_every and step % em_every == 0:
-                    _em_step(model, guide)
-                bar.update(1)
-            values = {k: v.detach() for k, v in guide.median().items()}
-            record = {"epoch": epoch, "loss": total / steps_per_epoch / n,
-                      **evaluate(model, values, data.test_x, data.test_y)}
-            mixtures = model.mixtures(values)
-            record["mixtures"] = {group: m.as_dict() for group, m in mixtures.items()}
-            history.append(record)
-            bar.set_postfix_str(
-                f"loss={record['loss']:.4g} "
-                + " ".join(f"{k}={record[k]:.4g}" for k in ("accuracy", "mse") if k in record)
-                + " " + _mixture_summary(mixtures)
-            )
-            if on_epoch is not None:
-                on_epoch(record)
-        bar.close()
-        seconds = time.perf_counter() - started
-    passthrough = {name: pyro.param(f"network.{name}").detach() for name in model.passthrough}
-    return MAPResult(values=values, parameters=passthrough, history=history, seconds=seconds,
-                     optimizer_state=torch_optimizer.state_dict())
-
-
-def _epoch_batches(n: int, batch_size: int, full_batch: bool, generator: torch.Generator,
-                   device: torch.device) -> Iterator[torch.Tensor]:
-    if full_batch:
-        return iter([torch.arange(n, device=device)])
-    return batches(n, batch_size=batch_size, generator=generator, device=device)
+    state = start_fit(model, map_guide(model, init_values=init_values), data, loss=map_loss,
+                      optimizer=optimizer, learning_rates=learning_rates, batch_size=batch_size,
+                      iterations_per_epoch=iterations_per_epoch, seed=seed)
+    if state_dict is not None:
+        state.load_state_dict(state_dict)
+    splits = {"valid": (data.valid_x, data.valid_y), "test": (data.test_x, data.test_y)}
+    evaluations = [Evaluate(name, x, y) for name, (x, y) in splits.items() if x is not None and len(x)]
+    em = [EMUpdate(em_every)] if em_every else []
+    fit(state, data, epochs=epochs, callbacks=[*em, *evaluations, *callbacks], progress=progress)
+    model.load_values(state.values)
+    return state

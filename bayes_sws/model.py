@@ -5,7 +5,7 @@ inference and NUTS:
 
     mixture sites (π, μ, 1/σ², hyperpriors)      one group, or one per layer
     weight sites  w ~ MixturePrior, scaled by λ  (``poutine.scale``)
-    pass-through parameters                      ``pyro.param`` (point estimates)
+    pass-through parameters                      the network's own (point estimates)
     likelihood    inside ``plate("data", N, subsample=batch)``: scaled by N/B
 
 With an ``AutoDelta`` guide and ``Trace_ELBO`` its loss is exactly
@@ -14,6 +14,7 @@ E(w) + λΩ(w) − log p(π, μ, 1/σ²).
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -37,15 +38,20 @@ __all__ = [
 
 SHARED_GROUP = "mixture"
 _PRIOR_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_MODEL_NAMES = itertools.count()
 
 
 class Likelihood:
-    """How the network's outputs explain the targets. Subclasses implement :meth:`distribution`."""
+    """How the network's outputs explain the targets. Subclasses implement :meth:`distribution` and :meth:`scores`."""
 
     task: str
 
     def distribution(self, outputs: torch.Tensor) -> dist.Distribution:
         """The observation distribution given network outputs, batch shape ``(B,)``."""
+        raise NotImplementedError
+
+    def scores(self, outputs: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Each score summed over the batch (outputs ``(B, …)``, targets ``(B,)``); callers divide by B."""
         raise NotImplementedError
 
     def initial_values(self, *, like: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -55,42 +61,52 @@ class Likelihood:
 
 @dataclass(frozen=True)
 class Categorical(Likelihood):
-    """Classification: y ~ Categorical(logits = network(x)); outputs ``(B, C)``."""
+    """Classification: y ~ Categorical(logits = network(x)); outputs ``(B, C)``. Scores: ``accuracy``."""
 
     task = "classification"
 
     def distribution(self, outputs: torch.Tensor) -> dist.Distribution:
         return dist.Categorical(logits=outputs)
 
+    def scores(self, outputs: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"accuracy": (outputs.argmax(-1) == targets).sum()}
+
 
 @dataclass(frozen=True)
 class Gaussian(Likelihood):
-    """Regression: y ~ Normal(network(x), s²); outputs ``(B,)`` or ``(B, 1)``.
+    """Regression: y ~ Normal(network(x), s²); outputs ``(B,)`` or ``(B, 1)``. Scores: ``mse``.
 
     Attributes
     ----------
     noise_scale : float, optional
-        Fixed s; ``None`` learns it as the site ``noise_scale`` (flat prior on s > 0).
+        Fixed s; ``None`` learns it as the site ``noise_scale`` with the proper prior
+        s ~ HalfNormal(``noise_prior_scale``), so ``Predictive`` and NUTS can sample it.
+    noise_prior_scale : float
+        Scale of the half-normal prior on a learned s.
     init_noise_scale : float
         Starting s when learned.
     """
 
     noise_scale: float | None = None
+    noise_prior_scale: float = 1.0
     init_noise_scale: float = 0.1
     task = "regression"
 
     def __post_init__(self) -> None:
-        for name in ("noise_scale", "init_noise_scale"):
+        for name in ("noise_scale", "noise_prior_scale", "init_noise_scale"):
             value = getattr(self, name)
-            if value is not None and not value > 0:
-                raise ValueError(f"{name} must be positive, got {value}")
+            if value is not None and not 0 < value < math.inf:
+                raise ValueError(f"{name} must be positive and finite, got {value}")
 
     def distribution(self, outputs: torch.Tensor) -> dist.Distribution:
         if self.noise_scale is None:
-            scale = pyro.sample("noise_scale", dist.ImproperUniform(constraints.positive, (), ()))
+            scale = pyro.sample("noise_scale", dist.HalfNormal(outputs.new_tensor(self.noise_prior_scale)))
         else:
             scale = self.noise_scale
         return dist.Normal(outputs.reshape(outputs.shape[0]), scale)
+
+    def scores(self, outputs: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"mse": ((outputs.reshape(-1) - targets) ** 2).sum()}
 
     def initial_values(self, *, like: torch.Tensor) -> dict[str, torch.Tensor]:
         if self.noise_scale is not None:
@@ -164,6 +180,7 @@ class SoftWeightSharingModel:
             raise ValueError("the network has no Linear or Conv weights to put the prior on")
         self._shapes = {name: p.shape for name, p in network.named_parameters()}
         self.passthrough = [name for name in self._shapes if name not in self.prior_sites]
+        self._scope = f"bayes_sws.model{next(_MODEL_NAMES)}"
 
     # ---- structure
 
@@ -250,10 +267,10 @@ class SoftWeightSharingModel:
             with poutine.scale(scale=self.prior_weight or 1.0):
                 for name in names:
                     parameters[name] = pyro.sample(name, self._weight_prior(mixture, self._shapes[name]))
-        module_parameters = dict(self.network.named_parameters())
-        for name in self.passthrough:
-            initial = module_parameters[name]
-            parameters[name] = pyro.param(f"network.{name}", lambda: initial.detach().clone())
+        if not pyro.settings.get("module_local_params"):
+            # Pyro's own SVI finds parameters in the global param store: register the
+            # network's pass-through parameters there, under this model's own name.
+            pyro.module(self._scope, self.network)
         outputs = torch.func.functional_call(self.network, parameters, (x,))
         batch = x.shape[0]
         observation = self.likelihood.distribution(outputs)

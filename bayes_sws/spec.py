@@ -33,7 +33,7 @@ from typing import Any
 
 from .errors import SpecError
 from .data import DATASET_NAMES
-from .inference import OPTIMIZERS, LearningRates
+from .optim import OPTIMIZERS, LearningRates
 from .kernels import BACKENDS
 from .nets import ACTIVATIONS, ARCHITECTURES
 from .prior import SoftWeightSharingPrior

@@ -49,7 +49,7 @@ def test_default_run_writes_metrics_checkpoint_and_figures(default_run: Path) ->
     assert set(metrics["mixture"]) == {"pi", "mu", "sigma"}
     assert math.isclose(sum(metrics["mixture"]["pi"]), 1.0, rel_tol=1e-5)
     assert len(metrics["history"]) == metrics["epochs"]
-    assert {"loss", "accuracy", "nll", "mixtures"} <= set(metrics["history"][0])
+    assert {"loss", "test_accuracy", "test_nll", "mixtures"} <= set(metrics["history"][0])
 
 
 def test_digits_default_reaches_93_percent_test_accuracy(default_run: Path) -> None:
@@ -100,7 +100,7 @@ def test_runs_with_the_same_seed_are_identical(tmp_path: Path) -> None:
         status, out = _fit(tmp_path, "inference.epochs=2", name=name)
         assert status == 0
         history = json.loads((out / "metrics.json").read_text())["history"]
-        histories.append([(r["loss"], r["accuracy"], r["mixtures"]) for r in history])
+        histories.append([(r["loss"], r["test_accuracy"], r["mixtures"]) for r in history])
     assert histories[0] == histories[1]
 
 
@@ -205,13 +205,20 @@ def test_output_path_that_is_a_file_is_a_one_line_error(tmp_path: Path, capsys) 
     assert occupied.read_text() == "not a directory"
 
 
-def test_loaded_checkpoint_evaluates_with_its_own_pass_through_parameters(default_run: Path) -> None:
-    """Pyro-side evaluation reads biases from the param store: loading must put them there."""
-    import pyro
+def test_two_loaded_checkpoints_keep_their_own_pass_through_parameters(default_run: Path, tmp_path: Path) -> None:
+    """Each loaded model evaluates with its own biases, whatever else was loaded or fitted since."""
+    first = sws.load_checkpoint(default_run / "checkpoint.pt")
+    status, other_run = _fit(tmp_path, "inference.epochs=1", "seed=3", name="other")
+    assert status == 0
+    second = sws.load_checkpoint(other_run / "checkpoint.pt")
+    assert not torch.equal(first.network[1].bias, second.network[1].bias)
+    data = sws.load_dataset("digits", seed=first.spec.seed)
+    scores = sws.evaluate(first.model, first.values, data.test_x, data.test_y)
+    assert scores["accuracy"] == pytest.approx(first.metrics["test_accuracy"], abs=1e-12)
+    accuracy = float((first.predict(data.test_x).argmax(-1) == data.test_y).double().mean())
+    assert accuracy == pytest.approx(first.metrics["test_accuracy"], abs=1e-12)
 
-    for name in ("1.bias", "3.bias"):  # stale values, as an earlier fit could leave
-        pyro.get_param_store()[f"network.{name}"] = torch.zeros(64 if name == "1.bias" else 10)
-    fitted = sws.load_checkpoint(default_run / "checkpoint.pt")
-    data = sws.load_dataset("digits", seed=fitted.spec.seed)
-    scores = sws.evaluate(fitted.model, fitted.values, data.test_x, data.test_y)
-    assert scores["accuracy"] == pytest.approx(fitted.metrics["test_accuracy"], abs=1e-12)
+
+def test_checkpoints_load_with_weights_only(default_run: Path) -> None:
+    checkpoint = torch.load(default_run / "checkpoint.pt", weights_only=True)
+    assert checkpoint["fit_state"]["epoch"] == checkpoint["metrics"]["epochs"]

@@ -1,0 +1,469 @@
+"""One fit loop for every method: a model, a guide, a loss, an optimiser and callbacks.
+
+MAP (``AutoDelta`` with :func:`~bayes_sws.inference.map_loss`), variational
+inference (a Normal guide with ``Trace_ELBO``) and distributed training are
+configurations of the same loop. It works on objects, never on Pyro's global state:
+
+* the guide's parameters live on the guide (the loop runs under Pyro's
+  ``module_local_params``), the network's pass-through parameters on the network;
+* randomness comes from the fit's own generators: the user's torch RNG is the same
+  before and after a fit;
+* everything needed to continue is in :class:`FitState`, whose
+  :meth:`~FitState.state_dict` holds tensors and plain data only, so
+  ``torch.load(..., weights_only=True)`` reads it back.
+
+    >>> state = start_fit(model, guide, data, loss=map_loss, seed=0)
+    >>> fit(state, data, epochs=10, callbacks=[Evaluate("test", data.test_x, data.test_y)])
+    >>> saved = state.state_dict()          # ... later, in a new process:
+    >>> state = start_fit(model, guide, data, loss=map_loss, seed=0)
+    >>> state.load_state_dict(saved)
+    >>> fit(state, data, epochs=20)          # continues at epoch 11
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import math
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyro
+import torch
+from pyro import poutine
+from tqdm.auto import tqdm
+
+from .data import Dataset, batches
+from .errors import FitError
+from .model import SoftWeightSharingModel
+from .optim import OPTIMIZERS, LearningRates, make_optimizer
+
+__all__ = [
+    "Callback",
+    "Evaluate",
+    "FitState",
+    "Loss",
+    "STATE_FORMAT",
+    "evaluate",
+    "fit",
+    "library_scope",
+    "parameter_group",
+    "parameter_groups",
+    "start_fit",
+]
+
+STATE_FORMAT = 1
+"""Version of :meth:`FitState.state_dict`'s layout."""
+
+Loss = Callable[..., torch.Tensor]
+"""``loss(model, guide, x, y, data_size=N) -> Tensor``, e.g. ``map_loss`` or ``Trace_ELBO().differentiable_loss``."""
+
+_GROUP_OF_SUFFIX = {"means": "means", "precisions": "precisions", "pi": "pi", "pi_zero": "pi"}
+_GUIDE_NAMES = itertools.count()
+
+
+@contextlib.contextmanager
+def library_scope() -> Iterator[None]:
+    """Run Pyro code the way the library does: guide parameters module-local, validation off.
+
+    Inside, a ``PyroModule`` guide keeps its parameters on itself and never reads or
+    writes Pyro's global param store, so any number of models and guides coexist.
+    """
+    with pyro.settings.context(module_local_params=True), pyro.validation_enabled(False):
+        yield
+
+
+def parameter_group(name: str) -> str:
+    """The learning-rate group of a site or parameter name.
+
+    >>> parameter_group("mixture.layers.0.weight.precisions"), parameter_group("layers.0.weight")
+    ('precisions', 'weights')
+    >>> parameter_group("locs.mixture.pi_unconstrained")
+    'pi'
+    """
+    suffix = name.removesuffix("_unconstrained").rsplit(".", 1)[-1]
+    return _GROUP_OF_SUFFIX.get(suffix, "weights")
+
+
+def parameter_groups(model: SoftWeightSharingModel, guide: torch.nn.Module) -> dict[str, list[torch.nn.Parameter]]:
+    """The trainable parameters of a guide and a model's pass-through parameters, by learning-rate group.
+
+    Returns
+    -------
+    dict
+        Group name (``weights``, ``means``, ``precisions``, ``pi``) → parameters, in
+        a deterministic order (a saved optimiser state loads back into the same slots).
+    """
+    groups: dict[str, list[torch.nn.Parameter]] = {}
+    network = dict(model.network.named_parameters())
+    named = [*guide.named_parameters(), *((name, network[name]) for name in model.passthrough)]
+    for name, parameter in named:
+        if parameter.requires_grad:
+            groups.setdefault(parameter_group(name), []).append(parameter)
+    return groups
+
+
+def _random_states(device: torch.device) -> dict[str, torch.Tensor]:
+    states = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        states["cuda"] = torch.cuda.get_rng_state(device)
+    return states
+
+
+def _set_random_states(states: dict[str, torch.Tensor], device: torch.device) -> None:
+    torch.set_rng_state(states["cpu"])
+    if "cuda" in states:
+        torch.cuda.set_rng_state(states["cuda"], device)
+
+
+@contextlib.contextmanager
+def _own_randomness(device: torch.device, states: dict[str, torch.Tensor] | None = None) -> Iterator[None]:
+    """Torch's RNG forked for the duration (set to ``states`` if given); the caller's RNG is restored."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        if states is not None:
+            _set_random_states(states, device)
+        yield
+
+
+@dataclass
+class FitState:
+    """Everything a fit has and needs to continue: objects, counters, history.
+
+    Attributes
+    ----------
+    model : SoftWeightSharingModel
+    guide : torch.nn.Module
+        A Pyro guide (an autoguide or another ``PyroModule``); its parameters live on it.
+    loss : Loss
+    optimizer : torch.optim.Optimizer
+        Over :func:`parameter_groups` of the model and guide.
+    optimizer_name : str
+        ``"adam"``, ``"lbfgs"`` or ``"cg"``; the last two take full-batch steps.
+    batch_size : int
+    generator : torch.Generator
+        Shuffles the batches.
+    random_states : dict
+        Torch's RNG state(s) inside the fit, carried from one call of :func:`fit` to the next.
+    epoch, step : int
+        Completed epochs and optimiser steps.
+    history : list of dict
+        One record per completed epoch (see :func:`fit`).
+    seconds : float
+        Wall time spent in :func:`fit`.
+    """
+
+    model: SoftWeightSharingModel
+    guide: torch.nn.Module
+    loss: Loss
+    optimizer: torch.optim.Optimizer
+    optimizer_name: str
+    batch_size: int
+    generator: torch.Generator
+    random_states: dict[str, torch.Tensor]
+    epoch: int = 0
+    step: int = 0
+    history: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def full_batch(self) -> bool:
+        return self.optimizer_name != "adam"
+
+    @property
+    def values(self) -> dict[str, torch.Tensor]:
+        """The guide's point estimate (its median) of every latent site: copies, not views of parameters."""
+        with library_scope(), torch.no_grad():
+            return {name: value.detach().clone() for name, value in self.guide.median().items()}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Tensors and plain data only: ``torch.save`` it, ``torch.load(..., weights_only=True)`` it back."""
+        return {
+            "format": STATE_FORMAT,
+            "guide": _cpu(self.guide.state_dict()),
+            "network": _cpu(self.model.network.state_dict()),
+            "optimizer": self.optimizer.state_dict(),
+            "optimizer_name": self.optimizer_name,
+            "generator": self.generator.get_state(),
+            "random_states": {k: v.cpu() for k, v in self.random_states.items()},
+            "epoch": self.epoch,
+            "step": self.step,
+            "history": self.history,
+            "seconds": self.seconds,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from :meth:`state_dict`'s output, taken from a state built the same way.
+
+        Raises
+        ------
+        FitError
+            If the state is of another format or optimiser.
+        """
+        if state.get("format") != STATE_FORMAT:
+            raise FitError(f"fit state of format {state.get('format')!r}; this version reads {STATE_FORMAT}")
+        if state["optimizer_name"] != self.optimizer_name:
+            raise FitError(f"fit state was made with optimizer {state['optimizer_name']!r}, "
+                           f"not {self.optimizer_name!r}")
+        self.guide.load_state_dict(state["guide"])
+        self.model.network.load_state_dict(state["network"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.generator.set_state(state["generator"])
+        self.random_states = dict(state["random_states"])
+        self.epoch, self.step = int(state["epoch"]), int(state["step"])
+        self.history = list(state["history"])
+        self.seconds = float(state["seconds"])
+
+
+def _cpu(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {name: tensor.detach().cpu() for name, tensor in tensors.items()}
+
+
+def _prepare_guide(guide: torch.nn.Module) -> None:
+    """Ready a fresh ``PyroModule`` guide to keep its parameters on itself.
+
+    Pyro decides where a ``PyroModule`` keeps its parameters when it is built: one
+    built outside :func:`library_scope` gets the module-local store it lacks. It
+    also gets a name of its own, since autoguides are all named after their class
+    and two of them used outside the library's scope would share entries of Pyro's
+    global param store.
+    """
+    if not isinstance(guide, pyro.nn.PyroModule) or getattr(guide, "prototype_trace", None) is not None:
+        return
+    guide._pyro_name = f"{guide._pyro_name}.{next(_GUIDE_NAMES)}"
+    if not hasattr(guide._pyro_context, "param_state"):
+        guide._pyro_context.param_state = {"params": {}, "constraints": {}}
+
+
+def start_fit(
+    model: SoftWeightSharingModel,
+    guide: torch.nn.Module,
+    data: Dataset,
+    *,
+    loss: Loss,
+    optimizer: str = "adam",
+    learning_rates: LearningRates = LearningRates(),
+    batch_size: int = 128,
+    iterations_per_epoch: int = 20,
+    seed: int = 0,
+) -> FitState:
+    """Set up a fit: create the guide's parameters and the optimiser over them, seed the fit.
+
+    Parameters
+    ----------
+    model : SoftWeightSharingModel
+    guide : torch.nn.Module
+        A Pyro guide for ``model``, e.g. ``AutoDelta(model, init_loc_fn=...)``.
+    data : Dataset
+        On the device the fit runs on.
+    loss : Loss
+    optimizer : {"adam", "lbfgs", "cg"}
+        Adam takes minibatch steps with a learning rate per group; L-BFGS and CG
+        take ``iterations_per_epoch`` full-batch iterations per epoch.
+    learning_rates : LearningRates
+    batch_size : int
+        Adam's minibatch size.
+    iterations_per_epoch : int
+    seed : int
+        Seeds the fit's own random streams (the shuffle and torch's RNG inside
+        the fit); the caller's RNG is left as it was.
+
+    Returns
+    -------
+    FitState at epoch 0.
+    """
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+    if batch_size < 1 or iterations_per_epoch < 1:
+        raise ValueError("batch_size and iterations_per_epoch must be at least 1")
+    device = data.train_x.device
+    _prepare_guide(guide)
+    with _own_randomness(device), library_scope():
+        torch.manual_seed(seed)
+        n = data.train_x.shape[0]
+        guide(data.train_x[:batch_size], data.train_y[:batch_size], data_size=n)  # creates its parameters
+        random_states = _random_states(device)
+    torch_optimizer = make_optimizer(optimizer, parameter_groups(model, guide), learning_rates,
+                                     iterations=iterations_per_epoch)
+    return FitState(
+        model=model, guide=guide, loss=loss, optimizer=torch_optimizer, optimizer_name=optimizer,
+        batch_size=batch_size, generator=torch.Generator(device=device).manual_seed(seed),
+        random_states=random_states,
+    )
+
+
+class Callback:
+    """Hooks into :func:`fit`; override either.
+
+    Callbacks run in the order given, outside the fit's random stream (what they
+    draw does not change the fit), after the state has counted the step or epoch.
+    """
+
+    def on_step(self, state: FitState) -> None:
+        """After each optimiser step."""
+
+    def on_epoch(self, state: FitState, record: dict) -> None:
+        """After each epoch; add entries to ``record`` (it is ``state.history[-1]``)."""
+
+
+def evaluate(
+    model: SoftWeightSharingModel,
+    values: dict[str, torch.Tensor],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    batch_size: int = 2048,
+) -> dict[str, float]:
+    """Metrics of the model at fixed site values (a MAP point or one posterior draw).
+
+    Parameters
+    ----------
+    model : SoftWeightSharingModel
+        Its network provides the pass-through parameters.
+    values : dict
+        Values of the latent sites.
+    x : Tensor of shape ``(M, *input_shape)``
+    y : Tensor of shape ``(M,)``
+
+    Returns
+    -------
+    dict with ``nll`` (mean negative log-likelihood per example) and the
+    likelihood's own scores (:meth:`~bayes_sws.model.Likelihood.scores`: ``accuracy``
+    for classification, ``mse`` for regression), each a mean over the M examples.
+    """
+    conditioned = poutine.condition(model, data=values)
+    totals: dict[str, float] = {}
+    training = model.network.training
+    model.network.eval()
+    try:
+        with torch.no_grad(), library_scope():
+            for start in range(0, x.shape[0], batch_size):
+                xb, yb = x[start: start + batch_size], y[start: start + batch_size]
+                trace = poutine.trace(conditioned).get_trace(xb, yb)
+                sums = {"nll": -trace.nodes["y"]["fn"].log_prob(yb).sum(),
+                        **model.likelihood.scores(trace.nodes["_RETURN"]["value"], yb)}
+                for key, value in sums.items():
+                    totals[key] = totals.get(key, 0.0) + float(value)
+    finally:
+        model.network.train(training)
+    return {key: value / x.shape[0] for key, value in totals.items()}
+
+
+@dataclass
+class Evaluate(Callback):
+    """Adds ``{name}_nll`` and ``{name}_<score>`` at the guide's point to each epoch's record.
+
+    >>> Evaluate("test", data.test_x, data.test_y)
+    """
+
+    name: str
+    x: torch.Tensor
+    y: torch.Tensor
+
+    def on_epoch(self, state: FitState, record: dict) -> None:
+        scores = evaluate(state.model, state.values, self.x, self.y)
+        record.update({f"{self.name}_{key}": value for key, value in scores.items()})
+
+
+def _epoch_batches(state: FitState, n: int, device: torch.device) -> Iterator[torch.Tensor]:
+    if state.full_batch:
+        return iter([torch.arange(n, device=device)])
+    return batches(n, batch_size=state.batch_size, generator=state.generator, device=device)
+
+
+def _take_step(state: FitState, xb: torch.Tensor, yb: torch.Tensor, n: int) -> float:
+    def closure() -> torch.Tensor:
+        state.optimizer.zero_grad(set_to_none=True)
+        loss = state.loss(state.model, state.guide, xb, yb, data_size=n)
+        loss.backward()
+        return loss
+
+    if state.full_batch:
+        state.optimizer.step(closure)
+        with torch.no_grad():  # L-BFGS returns the loss before its iterations
+            return float(state.loss(state.model, state.guide, xb, yb, data_size=n))
+    loss = closure()
+    state.optimizer.step()
+    return loss.item()
+
+
+def _describe(record: dict) -> str:
+    scores = " ".join(f"{k}={v:.4g}" for k, v in record.items()
+                      if isinstance(v, float) and k != "loss" and not k.endswith("nll"))
+    return f"loss={record['loss']:.4g} {scores}"
+
+
+def fit(
+    state: FitState,
+    data: Dataset,
+    *,
+    epochs: int,
+    callbacks: Sequence[Callback] = (),
+    progress: bool = True,
+) -> FitState:
+    """Train until ``state.epoch == epochs``; a resumed state continues where it stopped.
+
+    Each epoch is one pass over the training data in shuffled minibatches (Adam) or
+    one full-batch optimiser call (L-BFGS, CG). The epoch's record holds ``epoch``,
+    ``loss`` (the objective per training example, averaged over the epoch's steps)
+    and ``mixtures`` (each group's ``{"pi", "mu", "sigma"}`` at the guide's point),
+    plus what the callbacks add.
+
+    Parameters
+    ----------
+    state : FitState
+        From :func:`start_fit`, possibly loaded with a saved state.
+    data : Dataset
+    epochs : int
+        The total number of epochs the fit should have when this returns.
+    callbacks : sequence of Callback
+    progress : bool
+        Show a progress bar.
+
+    Returns
+    -------
+    FitState, the same object, updated.
+
+    Raises
+    ------
+    FitError
+        If the loss becomes non-finite (the state keeps the last completed epoch's counters).
+    """
+    if epochs < 1:
+        raise ValueError(f"epochs must be at least 1, got {epochs}")
+    x, y, n = data.train_x, data.train_y, data.train_x.shape[0]
+    device = x.device
+    steps_per_epoch = 1 if state.full_batch else math.ceil(n / state.batch_size)
+    bar = tqdm(total=max(0, epochs - state.epoch) * steps_per_epoch, disable=not progress, unit="step",
+               dynamic_ncols=True)
+    try:
+        for epoch in range(state.epoch + 1, epochs + 1):
+            started = time.perf_counter()
+            total = 0.0
+            with _own_randomness(device, state.random_states), library_scope():
+                for index in _epoch_batches(state, n, device):
+                    value = _take_step(state, x[index], y[index], n)
+                    if not math.isfinite(value):
+                        raise FitError(f"the loss became {value} at epoch {epoch}, step {state.step + 1}: "
+                                       "lower the learning rates or the prior weight")
+                    total += value
+                    state.step += 1
+                    for callback in callbacks:
+                        with _own_randomness(device):
+                            callback.on_step(state)
+                    bar.update(1)
+                state.random_states = _random_states(device)
+            state.seconds += time.perf_counter() - started
+            state.epoch = epoch
+            mixtures = state.model.mixtures(state.values)
+            record = {"epoch": epoch, "loss": total / steps_per_epoch / n,
+                      "mixtures": {group: mixture.as_dict() for group, mixture in mixtures.items()}}
+            state.history.append(record)
+            for callback in callbacks:
+                with _own_randomness(device):
+                    callback.on_epoch(state, record)
+            bar.set_postfix_str(_describe(record))
+    finally:
+        bar.close()
+    return state
