@@ -71,7 +71,9 @@ def build_model(
     device : torch.device or str
     """
     torch.manual_seed(spec.seed)
-    network = build_network(spec.network, input_shape=input_shape, n_outputs=n_outputs).to(device)
+    network = build_network(spec.network.architecture, hidden=spec.network.hidden,
+                            activation=spec.network.activation, input_shape=input_shape,
+                            n_outputs=n_outputs).to(device)
     return SoftWeightSharingModel(
         network,
         prior=spec.prior.mixture,
