@@ -12,7 +12,6 @@ from bayes_sws.data import Dataset
 from bayes_sws.inference import (
     LearningRates,
     MAPResult,
-    NonlinearCG,
     evaluate,
     fit_map,
     parameter_group,
@@ -131,43 +130,6 @@ def test_fit_map_rejects_unknown_optimizer():
         fit_map(toy_model(), toy_dataset(), epochs=1, optimizer="sgd", progress=False)
 
 
-def test_nonlinear_cg_solves_a_10_dim_quadratic_in_at_most_12_iterations():
-    g = torch.Generator().manual_seed(5)
-    q, _ = torch.linalg.qr(torch.randn(10, 10, generator=g, dtype=F64))
-    a = q @ torch.diag(torch.linspace(1.0, 20.0, 10, dtype=F64)) @ q.T
-    b = torch.randn(10, generator=g, dtype=F64)
-    x = torch.zeros(10, dtype=F64, requires_grad=True)
-    # Exact line searches make CG finish in n = 10 steps on a quadratic (plus round-off slack).
-    optimizer = NonlinearCG([x], lr=0.1, max_iter=12, tolerance_grad=1e-12)
-
-    def closure():
-        optimizer.zero_grad()
-        loss = 0.5 * x @ a @ x - b @ x
-        loss.backward()
-        return loss
-
-    optimizer.step(closure)
-    solution = torch.linalg.solve(a, b)
-    torch.testing.assert_close(x.detach(), solution, rtol=0, atol=1e-6)
-
-
-def test_nonlinear_cg_finds_the_rosenbrock_minimum():
-    x = torch.tensor([-1.2, 1.0], dtype=F64, requires_grad=True)
-    # With a Wolfe line search PR+ reaches the minimum from the classic start in a few
-    # dozen iterations (steepest descent needs thousands).
-    optimizer = NonlinearCG([x], lr=1e-3, max_iter=100, tolerance_grad=1e-10)
-
-    def closure():
-        optimizer.zero_grad()
-        loss = (1 - x[0]) ** 2 + 100 * (x[1] - x[0] ** 2) ** 2
-        loss.backward()
-        return loss
-
-    loss = optimizer.step(closure)
-    torch.testing.assert_close(x.detach(), torch.ones(2, dtype=F64), rtol=0, atol=1e-3)
-    assert float(loss) < 1e-6
-
-
 def linear_model(likelihood, out_features):
     torch.manual_seed(6)
     net = nn.Linear(4, out_features).double()
@@ -280,24 +242,6 @@ def test_short_map_run_with_fused_prior_ends_at_the_same_loss_as_with_the_refere
     assert fused_loss == pytest.approx(reference_loss, rel=1e-9)
     for name, value in reference_values.items():
         torch.testing.assert_close(fused_values[name], value, rtol=1e-7, atol=1e-9)
-
-
-def test_nonlinear_cg_reports_the_loss_at_the_point_it_leaves_the_parameters():
-    """A line search may pass a lower point before meeting the Wolfe conditions elsewhere."""
-    def objective(x):
-        return -10 * torch.exp(-(x - 0.7) ** 2 / (2 * 0.15 ** 2)) + 0.1 * (x - 5) ** 2 - 2.5
-
-    x = torch.zeros(1, dtype=F64, requires_grad=True)
-    optimizer = NonlinearCG([x], lr=0.5, max_iter=1)
-
-    def closure():
-        optimizer.zero_grad()
-        loss = objective(x).sum()
-        loss.backward()
-        return loss
-
-    reported = optimizer.step(closure)
-    assert float(reported) == pytest.approx(float(objective(x.detach())), rel=1e-12)
 
 
 @pytest.mark.parametrize("optimizer", ["lbfgs", "cg"])
