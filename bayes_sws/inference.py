@@ -131,7 +131,7 @@ class ScipyMinimizer(torch.optim.Optimizer):
         Iterations per :meth:`step`.
     tolerance_grad : float
         Stop when the gradient's largest entry falls below this (L-BFGS-B also
-        stops when the loss falls by a relative less than scipy's ``ftol``).
+        stops once the loss's relative decrease falls below scipy's ``ftol``).
 
     Examples
     --------
@@ -155,7 +155,6 @@ class ScipyMinimizer(torch.optim.Optimizer):
     def step(self, closure: Callable[[], torch.Tensor]) -> torch.Tensor:
         settings = self.param_groups[0]
         params = self._params()
-
         highest = -math.inf
 
         def loss_and_grad(point: np.ndarray) -> tuple[float, np.ndarray]:
