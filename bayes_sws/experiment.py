@@ -29,7 +29,7 @@ from .inference import fit_map
 from .model import Categorical, Gaussian, SoftWeightSharingModel
 from .nets import build_network
 from .kernels import set_backend
-from .prior import GaussianMixture
+from .prior import GaussianMixture, SoftWeightSharingPrior
 from .spec import Spec, parse_spec
 
 __all__ = ["CHECKPOINT_FORMAT", "FittedModel", "build_model", "load_checkpoint", "resolve_device", "run"]
@@ -73,10 +73,12 @@ def build_model(
     """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(spec.seed)
-        network = build_network(spec.network, input_shape=input_shape, n_outputs=n_outputs).to(device)
+        network = build_network(spec.network.architecture, hidden=spec.network.hidden,
+                                activation=spec.network.activation, input_shape=input_shape,
+                                n_outputs=n_outputs).to(device)
     return SoftWeightSharingModel(
         network,
-        prior=spec.prior.mixture,
+        prior=SoftWeightSharingPrior.from_spec(spec.prior.mixture),
         likelihood=Categorical() if task == "classification" else Gaussian(),
         prior_weight=spec.prior.weight,
         include_biases=spec.prior.include_biases,

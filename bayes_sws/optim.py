@@ -1,164 +1,118 @@
-"""Optimisers for the fit loop: Adam with a learning rate per parameter group, L-BFGS, nonlinear CG.
+"""Optimisers for the fit loop: Adam with a learning rate per parameter group, full-batch L-BFGS and CG.
 
-Adam takes minibatch steps; L-BFGS and conjugate gradients take full-batch
-iterations, which suit the small full-batch problems (such as the sunspots net)
-where they beat plain gradient steps.
+Adam takes minibatch steps. ``"lbfgs"`` and ``"cg"`` are scipy's L-BFGS-B and
+Polak–Ribière conjugate gradients on the whole training set, which suit small
+problems such as the sunspots net (docs/objective.md §4).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 
+import numpy as np
+import scipy.optimize
 import torch
 
-__all__ = ["LearningRates", "NonlinearCG", "OPTIMIZERS", "make_optimizer"]
+from .spec import OPTIMIZERS, LearningRates
 
-OPTIMIZERS = ("adam", "lbfgs", "cg")
-
-
-@dataclass(frozen=True)
-class LearningRates:
-    """Learning rate of each parameter group (Adam); ``weights`` also covers pass-through parameters.
-
-    The defaults follow Ullrich et al.'s public code.
-    """
-
-    weights: float = 5e-4
-    means: float = 1e-4
-    precisions: float = 3e-3
-    pi: float = 3e-3
-
-    def __post_init__(self) -> None:
-        for name, value in vars(self).items():
-            if not value > 0:
-                raise ValueError(f"learning rate for {name} must be positive, got {value}")
+__all__ = ["LearningRates", "OPTIMIZERS", "ScipyMinimizer", "make_optimizer"]
 
 
-class NonlinearCG(torch.optim.Optimizer):
-    """Polak–Ribière (PR+) nonlinear conjugate gradients with a Wolfe line search.
+class ScipyMinimizer(torch.optim.Optimizer):
+    """Full-batch minimisation by :func:`scipy.optimize.minimize`, used like ``torch.optim.LBFGS``.
 
-    Use like ``torch.optim.LBFGS``: ``optimizer.step(closure)`` runs up to
-    ``max_iter`` iterations, the closure re-evaluating the loss and its gradient.
-    The line search interpolates along the direction (secant steps on the
-    directional derivative, quadratic backtracking on the loss) until the strong
-    Wolfe conditions hold, so on a quadratic it is an exact line search and CG
-    converges in at most n iterations.
+    ``optimizer.step(closure)`` flattens every parameter into one float64 vector,
+    runs up to ``max_iter`` iterations of ``method`` from there (each step starts
+    afresh), writes the point it ends at back into the parameters and returns the
+    loss at that point. The closure re-evaluates the loss and its gradient.
+
+    A trial point whose loss or gradient is not finite (a step that overflowed a
+    log-precision, say) is reported to scipy with a zero gradient and a loss above
+    every finite one seen in the step, so the line search takes it for too long a
+    step and interpolates back. Reporting ``inf`` instead breaks the interpolation:
+    L-BFGS-B then stalls at the start, and torch's strong-Wolfe search (in
+    ``torch.optim.LBFGS``) computes NaN step lengths.
 
     Parameters
     ----------
     params : iterable of Tensor
-    lr : float
-        First trial step length; later iterations start from the previous step
-        scaled by the ratio of directional derivatives.
+    method : {"CG", "L-BFGS-B"}
+        Polak–Ribière nonlinear conjugate gradients, or limited-memory BFGS.
     max_iter : int
         Iterations per :meth:`step`.
-    armijo : float
-        Sufficient-decrease constant c1.
-    curvature : float
-        Strong Wolfe curvature constant c2 (small: close to an exact line search).
-    max_evaluations : int
-        Loss evaluations allowed per line search.
     tolerance_grad : float
-        Stop when the gradient's largest entry falls below this.
+        Stop when the gradient's largest entry falls below this (L-BFGS-B also
+        stops once the loss's relative decrease falls below scipy's ``ftol``).
+
+    Examples
+    --------
+    >>> optimizer = ScipyMinimizer(model.parameters(), method="CG", max_iter=20)
+    >>> loss = optimizer.step(closure)
     """
 
-    def __init__(self, params, *, lr: float = 1e-3, max_iter: int = 20, armijo: float = 1e-4,
-                 curvature: float = 0.1, max_evaluations: int = 25, tolerance_grad: float = 1e-9) -> None:
-        super().__init__(params, {"lr": lr, "max_iter": max_iter, "armijo": armijo, "curvature": curvature,
-                                  "max_evaluations": max_evaluations, "tolerance_grad": tolerance_grad})
+    def __init__(self, params, *, method: str, max_iter: int = 20, tolerance_grad: float = 1e-9) -> None:
+        super().__init__(params, {"method": method, "max_iter": max_iter, "tolerance_grad": tolerance_grad})
 
     def _params(self) -> list[torch.Tensor]:
         return [p for group in self.param_groups for p in group["params"]]
 
-    def _flat_grad(self) -> torch.Tensor:
-        return torch.cat([
-            (p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
-            for p in self._params()
-        ])
-
-    def _move(self, step: float, direction: torch.Tensor) -> None:
+    def _write(self, point: np.ndarray) -> None:
         offset = 0
-        with torch.no_grad():
-            for p in self._params():
-                p.add_(direction[offset: offset + p.numel()].view_as(p), alpha=step)
-                offset += p.numel()
-
-    def _line_search(self, evaluate_, loss: float, slope: float, direction: torch.Tensor,
-                     step: float) -> tuple[float, float, torch.Tensor] | None:
-        """Move along ``direction`` to a strong-Wolfe point; return (step, loss, grad) or None."""
-        group = self.param_groups[0]
-        position, best = 0.0, None
-        for _ in range(group["max_evaluations"]):
-            self._move(step - position, direction)
-            position = step
-            new_loss = float(evaluate_())
-            grad = self._flat_grad()
-            new_slope = float(grad @ direction)
-            sufficient = math.isfinite(new_loss) and new_loss <= loss + group["armijo"] * step * slope
-            if sufficient and (best is None or new_loss < best[1]):
-                best = (step, new_loss, grad)
-            if sufficient and abs(new_slope) <= group["curvature"] * abs(slope):
-                return step, new_loss, grad
-            if not sufficient:
-                curvature = new_loss - loss - slope * step if math.isfinite(new_loss) else math.inf
-                quadratic = -slope * step * step / (2.0 * curvature) if curvature > 0 else 0.5 * step
-                step = min(max(quadratic, 0.1 * step), 0.5 * step)
-            elif new_slope > slope:
-                step = min(step * slope / (slope - new_slope), 10.0 * step)
-            else:
-                step *= 10.0
-        if best is None:
-            self._move(-position, direction)
-            return None
-        self._move(best[0] - position, direction)
-        return best
+        for p in self._params():
+            p.copy_(torch.from_numpy(point[offset: offset + p.numel()]).view_as(p))
+            offset += p.numel()
 
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor]) -> torch.Tensor:
-        group = self.param_groups[0]
-        state = self.state["cg"]
-        evaluate_ = torch.enable_grad()(closure)
-        loss = float(evaluate_())
-        grad = self._flat_grad()
-        direction, previous_grad = state.get("direction"), state.get("grad")
-        step_length, previous_slope = state.get("step", group["lr"]), state.get("slope")
-        for _ in range(group["max_iter"]):
-            if grad.abs().max() <= group["tolerance_grad"]:
-                break
-            if direction is None or previous_grad is None:
-                direction = -grad
-            else:
-                beta = max(0.0, float(grad @ (grad - previous_grad) / (previous_grad @ previous_grad)))
-                direction = -grad + beta * direction
-            slope = float(grad @ direction)
-            if slope >= 0:
-                direction, slope = -grad, -float(grad @ grad)
-            if previous_slope is not None:
-                step_length = step_length * previous_slope / slope
-            found = self._line_search(evaluate_, loss, slope, direction, step_length)
-            if found is None:
-                direction = None
-                break
-            step_length, loss, new_grad = found
-            previous_grad, grad, previous_slope = grad, new_grad, slope
-        state.update(direction=direction, grad=previous_grad, step=step_length, slope=previous_slope)
-        return torch.tensor(loss, dtype=torch.float64)
+        settings = self.param_groups[0]
+        params = self._params()
+        highest = -math.inf
+
+        def loss_and_grad(point: np.ndarray) -> tuple[float, np.ndarray]:
+            nonlocal highest
+            self._write(point)
+            with torch.enable_grad():
+                loss = float(closure().detach())
+            grad = torch.cat([
+                (p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params
+            ]).to("cpu", torch.float64).numpy()
+            if math.isfinite(loss) and np.isfinite(grad).all():
+                highest = max(highest, loss)
+                return loss, grad
+            return (highest + abs(highest) + 1.0 if math.isfinite(highest) else math.inf), np.zeros_like(grad)
+
+        start = torch.cat([p.reshape(-1) for p in params]).to("cpu", torch.float64).numpy()
+        result = scipy.optimize.minimize(
+            loss_and_grad, start, jac=True, method=settings["method"],
+            options={"maxiter": settings["max_iter"], "gtol": settings["tolerance_grad"]},
+        )
+        self._write(result.x)
+        return torch.tensor(result.fun, dtype=torch.float64)
 
 
 def make_optimizer(name: str, groups: dict[str, list[torch.Tensor]], learning_rates: LearningRates,
                    *, iterations: int) -> torch.optim.Optimizer:
-    """The optimiser ``name`` over parameter groups keyed by learning-rate group (see :class:`LearningRates`)."""
+    """Adam with a learning rate per group, or a full-batch scipy method doing ``iterations`` per step.
+
+    Parameters
+    ----------
+    name : {"adam", "lbfgs", "cg"}
+    groups : dict
+        Learning-rate group (a field of :class:`LearningRates`) → parameters.
+    learning_rates : LearningRates
+        Adam's rates; the full-batch methods need none.
+    iterations : int
+        Iterations per ``step`` of the full-batch methods.
+    """
     if name == "adam":
         # fused: one kernel per parameter for the whole update (CPU and CUDA)
         return torch.optim.Adam(
             [{"params": params, "lr": getattr(learning_rates, group)} for group, params in groups.items()],
             fused=True,
         )
-    params = [p for params in groups.values() for p in params]
-    if name == "lbfgs":
-        return torch.optim.LBFGS(params, lr=1.0, max_iter=iterations, line_search_fn="strong_wolfe")
-    if name == "cg":
-        return NonlinearCG(params, lr=learning_rates.weights, max_iter=iterations)
-    raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
+    methods = {"lbfgs": "L-BFGS-B", "cg": "CG"}
+    if name not in methods:
+        raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
+    return ScipyMinimizer([p for params in groups.values() for p in params], method=methods[name],
+                          max_iter=iterations)

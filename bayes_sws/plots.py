@@ -1,17 +1,20 @@
-"""Figures: the weight histogram under the learned mixture, and the training history."""
+"""Figures: the weight histogram under the learned mixture, and the training history.
+
+The functions build :class:`matplotlib.figure.Figure` objects directly, without
+pyplot: importing this module changes no global matplotlib state (the backend
+stays the user's), a notebook shows a returned figure inline, and nothing needs
+closing.
+"""
 
 from __future__ import annotations
 
 import os
 
-import matplotlib
+import numpy as np
+import torch
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from .prior import GaussianMixture, mixture_log_density  # noqa: E402
+from .prior import GaussianMixture, mixture_log_density
 
 __all__ = ["plot_history", "plot_weights"]
 
@@ -19,11 +22,11 @@ __all__ = ["plot_history", "plot_weights"]
 def plot_weights(
     weights: torch.Tensor,
     mixture: GaussianMixture,
-    path: str | os.PathLike[str],
+    path: str | os.PathLike[str] | None = None,
     *,
     title: str = "",
     bins: int = 200,
-) -> None:
+) -> Figure:
     """Histogram of the weights (log-scaled counts) with the mixture density overlaid.
 
     The density is scaled to expected counts per bin, N·Δ·p(w), so that curve and
@@ -33,8 +36,15 @@ def plot_weights(
     ----------
     weights : Tensor, any shape (flattened)
     mixture : GaussianMixture with fields of shape ``(J,)``
-    path : path-like
-        Where to write the PNG.
+    path : path-like, optional
+        Also write the figure there (format from the suffix, e.g. ``.png``).
+    title : str
+        Defaults to one naming the number of components.
+    bins : int
+
+    Returns
+    -------
+    Figure
     """
     values = weights.detach().reshape(-1).double().cpu()
     mixture = GaussianMixture(*(t.detach().double().cpu() for t in mixture))
@@ -44,23 +54,30 @@ def plot_weights(
     grid = torch.linspace(low, high, 2000, dtype=torch.float64)
     expected = values.numel() * (edges[1] - edges[0]) * mixture_log_density(grid, mixture).exp()
 
-    figure, axis = plt.subplots(figsize=(8, 4.5))
+    figure = Figure(figsize=(8, 4.5), layout="tight")
+    axis = figure.subplots()
     axis.hist(values.numpy(), bins=edges, color="tab:blue", alpha=0.6, label=f"weights (N={values.numel():,})")
     axis.plot(grid.numpy(), expected.numpy(), color="tab:red", lw=1.5, label="mixture prior (expected counts)")
-    for mean, weight in zip(mixture.means.tolist(), mixture.weights.tolist()):
-        axis.axvline(mean, color="tab:red", lw=0.6, alpha=0.3 + 0.7 * weight**0.5)
+    for mean, proportion in zip(mixture.means.tolist(), mixture.proportions.tolist()):
+        axis.axvline(mean, color="tab:red", lw=0.6, alpha=0.3 + 0.7 * proportion**0.5)
     axis.set_yscale("log")
     axis.set_ylim(bottom=0.5)
     axis.set_xlabel("weight value")
     axis.set_ylabel("count per bin (log scale)")
     axis.set_title(title or f"Weights and learned mixture ({mixture.means.numel()} components)")
     axis.legend(loc="upper right")
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    if path is not None:
+        figure.savefig(path, dpi=120)
+    return figure
 
 
-def plot_history(history: list[dict], path: str | os.PathLike[str], *, metric: str, group: str) -> None:
+def plot_history(
+    history: list[dict],
+    path: str | os.PathLike[str] | None = None,
+    *,
+    metric: str,
+    group: str,
+) -> Figure:
     """Training curves: loss, the test metric, and the mixture means over epochs.
 
     The means' panel draws each component with opacity growing with its π, so
@@ -70,27 +87,32 @@ def plot_history(history: list[dict], path: str | os.PathLike[str], *, metric: s
     ----------
     history : list of dict
         Records from :func:`~bayes_sws.inference.fit_map`.
-    path : path-like
-        Where to write the PNG.
+    path : path-like, optional
+        Also write the figure there (format from the suffix, e.g. ``.png``).
     metric : str
         The history key of the test metric (``accuracy``, ``arv`` …).
     group : str
         The mixture group whose means to draw.
+
+    Returns
+    -------
+    Figure
     """
     epochs = [record["epoch"] for record in history]
     means = np.array([record["mixtures"][group]["mu"] for record in history])
-    weights = np.array([record["mixtures"][group]["pi"] for record in history])
-    figure, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    proportions = np.array([record["mixtures"][group]["pi"] for record in history])
+    figure = Figure(figsize=(13, 3.8), layout="tight")
+    axes = figure.subplots(1, 3)
     axes[0].plot(epochs, [record["loss"] for record in history], marker=".")
     axes[0].set_ylabel("objective per training example")
     axes[1].plot(epochs, [record[metric] for record in history], marker=".", color="tab:green")
     axes[1].set_ylabel(f"test {metric}")
     for component in range(means.shape[1]):
-        alpha = float(np.clip(weights[:, component].max() ** 0.5, 0.1, 1.0))
+        alpha = float(np.clip(proportions[:, component].max() ** 0.5, 0.1, 1.0))
         axes[2].plot(epochs, means[:, component], color="tab:red", alpha=alpha)
     axes[2].set_ylabel("component means μ_j")
     for axis in axes:
         axis.set_xlabel("epoch")
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    if path is not None:
+        figure.savefig(path, dpi=110)
+    return figure

@@ -23,7 +23,7 @@ Every weight ``w_i`` of a group gets the same one-dimensional mixture
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import fields
 from typing import NamedTuple
 
 import pyro
@@ -34,6 +34,7 @@ from torch.distributions import biject_to, constraints, transform_to
 from torch.distributions.mixture_same_family import MixtureSameFamilyConstraint
 
 from . import kernels
+from .spec import Hyperpriors, MixtureSpec
 
 __all__ = [
     "GaussianMixture",
@@ -312,52 +313,8 @@ class MixturePrior(TorchDistribution):
 # --------------------------------------------------------------------------- configuration
 
 
-@dataclass(frozen=True)
-class Hyperpriors:
-    """Optional hyperpriors on the mixture parameters; ``None`` means flat (improper).
-
-    Attributes
-    ----------
-    dirichlet : float, optional
-        π over the learned components ~ Dirichlet(α, …, α).
-    means_scale : float, optional
-        μ_j ~ Normal(0, means_scale).
-    precision_gamma : (float, float), optional
-        1/σ_j² ~ Gamma(shape, rate) for every component.
-    zero_precision_gamma : (float, float), optional
-        The zero component's own Gamma(shape, rate); needs ``precision_gamma``.
-    zero_weight_beta : (float, float), optional
-        π0 ~ Beta(a, b) when the zero component's weight is learned.
-    """
-
-    dirichlet: float | None = None
-    means_scale: float | None = None
-    precision_gamma: tuple[float, float] | None = None
-    zero_precision_gamma: tuple[float, float] | None = None
-    zero_weight_beta: tuple[float, float] | None = None
-
-    def __post_init__(self) -> None:
-        positive = {
-            "dirichlet": self.dirichlet,
-            "means_scale": self.means_scale,
-            "precision_gamma": self.precision_gamma,
-            "zero_precision_gamma": self.zero_precision_gamma,
-            "zero_weight_beta": self.zero_weight_beta,
-        }
-        for name, value in positive.items():
-            if value is not None and not all(0 < v < math.inf for v in _as_tuple(value)):
-                raise ValueError(f"hyperprior {name} must be positive and finite, got {value}")
-        if self.zero_precision_gamma is not None and self.precision_gamma is None:
-            raise ValueError("hyperprior zero_precision_gamma needs precision_gamma too")
-
-
-def _as_tuple(value) -> tuple:
-    return tuple(value) if isinstance(value, (tuple, list)) else (value,)
-
-
-@dataclass(frozen=True)
-class SoftWeightSharingPrior:
-    """A mixture prior configuration: components, the zero component, hyperpriors, start.
+class SoftWeightSharingPrior(MixtureSpec):
+    """A mixture configuration (:class:`~bayes_sws.spec.MixtureSpec`) with its Pyro sites and EM update.
 
     It declares the mixture's Pyro sample sites (:meth:`sample_mixture`), their
     starting values (:meth:`initial_values`) and the closed-form EM update
@@ -387,28 +344,14 @@ class SoftWeightSharingPrior:
     ...     hyperpriors=Hyperpriors(precision_gamma=(250, 0.1), zero_precision_gamma=(5000, 2)))
     """
 
-    n_components: int = 16
-    zero_component: bool = True
-    pi_zero: float | None = None
-    init_means: tuple[float, float] | None = None
-    init_scale: float = 0.25
-    hyperpriors: Hyperpriors = field(default_factory=Hyperpriors)
-
     def __post_init__(self) -> None:
-        if self.n_components < 1:
-            raise ValueError(f"n_components must be at least 1, got {self.n_components}")
-        if not 0 < self.init_scale < math.inf:
-            raise ValueError(f"init_scale (σ) must be positive, got {self.init_scale}")
-        if self.pi_zero is not None:
-            if not self.zero_component:
-                raise ValueError("pi_zero is set but zero_component is false")
-            if self.n_components == 1:
-                raise ValueError("pi_zero needs at least two components (with one, the zero component has all the weight)")
-            if not 0 < self.pi_zero < 1:
-                raise ValueError(f"pi_zero must lie in (0, 1), got {self.pi_zero}")
-        if self.init_means is not None and not self.init_means[0] < self.init_means[1]:
-            raise ValueError(f"init_means must be an increasing pair, got {self.init_means}")
+        super().__post_init__()
         object.__setattr__(self, "_site_prior_cache", {})
+
+    @classmethod
+    def from_spec(cls, mixture: MixtureSpec) -> SoftWeightSharingPrior:
+        """The prior a specification's ``[prior]`` mixture settings describe."""
+        return cls(**{f.name: getattr(mixture, f.name) for f in fields(MixtureSpec)})
 
     @property
     def n_free_means(self) -> int:

@@ -32,15 +32,19 @@ from pathlib import Path
 from typing import Any
 
 from .errors import SpecError
-from .data import DATASET_NAMES
-from .optim import OPTIMIZERS, LearningRates
-from .kernels import BACKENDS
-from .nets import ACTIVATIONS, ARCHITECTURES
-from .prior import SoftWeightSharingPrior
 
 __all__ = [
+    "ACTIVATIONS",
+    "ARCHITECTURES",
+    "BACKENDS",
+    "DATASET_NAMES",
+    "METHODS",
+    "OPTIMIZERS",
     "DataSpec",
+    "Hyperpriors",
     "InferenceSpec",
+    "LearningRates",
+    "MixtureSpec",
     "NetworkSpec",
     "PriorSpec",
     "Spec",
@@ -49,7 +53,122 @@ __all__ = [
     "parse_spec",
 ]
 
+# The names a specification may use. The modules that act on them (data, nets,
+# kernels, inference) keep their own lists; tests/test_spec.py checks they agree.
+DATASET_NAMES = ("digits", "fashion-mnist", "idx", "sunspots")
+ARCHITECTURES = ("mlp", "lenet5")
+ACTIVATIONS = ("relu", "tanh", "sigmoid")
+OPTIMIZERS = ("adam", "lbfgs", "cg")
+BACKENDS = ("auto", "torch", "compile", "native")
+METHODS = ("map",)
+
 _INLINE = {"inline": True}
+
+
+@dataclass(frozen=True)
+class Hyperpriors:
+    """Optional hyperpriors on the mixture parameters; ``None`` means flat (improper).
+
+    Flat hyperpriors suit MAP fitting; sampling (``Predictive``, MCMC, guides
+    initialised from the prior) needs proper ones (see docs/tuning.md).
+
+    Attributes
+    ----------
+    dirichlet : float, optional
+        π over the learned components ~ Dirichlet(α, …, α).
+    means_scale : float, optional
+        μ_j ~ Normal(0, means_scale).
+    precision_gamma : (float, float), optional
+        1/σ_j² ~ Gamma(shape, rate) for every component.
+    zero_precision_gamma : (float, float), optional
+        The zero component's own Gamma(shape, rate); needs ``precision_gamma``.
+    zero_weight_beta : (float, float), optional
+        π0 ~ Beta(a, b) when the zero component's weight is learned.
+    """
+
+    dirichlet: float | None = None
+    means_scale: float | None = None
+    precision_gamma: tuple[float, float] | None = None
+    zero_precision_gamma: tuple[float, float] | None = None
+    zero_weight_beta: tuple[float, float] | None = None
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            values = tuple(value) if isinstance(value, (tuple, list)) else (value,)
+            if value is not None and not all(0 < v < math.inf for v in values):
+                raise ValueError(f"hyperprior {f.name} must be positive and finite, got {value}")
+        if self.zero_precision_gamma is not None and self.precision_gamma is None:
+            raise ValueError("hyperprior zero_precision_gamma needs precision_gamma too")
+
+
+@dataclass(frozen=True)
+class MixtureSpec:
+    """The configuration of a soft weight-sharing mixture: components, zero component, start.
+
+    :class:`~bayes_sws.prior.SoftWeightSharingPrior` adds the Pyro sites and the
+    EM update to these settings.
+
+    Attributes
+    ----------
+    n_components : int
+        J, including the zero component.
+    zero_component : bool
+        Component 0 has μ0 = 0 fixed (the pruning component).
+    pi_zero : float, optional
+        Fixed π0; ``None`` learns it (with ``hyperpriors.zero_weight_beta`` if given).
+    init_means : (float, float), optional
+        Learned means start evenly spaced over this range; by default over the
+        range of the initial weights.
+    init_scale : float
+        Starting σ of every component.
+    hyperpriors : Hyperpriors
+
+    Examples
+    --------
+    >>> MixtureSpec(n_components=17, pi_zero=0.999,
+    ...     hyperpriors=Hyperpriors(precision_gamma=(250, 0.1), zero_precision_gamma=(5000, 2)))
+    """
+
+    n_components: int = 16
+    zero_component: bool = True
+    pi_zero: float | None = None
+    init_means: tuple[float, float] | None = None
+    init_scale: float = 0.25
+    hyperpriors: Hyperpriors = field(default_factory=Hyperpriors)
+
+    def __post_init__(self) -> None:
+        if self.n_components < 1:
+            raise ValueError(f"n_components must be at least 1, got {self.n_components}")
+        if not 0 < self.init_scale < math.inf:
+            raise ValueError(f"init_scale (σ) must be positive, got {self.init_scale}")
+        if self.pi_zero is not None:
+            if not self.zero_component:
+                raise ValueError("pi_zero is set but zero_component is false")
+            if self.n_components == 1:
+                raise ValueError("pi_zero needs at least two components (with one, the zero component has all the weight)")
+            if not 0 < self.pi_zero < 1:
+                raise ValueError(f"pi_zero must lie in (0, 1), got {self.pi_zero}")
+        if self.init_means is not None and not self.init_means[0] < self.init_means[1]:
+            raise ValueError(f"init_means must be an increasing pair, got {self.init_means}")
+
+
+@dataclass(frozen=True)
+class LearningRates:
+    """Learning rate of each parameter group (Adam); ``weights`` also covers pass-through parameters.
+
+    The defaults follow Ullrich et al.'s public code.
+    """
+
+    weights: float = 5e-4
+    means: float = 1e-4
+    precisions: float = 3e-3
+    pi: float = 3e-3
+
+    def __post_init__(self) -> None:
+        for name, value in vars(self).items():
+            if not value > 0:
+                raise ValueError(f"learning rate for {name} must be positive, got {value}")
 
 
 @dataclass(frozen=True)
@@ -83,12 +202,12 @@ class NetworkSpec:
 
 @dataclass(frozen=True)
 class PriorSpec:
-    """``[prior]``: λ (``weight``), sharing, and the mixture (the keys of SoftWeightSharingPrior)."""
+    """``[prior]``: λ (``weight``), sharing, and the mixture (the keys of :class:`MixtureSpec`)."""
 
     weight: float = 1e-3
     shared: bool = True
     include_biases: bool = False
-    mixture: SoftWeightSharingPrior = field(default_factory=SoftWeightSharingPrior, metadata=_INLINE)
+    mixture: MixtureSpec = field(default_factory=MixtureSpec, metadata=_INLINE)
 
     def __post_init__(self) -> None:
         if not self.weight >= 0:  # finiteness is checked when the value is read
@@ -110,8 +229,8 @@ class InferenceSpec:
     learning_rates: LearningRates = field(default_factory=LearningRates)
 
     def __post_init__(self) -> None:
-        if self.method != "map":
-            raise ValueError(f"method must be 'map', got {self.method!r}")
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
         for name in ("epochs", "batch_size", "iterations_per_epoch"):

@@ -1,0 +1,108 @@
+"""The specification layer: light to import, and its vocabularies match the modules that act on them."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bayes_sws import data, inference, kernels, nets, optim, spec
+from bayes_sws.errors import SpecError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Loads bayes_sws.spec (and the bayes_sws.errors it imports) as submodules of an empty
+# stand-in package: the real bayes_sws/__init__.py imports every module, so a plain
+# `import bayes_sws.spec` would say nothing about spec.py's own imports.
+LOAD_SPEC_ALONE = """
+import importlib, sys, types
+package = types.ModuleType("bayes_sws")
+package.__path__ = [sys.argv[1]]
+sys.modules["bayes_sws"] = package
+spec = importlib.import_module("bayes_sws.spec")
+for path in sys.argv[2:]:
+    spec.load_spec(path)
+print(" ".join(sorted({"torch", "pyro", "numpy", "matplotlib"} & set(sys.modules))))
+"""
+
+
+def test_loading_every_model_spec_imports_neither_torch_nor_pyro():
+    models = sorted(str(p) for p in (ROOT / "models").glob("*.toml"))
+    assert models
+    result = subprocess.run([sys.executable, "-c", LOAD_SPEC_ALONE, str(ROOT / "bayes_sws"), *models],
+                            capture_output=True, text=True, check=True)
+    assert result.stdout.split() == []
+
+
+@pytest.mark.parametrize(
+    ("names", "accepted"),
+    [
+        (spec.DATASET_NAMES, data.DATASET_NAMES),
+        (spec.ARCHITECTURES, nets.ARCHITECTURES),
+        (spec.ACTIVATIONS, tuple(nets.ACTIVATIONS)),
+        (spec.BACKENDS, kernels.BACKENDS),
+        (tuple(f"fit_{method}" for method in spec.METHODS),
+         tuple(name for name in inference.__all__ if name.startswith("fit_"))),
+    ],
+    ids=["datasets", "architectures", "activations", "backends", "methods"],
+)
+def test_vocabularies_equal_what_the_modules_accept(names, accepted):
+    assert names == accepted
+
+
+@pytest.mark.parametrize("name", spec.OPTIMIZERS)
+def test_every_optimizer_a_spec_names_can_be_built(name):
+    import torch
+
+    parameter = torch.nn.Parameter(torch.zeros(2))
+    optimizer = optim.make_optimizer(name, {"weights": [parameter]}, spec.LearningRates(), iterations=2)
+    assert isinstance(optimizer, torch.optim.Optimizer)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(n_components=0), "n_components"),
+        (dict(init_scale=0.0), "init_scale"),
+        (dict(pi_zero=0.5, zero_component=False), "zero_component"),
+        (dict(pi_zero=0.5, n_components=1), "two components"),
+        (dict(pi_zero=1.0), "pi_zero"),
+        (dict(init_means=(0.5, -0.5)), "increasing"),
+    ],
+)
+def test_mixture_spec_rejects_invalid_settings(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        spec.MixtureSpec(**kwargs)
+
+
+@pytest.mark.parametrize("field", ["dirichlet", "means_scale", "precision_gamma", "zero_weight_beta"])
+def test_hyperpriors_must_be_positive_and_finite(field):
+    value = (1.0, float("inf")) if field.endswith(("gamma", "beta")) else -1.0
+    with pytest.raises(ValueError, match=field):
+        spec.Hyperpriors(**{field: value})
+
+
+def test_the_zero_components_precision_hyperprior_needs_the_others():
+    with pytest.raises(ValueError, match="needs precision_gamma"):
+        spec.Hyperpriors(zero_precision_gamma=(2.0, 1.0))
+
+
+def test_a_toml_prior_table_becomes_a_mixture_spec_with_hyperpriors():
+    parsed = spec.parse_spec({"name": "m", "prior": {"weight": 0.05, "n_components": 17, "pi_zero": 0.999,
+                                                     "hyperpriors": {"precision_gamma": [250, 0.1]}}})
+    assert parsed.prior.mixture == spec.MixtureSpec(
+        n_components=17, pi_zero=0.999, hyperpriors=spec.Hyperpriors(precision_gamma=(250.0, 0.1)))
+    assert parsed.to_dict()["prior"]["n_components"] == 17
+
+
+@pytest.mark.parametrize(
+    ("table", "key"),
+    [
+        ({"prior": {"pi_zero": 2.0}}, "pi_zero"),
+        ({"inference": {"method": "nuts"}}, "method"),
+        ({"inference": {"learning_rates": {"means": 0.0}}}, "means"),
+    ],
+)
+def test_invalid_values_raise_spec_errors_naming_the_setting(table, key):
+    with pytest.raises(SpecError, match=key):
+        spec.parse_spec({"name": "m", **table})
