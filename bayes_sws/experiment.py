@@ -79,7 +79,8 @@ def build_model(
     return SoftWeightSharingModel(
         network,
         prior=SoftWeightSharingPrior.from_spec(spec.prior.mixture),
-        likelihood=Categorical() if task == "classification" else Gaussian(),
+        likelihood=Categorical() if task == "classification" else Gaussian(
+            noise_scale=spec.likelihood.noise_scale, noise_prior_scale=spec.likelihood.noise_prior_scale),
         prior_weight=spec.prior.weight,
         include_biases=spec.prior.include_biases,
         shared=spec.prior.shared,
@@ -140,9 +141,11 @@ def _metric_name(data: Dataset) -> str:
     return "accuracy" if data.task == "classification" else "arv"
 
 
-def _test_metrics(model: SoftWeightSharingModel, values: dict, data: Dataset) -> dict[str, float]:
-    """Metrics on the test split(s); regression reports the average relative variance (ARV)."""
+def _split_metrics(model: SoftWeightSharingModel, values: dict, data: Dataset) -> dict[str, float]:
+    """Metrics on the validation and test splits; regression reports the average relative variance (ARV)."""
     splits = {"test": (data.test_x, data.test_y), **{f"test_{k}": v for k, v in data.extra_tests.items()}}
+    if data.valid_x is not None:
+        splits["valid"] = (data.valid_x, data.valid_y)
     metrics = {}
     for split, (x, y) in splits.items():
         result = evaluate(model, values, x, y)
@@ -183,7 +186,8 @@ def run(
     if out.exists() and not out.is_dir():
         raise BayesSWSError(f"output path {out} exists and is not a directory")
     set_backend(spec.inference.kernels)
-    data = load_dataset(spec.data.dataset, path=spec.data.path, seed=spec.seed).to(torch_device)
+    data = load_dataset(spec.data.dataset, path=spec.data.path, seed=spec.seed)
+    data = data.with_validation(spec.data.validation_fraction, seed=spec.seed).to(torch_device)
     model = build_model(spec, **_data_shape(data), device=torch_device)
     settings = spec.inference
     common = dict(batch_size=settings.batch_size, optimizer=settings.optimizer,
@@ -214,7 +218,7 @@ def run(
         "pretrain_epochs": spec.inference.pretrain_epochs,
         "seconds": result.seconds + pretrain_seconds,
         "train_loss": result.history[-1]["loss"],
-        **_test_metrics(model, values, data),
+        **_split_metrics(model, values, data),
         "n_weights": model.n_weights,
         "prior_weight": model.prior_weight,
         "mixture": {group: m.as_dict() for group, m in mixtures.items()}

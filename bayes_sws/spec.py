@@ -43,6 +43,7 @@ __all__ = [
     "DataSpec",
     "Hyperpriors",
     "InferenceSpec",
+    "LikelihoodSpec",
     "LearningRates",
     "MixtureSpec",
     "NetworkSpec",
@@ -173,14 +174,40 @@ class LearningRates:
 
 @dataclass(frozen=True)
 class DataSpec:
-    """``[data]``: ``dataset`` is one of digits, fashion-mnist, idx, sunspots; ``path`` a directory."""
+    """``[data]``: ``dataset`` is one of digits, fashion-mnist, idx, sunspots; ``path`` a directory.
+
+    ``validation_fraction`` of the training examples (seeded by the spec's ``seed``;
+    the last years for the sunspot series) form a validation split for model
+    selection, evaluated every epoch; 0 keeps them all for training.
+    """
 
     dataset: str = "digits"
     path: str | None = None
+    validation_fraction: float = 0.0
 
     def __post_init__(self) -> None:
         if self.dataset not in DATASET_NAMES:
             raise ValueError(f"dataset must be one of {', '.join(DATASET_NAMES)}, got {self.dataset!r}")
+        if not 0 <= self.validation_fraction < 1:
+            raise ValueError(f"validation_fraction must lie in [0, 1), got {self.validation_fraction}")
+
+
+@dataclass(frozen=True)
+class LikelihoodSpec:
+    """``[likelihood]``, regression only: the observation noise s of y ~ Normal(network(x), s²).
+
+    ``noise_scale`` fixes s; unset, s is learned with the proper prior
+    s ~ HalfNormal(``noise_prior_scale``), so ``Predictive`` and NUTS can sample it.
+    """
+
+    noise_scale: float | None = None
+    noise_prior_scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        for name in ("noise_scale", "noise_prior_scale"):
+            value = getattr(self, name)
+            if value is not None and not 0 < value < math.inf:
+                raise ValueError(f"{name} must be positive and finite, got {value}")
 
 
 @dataclass(frozen=True)
@@ -253,6 +280,7 @@ class Spec:
     data: DataSpec = field(default_factory=DataSpec)
     network: NetworkSpec = field(default_factory=NetworkSpec)
     prior: PriorSpec = field(default_factory=PriorSpec)
+    likelihood: LikelihoodSpec = field(default_factory=LikelihoodSpec)
     inference: InferenceSpec = field(default_factory=InferenceSpec)
 
     def __post_init__(self) -> None:

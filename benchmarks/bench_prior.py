@@ -344,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"bench_prior: J={args.components}, float32, device={args.device} ({device_name}), "
           f"threads={args.threads}, torch {torch.__version__}, pyro {pyro.__version__}")
     print(f"load average at start: {loadavg()}")
-    print(f"validation {'on' if args.validate else 'off'}, flush-denormal on, "
+    print(f"validation {'on' if args.validate else 'off'}, "
           f"compile cache {'warm' if args.compile_cache else 'disabled (cold compile)'}, "
           f"memory {'per-(method, N) subprocess' if isolated else 'in-process'}")
     for m in methods:

@@ -71,8 +71,11 @@ def test_digits_default_weights_form_clusters(default_run: Path, tmp_path: Path)
     weights = torch.cat([fitted.values[name].reshape(-1) for name in fitted.model.prior_sites])
     # Clustered weights are far better described by the mixture than by one Gaussian.
     assert _per_weight_gain_over_one_gaussian(weights, mixture) > 1.0
-    # Several components are in use, and a large share of the weights sits at zero.
-    assert int((mixture.weights > 0.05).sum()) >= 3
+    # Besides zero, the weights share at least one negative and one positive value, each
+    # holding a clear share of the mass (about 0.11 and 0.19 on the default run).
+    pi, mu = mixture.proportions, mixture.means
+    assert 0.3 < float(pi[0]) < 0.9
+    assert float(pi[1:][mu[1:] < 0].max()) > 0.05 and float(pi[1:][mu[1:] > 0].max()) > 0.05
     assert float((weights.abs() < 3 * mixture.scales[0]).double().mean()) > 0.2
 
     # The same network trained without the prior has no such structure.
@@ -222,3 +225,19 @@ def test_two_loaded_checkpoints_keep_their_own_pass_through_parameters(default_r
 def test_checkpoints_load_with_weights_only(default_run: Path) -> None:
     checkpoint = torch.load(default_run / "checkpoint.pt", weights_only=True)
     assert checkpoint["fit_state"]["epoch"] == checkpoint["metrics"]["epochs"]
+
+
+def test_sunspots_end_to_end_predicts_both_test_periods_better_than_their_mean(tmp_path: Path) -> None:
+    out = tmp_path / "sunspots"
+    status = main(["fit", str(ROOT / "models" / "sunspots.toml"), "--out", str(out), "--quiet",
+                   "--set", "inference.epochs=5"])
+    assert status == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    # ARV = MSE / variance of the series: 1 is predicting the mean. Five L-BFGS epochs reach
+    # about 0.11 on 1921-1955 and 0.39 on 1956-1979 (a harder period).
+    assert metrics["test_arv"] < 0.2
+    assert metrics["test_1956-1979_arv"] < 0.6
+    assert math.isfinite(metrics["valid_arv"])
+    assert {"valid_arv", "test_arv"} <= set(metrics["history"][-1])
+    fitted = sws.load_checkpoint(out / "checkpoint.pt")
+    assert float(fitted.values["noise_scale"]) > 0
