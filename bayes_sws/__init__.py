@@ -13,7 +13,7 @@ from .data import Dataset, load_dataset
 from .errors import BayesSWSError, DataError, FitError, SpecError
 from .kernels import set_backend, use_compiled_kernels
 from .experiment import FittedModel, build_model, load_checkpoint, run
-from .fit import Callback, Evaluate, FitState, evaluate, fit, start_fit
+from .fit import Callback, Evaluate, FitState, evaluate, fit, library_scope, start_fit
 from .inference import EMUpdate, fit_map, map_guide, map_loss
 from .optim import LearningRates
 from .model import Categorical, Gaussian, SoftWeightSharingModel
@@ -56,6 +56,7 @@ __all__ = [
     "evaluate",
     "fit",
     "fit_map",
+    "library_scope",
     "load_checkpoint",
     "load_dataset",
     "load_spec",

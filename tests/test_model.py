@@ -2,7 +2,7 @@
 
 The expected loss is written out in plain float64 torch: the network's forward pass
 by hand, the negative log-likelihood by hand, Ω(w) from the mixture's definition and
-each hyperprior's log-density from its formula (MATH.md §1–2).
+each hyperprior's log-density from its formula (docs/objective.md §1, §6).
 """
 
 import math
