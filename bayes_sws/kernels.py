@@ -1,7 +1,7 @@
 """The mixture prior's hot loop: value and analytic gradients over a row of weights.
 
 Three backends compute the same quantities for one row of N weights and a
-J-component mixture (MATH.md §1): the value Σ_i log p(w_i), its gradient with
+J-component mixture: the value Σ_i log p(w_i), its gradient with
 respect to each weight, −Σ_j γ_ij d_ij/σ_j², and with respect to the mixture,
 Σ_i γ_ij (log π_j), Σ_i γ_ij d_ij/σ_j² (μ_j) and Σ_i γ_ij (d_ij²/σ_j² − 1)/σ_j (σ_j),
 with responsibilities γ and d = w − μ.
@@ -195,46 +195,98 @@ class _Native:
         return summary[0]
 
 
-def _compile_native(flags: list[str]) -> Path:
-    """The kernel built with these flags, from the cache or compiled into it now."""
-    source = _SOURCE.read_bytes()
-    key = hashlib.sha256(source + " ".join(flags).encode()).hexdigest()[:16]
+# The fast-math flags the kernel's loops need to vectorise, less -ffinite-math-only (its
+# NaN checks need IEEE comparisons). Linking takes none of them: -ffast-math at the
+# link adds crtfastmath.o, which turns on flush-to-zero for the whole process on load.
+_COMPILE_FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fassociative-math",
+                  "-fno-signed-zeros", "-freciprocal-math", "-ffp-contract=fast", "-fPIC")
+_LINK_FLAGS = ("-shared", "-fPIC")
+
+
+def _compiler_identity(compiler: str) -> bytes:
+    """What ``compiler --version`` prints: a cached build is only reused from the same compiler."""
+    completed = subprocess.run([compiler, "--version"], capture_output=True, timeout=60)
+    return completed.stdout + completed.stderr
+
+
+def _compile_native(openmp: bool) -> tuple[Path, bool]:
+    """The kernel's shared library from the cache, or compiled into it now.
+
+    Parameters
+    ----------
+    openmp : bool
+        Whether to build with ``-fopenmp``.
+
+    Returns
+    -------
+    The library's path, and whether it was compiled by this call.
+    """
+    compiler = os.environ.get("CC", "cc")
+    openmp_flags = ["-fopenmp"] if openmp else []
+    compile_command = [compiler, *_COMPILE_FLAGS, *openmp_flags, "-c"]
+    link_command = [compiler, *_LINK_FLAGS, *openmp_flags]
+    key = hashlib.sha256(b"\0".join([
+        _SOURCE.read_bytes(), _compiler_identity(compiler),
+        " ".join(compile_command).encode(), " ".join(link_command).encode(),
+    ])).hexdigest()[:16]
     library = _cache_dir() / f"sws_kernel-{key}-{_cpu_signature()}.so"
-    if not library.exists():
-        library.parent.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(dir=library.parent, suffix=".so")
-        os.close(handle)
-        compiler = os.environ.get("CC", "cc")
-        try:
-            subprocess.run([compiler, *flags, "-o", temporary, str(_SOURCE), "-lm"],
-                           check=True, capture_output=True, timeout=120)
-            os.replace(temporary, library)
-        finally:
-            if os.path.exists(temporary):
-                os.remove(temporary)
-    return library
+    if library.exists():
+        return library, False
+    library.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=library.parent) as scratch:
+        objects, shared = Path(scratch, "sws_kernel.o"), Path(scratch, "sws_kernel.so")
+        subprocess.run([*compile_command, "-o", str(objects), str(_SOURCE)],
+                       check=True, capture_output=True, timeout=120)
+        subprocess.run([*link_command, "-o", str(shared), str(objects), "-lm"],
+                       check=True, capture_output=True, timeout=120)
+        os.replace(shared, library)
+    return library, True
+
+
+def _load_native(openmp: bool) -> _Native:
+    """The kernel, loaded from the cache; a cached library that does not load is rebuilt (one warning)."""
+    library, built = _compile_native(openmp)
+    try:
+        return _Native(ctypes.CDLL(str(library)))
+    except (OSError, AttributeError) as error:
+        if built:
+            raise OSError(f"the freshly built {library} does not load: {error}") from error
+        warnings.warn(f"bayes_sws: the cached native prior kernel {library} does not load ({error}); "
+                      "rebuilding it", RuntimeWarning, stacklevel=2)
+        library.unlink(missing_ok=True)
+        return _Native(ctypes.CDLL(str(_compile_native(openmp)[0])))
 
 
 def _build_native() -> _Native:
-    flags = ["-O3", "-march=native", "-ffast-math", "-fPIC", "-shared"]
     try:
-        return _Native(ctypes.CDLL(str(_compile_native([*flags, "-fopenmp"]))))
+        return _load_native(openmp=True)
     except (OSError, subprocess.SubprocessError):  # no OpenMP to build or load with: one thread
-        return _Native(ctypes.CDLL(str(_compile_native(flags))))
+        return _load_native(openmp=False)
 
 
 @functools.cache
-def _native() -> _Native | None:
-    """The native kernel, or ``None`` (with one warning) where it cannot be built here."""
+def _native_or_reason() -> _Native | str:
+    """The native kernel, or why it is unavailable here (with one warning, unless switched off)."""
     if os.environ.get("BAYES_SWS_NATIVE", "1") == "0":
-        return None
-    try:
-        return _build_native()
-    except (OSError, subprocess.SubprocessError) as error:
-        detail = getattr(error, "stderr", b"") or b""
-        warnings.warn(f"bayes_sws: native prior kernel unavailable ({error} {detail.decode()[:200]}); "
-                      "using torch kernels", RuntimeWarning, stacklevel=2)
-        return None
+        return "it is switched off by BAYES_SWS_NATIVE=0"
+    if not _SOURCE.is_file():
+        reason = f"its source {_SOURCE} is missing from this installation of bayes_sws"
+    else:
+        try:
+            return _build_native()
+        except (OSError, subprocess.SubprocessError) as error:
+            detail = (getattr(error, "stderr", b"") or b"").decode(errors="replace")[:200]
+            reason = (f"the C compiler {os.environ.get('CC', 'cc')!r} could not build it "
+                      f"(is a C compiler installed?): {error} {detail}")
+    warnings.warn(f"bayes_sws: native prior kernel unavailable: {reason}; using torch kernels",
+                  RuntimeWarning, stacklevel=3)
+    return reason
+
+
+def _native() -> _Native | None:
+    """The native kernel, or ``None`` where it cannot be built here."""
+    native = _native_or_reason()
+    return native if isinstance(native, _Native) else None
 
 
 def native_available() -> bool:
@@ -261,9 +313,11 @@ def set_backend(name: str) -> None:
     """
     if name not in BACKENDS:
         raise ValueError(f"unknown kernel backend {name!r}; choose one of {', '.join(BACKENDS)}")
-    if name == "native" and not native_available():
-        raise BayesSWSError("kernels 'native' requested but the C kernel cannot be built here "
-                            "(is a C compiler installed?); use 'auto' or 'torch'")
+    if name == "native":
+        native = _native_or_reason()
+        if not isinstance(native, _Native):
+            raise BayesSWSError(f"kernels 'native' requested but the C kernel is unavailable: {native}; "
+                                "use 'auto' or 'torch'")
     _SELECTED["backend"] = name
 
 
@@ -272,7 +326,7 @@ def use_compiled_kernels(enabled: bool = True) -> None:
     set_backend("compile" if enabled else "auto")
 
 
-def backend(weights: torch.Tensor, components: int):
+def backend(weights: torch.Tensor, components: int) -> _ChunkedTorch | _Native:
     """The row functions that will compute the prior for these weights."""
     name = _SELECTED["backend"]
     if name == "compile":

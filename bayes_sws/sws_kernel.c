@@ -16,8 +16,9 @@
  * loaded, they are torch's own intra-op threads (a second pool would compete with
  * torch's threads while they spin-wait after each parallel op). Within a range,
  * weights are taken in blocks whose (J, BLOCK) table stays in L1, and the loops over
- * a block vectorise (with -O3 -ffast-math; float exp is the inline exp_f32 below,
- * double exp and log map to glibc's vector math). Sums over a block are float,
+ * a block vectorise (with -O3 and the reassociation flags that kernels.py passes;
+ * float exp is the inline exp_f32 below, double exp and both logs map to glibc's
+ * vector math where it has them). Sums over a block are float,
  * across blocks and ranges double. Built at run time by bayes_sws/kernels.py; the
  * torch kernels there compute the same quantities.
  */
@@ -26,12 +27,21 @@
 #include <stdint.h>
 #include <string.h>
 
+/* glibc declares its vector exp and log (libmvec) only under -ffast-math; declared
+ * here, the loops calling them vectorise without it. */
+#if defined(__GLIBC__) && defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) \
+    && !defined(__FAST_MATH__) && __GLIBC_PREREQ(2, 22)
+__attribute__((__simd__("notinbranch"))) double exp(double);
+__attribute__((__simd__("notinbranch"))) double log(double);
+__attribute__((__simd__("notinbranch"))) float logf(float);
+#endif
+
 /* exp(x) for float x in [MIN_LOG_RATIO, 0] only (the caller clamps; below about -87
  * the exponent arithmetic overflows): x = n ln2 + r, |r| <= ln2/2, with Cephes'
  * polynomial for exp(r) and n added to the exponent bits. Inline and branch-free, so
  * the loops calling it vectorise (glibc's vector expf is a call per vector and 1.4
  * times slower here). Within 1.2e-7 relative (about one ulp) where the CPU has FMA:
- * fmaf keeps -ffast-math from merging the two parts of ln2. Without FMA it may merge
+ * fmaf keeps -fassociative-math from merging the two parts of ln2. Without FMA it may merge
  * them, and the error grows with |n| to 4e-6 near x = -72, on terms that small. */
 #ifdef __FP_FAST_FMAF
 #define MINUS_PRODUCT_PLUS(a, b, c) fmaf(-(a), (b), (c))
@@ -89,11 +99,16 @@ static inline float exp_f32(float x)
                     top[i] = v > top[i] ? v : top[i];                                       \
                 }                                                                           \
             }                                                                               \
+            /* Clamped in a loop of its own: in the loop calling EXP, GCC would rewrite */ \
+            /* exp(max(x, m)) as x > m ? exp(x) : exp(m), and call exp on the unclamped */ \
+            /* x, whose vector version takes a slow path far below m. */                   \
             for (int j = 0; j < J; j++) {                                                   \
                 for (int i = 0; i < b; i++) {                                               \
-                    REAL x = table[j][i] - top[i];                                          \
-                    x = x > (REAL)MIN_LOG_RATIO ? x : (REAL)MIN_LOG_RATIO;                  \
-                    const REAL e = EXP(x);                                                  \
+                    const REAL x = table[j][i] - top[i];                                    \
+                    table[j][i] = x > (REAL)MIN_LOG_RATIO ? x : (REAL)MIN_LOG_RATIO;        \
+                }                                                                           \
+                for (int i = 0; i < b; i++) {                                               \
+                    const REAL e = EXP(table[j][i]);                                        \
                     table[j][i] = e;                                                        \
                     total[i] += e;                                                          \
                 }                                                                           \
