@@ -17,6 +17,12 @@ with responsibilities γ and d = w − μ.
 
 ``"auto"`` (the default) takes ``"native"`` for CPU tensors where it builds and
 ``"torch"`` elsewhere. Select with :func:`set_backend`.
+
+Every backend answers non-finite input the same way: a NaN or infinite weight makes
+the value, the mixture gradients and that weight's gradient NaN; a mean that is NaN
+or infinite, a scale that is NaN, infinite, zero or negative, or a log-proportion
+that is NaN or +inf makes the value and every gradient NaN. A log-proportion of −inf
+(a component with π = 0) is legitimate and gives finite results.
 """
 
 from __future__ import annotations
@@ -53,27 +59,36 @@ _MAX_NATIVE_PARTS = 256  # MAX_PARTS in sws_kernel.c
 # --------------------------------------------------------------------------- torch
 
 
-def _chunk_log_components(weights, log_weights, means, scales):
-    """log π_j N(w_i|μ_j,σ_j²) laid out ``(J, C)`` (contiguous along weights), with d = w − μ and 1/σ²."""
+def _chunk_log_components(weights, log_proportions, means, scales):
+    """log π_j N(w_i|μ_j,σ_j²) laid out ``(J, C)`` (contiguous along weights), with d = w − μ and 1/σ².
+
+    A component whose mean is not finite, whose scale is not finite and positive, or
+    whose log-proportion is NaN or +inf has a NaN row (see the module's docstring).
+    """
     precisions = scales.pow(-2).unsqueeze(1)
-    log_norm = (log_weights - scales.log() - HALF_LOG_2PI).unsqueeze(1)
+    log_scales = scales.log()
+    # A select, not x * 0: torch.compile folds x * 0 to 0 even for infinite x.
+    valid = means.isfinite() & (scales > 0) & (scales < math.inf) & (log_proportions < math.inf)
+    poison = torch.where(valid, 0.0, math.nan).to(means.dtype)
+    log_norm = (log_proportions - log_scales - HALF_LOG_2PI + poison).unsqueeze(1)
     diff = weights.unsqueeze(0) - means.unsqueeze(1)
     return log_norm - 0.5 * diff * diff * precisions, diff, precisions
 
 
-def _chunk_value(weights, log_weights, means, scales):
+def _chunk_value(weights, log_proportions, means, scales):
     """Σ_i log p(w_i) over one chunk; ``weights`` (C,), parameters (J,)."""
-    log_comp, _, _ = _chunk_log_components(weights, log_weights, means, scales)
-    return torch.logsumexp(log_comp, dim=0).sum()
+    log_comp, _, _ = _chunk_log_components(weights, log_proportions, means, scales)
+    # logsumexp gives −inf for an infinite weight; w − w makes it NaN, as the gradient path does
+    return torch.logsumexp(log_comp, dim=0).sum() + (weights - weights).sum()
 
 
-def _chunk_value_and_grads(weights, log_weights, means, scales):
+def _chunk_value_and_grads(weights, log_proportions, means, scales):
     """One chunk's log-density sum with its analytic gradients.
 
     Returns ``(grad_weights (C,), summary (1 + 3J,))``: the summary packs the
     chunk's Σ log p(w_i), then Σγ, Σγ·d and Σγ·d² (each (J,)), with d = w − μ.
     """
-    log_comp, diff, precisions = _chunk_log_components(weights, log_weights, means, scales)
+    log_comp, diff, precisions = _chunk_log_components(weights, log_proportions, means, scales)
     top = log_comp.amax(dim=0)
     unnormalised = torch.exp((log_comp - top).clamp_min(_MIN_LOG_RATIO))
     total = unnormalised.sum(dim=0)
@@ -178,13 +193,13 @@ class _Native:
     def value_and_grads(self, weights, mixture, grad_out, summary_out, *, chunk_size=None) -> None:
         # Every tensor is contiguous and of the weights' dtype (mixture_log_prob_sum sees to it);
         # grad_out None skips the weight gradient.
-        log_weights, means, scales = mixture
+        log_proportions, means, scales = mixture
         n = weights.numel()
         threads = min(torch.get_num_threads(), _MAX_NATIVE_PARTS) if self.openmp else 1
         parts = max(1, min(threads, n // _MIN_WEIGHTS_PER_THREAD))
         status = self._functions[weights.dtype](
-            weights.data_ptr(), n, log_weights.data_ptr(), means.data_ptr(), scales.data_ptr(),
-            log_weights.numel(), None if grad_out is None else grad_out.data_ptr(), summary_out.data_ptr(),
+            weights.data_ptr(), n, log_proportions.data_ptr(), means.data_ptr(), scales.data_ptr(),
+            log_proportions.numel(), None if grad_out is None else grad_out.data_ptr(), summary_out.data_ptr(),
             parts)
         if status:
             raise RuntimeError("the native mixture kernel rejected its arguments")
