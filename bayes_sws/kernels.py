@@ -16,7 +16,8 @@ with responsibilities γ and d = w − μ.
   compiler has no OpenMP).
 
 ``"auto"`` (the default) takes ``"native"`` for CPU tensors where it builds and
-``"torch"`` elsewhere. Select with :func:`set_backend`.
+``"torch"`` elsewhere. Select with :func:`set_backend` for the whole process, or
+with :func:`use_backend` for a block of code.
 
 Every backend answers non-finite input the same way: a NaN or infinite weight makes
 the value, the mixture gradients and that weight's gradient NaN; a mean that is NaN
@@ -27,6 +28,8 @@ that is NaN or +inf makes the value and every gradient NaN. A log-proportion of 
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import ctypes
 import functools
 import hashlib
@@ -35,7 +38,7 @@ import os
 import subprocess
 import tempfile
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import NamedTuple
 
@@ -43,7 +46,7 @@ import torch
 
 from .errors import BayesSWSError
 
-__all__ = ["BACKENDS", "backend", "native_available", "set_backend", "use_compiled_kernels"]
+__all__ = ["BACKENDS", "backend", "native_available", "set_backend", "use_backend", "use_compiled_kernels"]
 
 BACKENDS = ("auto", "torch", "compile", "native")
 HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
@@ -311,21 +314,12 @@ def native_available() -> bool:
 
 # --------------------------------------------------------------------------- selection
 
-_SELECTED = {"backend": "auto"}
+_DEFAULT_BACKEND = {"name": "auto"}
+_SCOPED_BACKEND: contextvars.ContextVar[str | None] = contextvars.ContextVar("bayes_sws_kernel_backend",
+                                                                             default=None)
 
 
-def set_backend(name: str) -> None:
-    """Choose how the prior is computed: ``"auto"``, ``"torch"``, ``"compile"`` or ``"native"``.
-
-    All give the same values and gradients to round-off. ``"native"`` falls back to
-    ``"torch"`` for CUDA tensors and raises :class:`~bayes_sws.errors.BayesSWSError`
-    if the kernel cannot be built here.
-
-    Examples
-    --------
-    >>> set_backend("compile")   # torch.compile the chunk kernel (CPU or CUDA)
-    >>> set_backend("auto")      # native C on CPU where it builds, torch elsewhere
-    """
+def _checked(name: str) -> str:
     if name not in BACKENDS:
         raise ValueError(f"unknown kernel backend {name!r}; choose one of {', '.join(BACKENDS)}")
     if name == "native":
@@ -333,7 +327,48 @@ def set_backend(name: str) -> None:
         if not isinstance(native, _Native):
             raise BayesSWSError(f"kernels 'native' requested but the C kernel is unavailable: {native}; "
                                 "use 'auto' or 'torch'")
-    _SELECTED["backend"] = name
+    return name
+
+
+def set_backend(name: str) -> None:
+    """Choose how the prior is computed in this process: ``"auto"``, ``"torch"``, ``"compile"`` or ``"native"``.
+
+    All give the same values and gradients to round-off. ``"native"`` falls back to
+    ``"torch"`` for CUDA tensors and raises :class:`~bayes_sws.errors.BayesSWSError`
+    if the kernel cannot be built here. This is the process-wide default: a
+    :func:`use_backend` block in force overrides it.
+
+    Examples
+    --------
+    >>> set_backend("compile")   # torch.compile the chunk kernel (CPU or CUDA)
+    >>> set_backend("auto")      # native C on CPU where it builds, torch elsewhere
+    """
+    _DEFAULT_BACKEND["name"] = _checked(name)
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Compute the prior with this backend inside the ``with`` block, in this context only.
+
+    The choice is a context variable: it does not leak into other threads (which
+    start with the :func:`set_backend` default) or into other asyncio tasks, and the
+    previous choice comes back on leaving the block, also when it raises.
+
+    Parameters
+    ----------
+    name : str
+        ``"auto"``, ``"torch"``, ``"compile"`` or ``"native"``, as for :func:`set_backend`.
+
+    Examples
+    --------
+    >>> with use_backend("torch"):
+    ...     pass   # priors evaluated here use the torch kernels
+    """
+    token = _SCOPED_BACKEND.set(_checked(name))
+    try:
+        yield
+    finally:
+        _SCOPED_BACKEND.reset(token)
 
 
 def use_compiled_kernels(enabled: bool = True) -> None:
@@ -342,8 +377,8 @@ def use_compiled_kernels(enabled: bool = True) -> None:
 
 
 def backend(weights: torch.Tensor, components: int) -> _ChunkedTorch | _Native:
-    """The row functions that will compute the prior for these weights."""
-    name = _SELECTED["backend"]
+    """The row functions that will compute the prior for these weights, for the backend in force."""
+    name = _SCOPED_BACKEND.get() or _DEFAULT_BACKEND["name"]
     if name == "compile":
         return _compiled()
     if name in ("auto", "native"):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import threading
 import sys
 from pathlib import Path
 
@@ -165,3 +166,37 @@ def test_unknown_backend_is_a_value_error() -> None:
     with pytest.raises(ValueError, match="unknown kernel backend"):
         kernels.set_backend("fortran")
 
+
+def test_use_backend_scopes_the_choice_to_its_block_and_this_thread() -> None:
+    weights = torch.zeros(3)
+    default = kernels.backend(weights, 4)
+    seen_by_thread = []
+    with kernels.use_backend("torch"):
+        assert kernels.backend(weights, 4) is kernels._TORCH
+        thread = threading.Thread(target=lambda: seen_by_thread.append(kernels.backend(weights, 4)))
+        thread.start()
+        thread.join()
+        with kernels.use_backend("auto"):
+            assert kernels.backend(weights, 4) is default
+        assert kernels.backend(weights, 4) is kernels._TORCH
+    assert seen_by_thread == [default]
+    assert kernels.backend(weights, 4) is default
+
+
+def test_use_backend_restores_the_previous_choice_when_its_block_raises() -> None:
+    with pytest.raises(KeyError), kernels.use_backend("compile"):
+        assert kernels.backend(torch.zeros(3), 4) is kernels._compiled()
+        raise KeyError("inside")
+    assert kernels.backend(torch.zeros(3), 4) is not kernels._compiled()
+    with pytest.raises(ValueError, match="unknown kernel backend"), kernels.use_backend("fortran"):
+        pass
+
+
+def test_use_backend_overrides_set_backend_inside_its_block() -> None:
+    kernels.set_backend("compile")
+    try:
+        with kernels.use_backend("torch"):
+            assert kernels.backend(torch.zeros(3), 4) is kernels._TORCH
+        assert kernels.backend(torch.zeros(3), 4) is kernels._compiled()
+    finally:
+        kernels.set_backend("auto")
