@@ -62,7 +62,8 @@ _MAX_NATIVE_PARTS = 256  # MAX_PARTS in sws_kernel.c
 # --------------------------------------------------------------------------- torch
 
 
-def _chunk_log_components(weights, log_proportions, means, scales):
+def _chunk_log_components(weights: torch.Tensor, log_proportions: torch.Tensor, means: torch.Tensor,
+                          scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """log π_j N(w_i|μ_j,σ_j²) laid out ``(J, C)`` (contiguous along weights), with d = w − μ and 1/σ².
 
     A component whose mean is not finite, whose scale is not finite and positive, or
@@ -78,14 +79,16 @@ def _chunk_log_components(weights, log_proportions, means, scales):
     return log_norm - 0.5 * diff * diff * precisions, diff, precisions
 
 
-def _chunk_value(weights, log_proportions, means, scales):
+def _chunk_value(weights: torch.Tensor, log_proportions: torch.Tensor, means: torch.Tensor,
+                 scales: torch.Tensor) -> torch.Tensor:
     """Σ_i log p(w_i) over one chunk; ``weights`` (C,), parameters (J,)."""
     log_comp, _, _ = _chunk_log_components(weights, log_proportions, means, scales)
     # logsumexp gives −inf for an infinite weight; w − w makes it NaN, as the gradient path does
     return torch.logsumexp(log_comp, dim=0).sum() + (weights - weights).sum()
 
 
-def _chunk_value_and_grads(weights, log_proportions, means, scales):
+def _chunk_value_and_grads(weights: torch.Tensor, log_proportions: torch.Tensor, means: torch.Tensor,
+                           scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """One chunk's log-density sum with its analytic gradients.
 
     Returns ``(grad_weights (C,), summary (1 + 3J,))``: the summary packs the
@@ -276,6 +279,7 @@ def _load_native(openmp: bool) -> _Native:
 
 
 def _build_native() -> _Native:
+    """The kernel on OpenMP threads, or on one thread where the compiler has no OpenMP."""
     try:
         return _load_native(openmp=True)
     except (OSError, subprocess.SubprocessError):  # no OpenMP to build or load with: one thread
