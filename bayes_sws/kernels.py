@@ -1,7 +1,7 @@
 """The mixture prior's hot loop: value and analytic gradients over a row of weights.
 
 Three backends compute the same quantities for one row of N weights and a
-J-component mixture (MATH.md §1): the value Σ_i log p(w_i), its gradient with
+J-component mixture: the value Σ_i log p(w_i), its gradient with
 respect to each weight, −Σ_j γ_ij d_ij/σ_j², and with respect to the mixture,
 Σ_i γ_ij (log π_j), Σ_i γ_ij d_ij/σ_j² (μ_j) and Σ_i γ_ij (d_ij²/σ_j² − 1)/σ_j (σ_j),
 with responsibilities γ and d = w − μ.
@@ -16,11 +16,20 @@ with responsibilities γ and d = w − μ.
   compiler has no OpenMP).
 
 ``"auto"`` (the default) takes ``"native"`` for CPU tensors where it builds and
-``"torch"`` elsewhere. Select with :func:`set_backend`.
+``"torch"`` elsewhere. Select with :func:`set_backend` for the whole process, or
+with :func:`use_backend` for a block of code.
+
+Every backend answers non-finite input the same way: a NaN or infinite weight makes
+the value, the mixture gradients and that weight's gradient NaN; a mean that is NaN
+or infinite, a scale that is NaN, infinite, zero or negative, or a log-proportion
+that is NaN or +inf makes the value and every gradient NaN. A log-proportion of −inf
+(a component with π = 0) is legitimate and gives finite results.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import ctypes
 import functools
 import hashlib
@@ -29,7 +38,7 @@ import os
 import subprocess
 import tempfile
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import NamedTuple
 
@@ -37,7 +46,7 @@ import torch
 
 from .errors import BayesSWSError
 
-__all__ = ["BACKENDS", "backend", "native_available", "set_backend", "use_compiled_kernels"]
+__all__ = ["BACKENDS", "backend", "native_available", "set_backend", "use_backend", "use_compiled_kernels"]
 
 BACKENDS = ("auto", "torch", "compile", "native")
 HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
@@ -53,27 +62,39 @@ _MAX_NATIVE_PARTS = 256  # MAX_PARTS in sws_kernel.c
 # --------------------------------------------------------------------------- torch
 
 
-def _chunk_log_components(weights, log_weights, means, scales):
-    """log π_j N(w_i|μ_j,σ_j²) laid out ``(J, C)`` (contiguous along weights), with d = w − μ and 1/σ²."""
+def _chunk_log_components(weights: torch.Tensor, log_proportions: torch.Tensor, means: torch.Tensor,
+                          scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """log π_j N(w_i|μ_j,σ_j²) laid out ``(J, C)`` (contiguous along weights), with d = w − μ and 1/σ².
+
+    A component whose mean is not finite, whose scale is not finite and positive, or
+    whose log-proportion is NaN or +inf has a NaN row (see the module's docstring).
+    """
     precisions = scales.pow(-2).unsqueeze(1)
-    log_norm = (log_weights - scales.log() - HALF_LOG_2PI).unsqueeze(1)
+    log_scales = scales.log()
+    # A select, not x * 0: torch.compile folds x * 0 to 0 even for infinite x.
+    valid = means.isfinite() & (scales > 0) & (scales < math.inf) & (log_proportions < math.inf)
+    poison = torch.where(valid, 0.0, math.nan).to(means.dtype)
+    log_norm = (log_proportions - log_scales - HALF_LOG_2PI + poison).unsqueeze(1)
     diff = weights.unsqueeze(0) - means.unsqueeze(1)
     return log_norm - 0.5 * diff * diff * precisions, diff, precisions
 
 
-def _chunk_value(weights, log_weights, means, scales):
+def _chunk_value(weights: torch.Tensor, log_proportions: torch.Tensor, means: torch.Tensor,
+                 scales: torch.Tensor) -> torch.Tensor:
     """Σ_i log p(w_i) over one chunk; ``weights`` (C,), parameters (J,)."""
-    log_comp, _, _ = _chunk_log_components(weights, log_weights, means, scales)
-    return torch.logsumexp(log_comp, dim=0).sum()
+    log_comp, _, _ = _chunk_log_components(weights, log_proportions, means, scales)
+    # logsumexp gives −inf for an infinite weight; w − w makes it NaN, as the gradient path does
+    return torch.logsumexp(log_comp, dim=0).sum() + (weights - weights).sum()
 
 
-def _chunk_value_and_grads(weights, log_weights, means, scales):
+def _chunk_value_and_grads(weights: torch.Tensor, log_proportions: torch.Tensor, means: torch.Tensor,
+                           scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """One chunk's log-density sum with its analytic gradients.
 
     Returns ``(grad_weights (C,), summary (1 + 3J,))``: the summary packs the
     chunk's Σ log p(w_i), then Σγ, Σγ·d and Σγ·d² (each (J,)), with d = w − μ.
     """
-    log_comp, diff, precisions = _chunk_log_components(weights, log_weights, means, scales)
+    log_comp, diff, precisions = _chunk_log_components(weights, log_proportions, means, scales)
     top = log_comp.amax(dim=0)
     unnormalised = torch.exp((log_comp - top).clamp_min(_MIN_LOG_RATIO))
     total = unnormalised.sum(dim=0)
@@ -178,13 +199,13 @@ class _Native:
     def value_and_grads(self, weights, mixture, grad_out, summary_out, *, chunk_size=None) -> None:
         # Every tensor is contiguous and of the weights' dtype (mixture_log_prob_sum sees to it);
         # grad_out None skips the weight gradient.
-        log_weights, means, scales = mixture
+        log_proportions, means, scales = mixture
         n = weights.numel()
         threads = min(torch.get_num_threads(), _MAX_NATIVE_PARTS) if self.openmp else 1
         parts = max(1, min(threads, n // _MIN_WEIGHTS_PER_THREAD))
         status = self._functions[weights.dtype](
-            weights.data_ptr(), n, log_weights.data_ptr(), means.data_ptr(), scales.data_ptr(),
-            log_weights.numel(), None if grad_out is None else grad_out.data_ptr(), summary_out.data_ptr(),
+            weights.data_ptr(), n, log_proportions.data_ptr(), means.data_ptr(), scales.data_ptr(),
+            log_proportions.numel(), None if grad_out is None else grad_out.data_ptr(), summary_out.data_ptr(),
             parts)
         if status:
             raise RuntimeError("the native mixture kernel rejected its arguments")
@@ -195,46 +216,99 @@ class _Native:
         return summary[0]
 
 
-def _compile_native(flags: list[str]) -> Path:
-    """The kernel built with these flags, from the cache or compiled into it now."""
-    source = _SOURCE.read_bytes()
-    key = hashlib.sha256(source + " ".join(flags).encode()).hexdigest()[:16]
+# The fast-math flags the kernel's loops need to vectorise, less -ffinite-math-only (its
+# NaN checks need IEEE comparisons). Linking takes none of them: -ffast-math at the
+# link adds crtfastmath.o, which turns on flush-to-zero for the whole process on load.
+_COMPILE_FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fassociative-math",
+                  "-fno-signed-zeros", "-freciprocal-math", "-ffp-contract=fast", "-fPIC")
+_LINK_FLAGS = ("-shared", "-fPIC")
+
+
+def _compiler_identity(compiler: str) -> bytes:
+    """What ``compiler --version`` prints: a cached build is only reused from the same compiler."""
+    completed = subprocess.run([compiler, "--version"], capture_output=True, timeout=60)
+    return completed.stdout + completed.stderr
+
+
+def _compile_native(openmp: bool) -> tuple[Path, bool]:
+    """The kernel's shared library from the cache, or compiled into it now.
+
+    Parameters
+    ----------
+    openmp : bool
+        Whether to build with ``-fopenmp``.
+
+    Returns
+    -------
+    The library's path, and whether it was compiled by this call.
+    """
+    compiler = os.environ.get("CC", "cc")
+    openmp_flags = ["-fopenmp"] if openmp else []
+    compile_command = [compiler, *_COMPILE_FLAGS, *openmp_flags, "-c"]
+    link_command = [compiler, *_LINK_FLAGS, *openmp_flags]
+    key = hashlib.sha256(b"\0".join([
+        _SOURCE.read_bytes(), _compiler_identity(compiler),
+        " ".join(compile_command).encode(), " ".join(link_command).encode(),
+    ])).hexdigest()[:16]
     library = _cache_dir() / f"sws_kernel-{key}-{_cpu_signature()}.so"
-    if not library.exists():
-        library.parent.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(dir=library.parent, suffix=".so")
-        os.close(handle)
-        compiler = os.environ.get("CC", "cc")
-        try:
-            subprocess.run([compiler, *flags, "-o", temporary, str(_SOURCE), "-lm"],
-                           check=True, capture_output=True, timeout=120)
-            os.replace(temporary, library)
-        finally:
-            if os.path.exists(temporary):
-                os.remove(temporary)
-    return library
+    if library.exists():
+        return library, False
+    library.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=library.parent) as scratch:
+        objects, shared = Path(scratch, "sws_kernel.o"), Path(scratch, "sws_kernel.so")
+        subprocess.run([*compile_command, "-o", str(objects), str(_SOURCE)],
+                       check=True, capture_output=True, timeout=120)
+        subprocess.run([*link_command, "-o", str(shared), str(objects), "-lm"],
+                       check=True, capture_output=True, timeout=120)
+        os.replace(shared, library)
+    return library, True
+
+
+def _load_native(openmp: bool) -> _Native:
+    """The kernel, loaded from the cache; a cached library that does not load is rebuilt (one warning)."""
+    library, built = _compile_native(openmp)
+    try:
+        return _Native(ctypes.CDLL(str(library)))
+    except (OSError, AttributeError) as error:
+        if built:
+            raise OSError(f"the freshly built {library} does not load: {error}") from error
+        warnings.warn(f"bayes_sws: the cached native prior kernel {library} does not load ({error}); "
+                      "rebuilding it", RuntimeWarning, stacklevel=2)
+        library.unlink(missing_ok=True)
+        return _Native(ctypes.CDLL(str(_compile_native(openmp)[0])))
 
 
 def _build_native() -> _Native:
-    flags = ["-O3", "-march=native", "-ffast-math", "-fPIC", "-shared"]
+    """The kernel on OpenMP threads, or on one thread where the compiler has no OpenMP."""
     try:
-        return _Native(ctypes.CDLL(str(_compile_native([*flags, "-fopenmp"]))))
+        return _load_native(openmp=True)
     except (OSError, subprocess.SubprocessError):  # no OpenMP to build or load with: one thread
-        return _Native(ctypes.CDLL(str(_compile_native(flags))))
+        return _load_native(openmp=False)
 
 
 @functools.cache
-def _native() -> _Native | None:
-    """The native kernel, or ``None`` (with one warning) where it cannot be built here."""
+def _native_or_reason() -> _Native | str:
+    """The native kernel, or why it is unavailable here (with one warning, unless switched off)."""
     if os.environ.get("BAYES_SWS_NATIVE", "1") == "0":
-        return None
-    try:
-        return _build_native()
-    except (OSError, subprocess.SubprocessError) as error:
-        detail = getattr(error, "stderr", b"") or b""
-        warnings.warn(f"bayes_sws: native prior kernel unavailable ({error} {detail.decode()[:200]}); "
-                      "using torch kernels", RuntimeWarning, stacklevel=2)
-        return None
+        return "it is switched off by BAYES_SWS_NATIVE=0"
+    if not _SOURCE.is_file():
+        reason = f"its source {_SOURCE} is missing from this installation of bayes_sws"
+    else:
+        try:
+            return _build_native()
+        except (OSError, subprocess.SubprocessError) as error:
+            detail = (getattr(error, "stderr", b"") or b"").decode(errors="replace")[:200]
+            reason = (f"the C compiler {os.environ.get('CC', 'cc')!r} could not build it "
+                      f"(is a C compiler installed?): {error} {detail}")
+    warnings.warn(f"bayes_sws: native prior kernel unavailable: {reason}; using torch kernels",
+                  RuntimeWarning, stacklevel=3)
+    return reason
+
+
+def _native() -> _Native | None:
+    """The native kernel, or ``None`` where it cannot be built here."""
+    native = _native_or_reason()
+    return native if isinstance(native, _Native) else None
 
 
 def native_available() -> bool:
@@ -244,27 +318,61 @@ def native_available() -> bool:
 
 # --------------------------------------------------------------------------- selection
 
-_SELECTED = {"backend": "auto"}
+_DEFAULT_BACKEND = {"name": "auto"}
+_SCOPED_BACKEND: contextvars.ContextVar[str | None] = contextvars.ContextVar("bayes_sws_kernel_backend",
+                                                                             default=None)
+
+
+def _checked(name: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"unknown kernel backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    if name == "native":
+        native = _native_or_reason()
+        if not isinstance(native, _Native):
+            raise BayesSWSError(f"kernels 'native' requested but the C kernel is unavailable: {native}; "
+                                "use 'auto' or 'torch'")
+    return name
 
 
 def set_backend(name: str) -> None:
-    """Choose how the prior is computed: ``"auto"``, ``"torch"``, ``"compile"`` or ``"native"``.
+    """Choose how the prior is computed in this process: ``"auto"``, ``"torch"``, ``"compile"`` or ``"native"``.
 
     All give the same values and gradients to round-off. ``"native"`` falls back to
     ``"torch"`` for CUDA tensors and raises :class:`~bayes_sws.errors.BayesSWSError`
-    if the kernel cannot be built here.
+    if the kernel cannot be built here. This is the process-wide default: a
+    :func:`use_backend` block in force overrides it.
 
     Examples
     --------
     >>> set_backend("compile")   # torch.compile the chunk kernel (CPU or CUDA)
     >>> set_backend("auto")      # native C on CPU where it builds, torch elsewhere
     """
-    if name not in BACKENDS:
-        raise ValueError(f"unknown kernel backend {name!r}; choose one of {', '.join(BACKENDS)}")
-    if name == "native" and not native_available():
-        raise BayesSWSError("kernels 'native' requested but the C kernel cannot be built here "
-                            "(is a C compiler installed?); use 'auto' or 'torch'")
-    _SELECTED["backend"] = name
+    _DEFAULT_BACKEND["name"] = _checked(name)
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Compute the prior with this backend inside the ``with`` block, in this context only.
+
+    The choice is a context variable: it does not leak into other threads (which
+    start with the :func:`set_backend` default) or into other asyncio tasks, and the
+    previous choice comes back on leaving the block, also when it raises.
+
+    Parameters
+    ----------
+    name : str
+        ``"auto"``, ``"torch"``, ``"compile"`` or ``"native"``, as for :func:`set_backend`.
+
+    Examples
+    --------
+    >>> with use_backend("torch"):
+    ...     pass   # priors evaluated here use the torch kernels
+    """
+    token = _SCOPED_BACKEND.set(_checked(name))
+    try:
+        yield
+    finally:
+        _SCOPED_BACKEND.reset(token)
 
 
 def use_compiled_kernels(enabled: bool = True) -> None:
@@ -272,9 +380,9 @@ def use_compiled_kernels(enabled: bool = True) -> None:
     set_backend("compile" if enabled else "auto")
 
 
-def backend(weights: torch.Tensor, components: int):
-    """The row functions that will compute the prior for these weights."""
-    name = _SELECTED["backend"]
+def backend(weights: torch.Tensor, components: int) -> _ChunkedTorch | _Native:
+    """The row functions that will compute the prior for these weights, for the backend in force."""
+    name = _SCOPED_BACKEND.get() or _DEFAULT_BACKEND["name"]
     if name == "compile":
         return _compiled()
     if name in ("auto", "native"):

@@ -11,13 +11,20 @@
  *                                                                (d value / d sigma_j)
  *   grad_w[i]           = -sum_j gamma_ij d_ij p_j               (if grad_w is not NULL)
  *
- * and return 0 (1 for arguments out of range). The weights are split into `parts`
+ * and return 0 (1 for arguments out of range). Non-finite input gives NaN, as the
+ * formulas would in exact arithmetic: a NaN or infinite weight makes the value, the
+ * mixture sums and its own gradient NaN, and a mixture entry that is NaN or infinite
+ * (a mean), NaN, infinite or not positive (a scale) or NaN or +inf (a log proportion)
+ * makes every output NaN. A log proportion of -inf (pi_j = 0) is legitimate. The
+ * checks need IEEE comparisons and w - w kept as written: the file is compiled
+ * without -ffinite-math-only. The weights are split into `parts`
  * ranges run on OpenMP threads: linked against the libgomp that torch has already
  * loaded, they are torch's own intra-op threads (a second pool would compete with
  * torch's threads while they spin-wait after each parallel op). Within a range,
  * weights are taken in blocks whose (J, BLOCK) table stays in L1, and the loops over
- * a block vectorise (with -O3 -ffast-math; float exp is the inline exp_f32 below,
- * double exp and log map to glibc's vector math). Sums over a block are float,
+ * a block vectorise (with -O3 and the reassociation flags that kernels.py passes;
+ * float exp is the inline exp_f32 below, double exp and both logs map to glibc's
+ * vector math where it has them). Sums over a block are float,
  * across blocks and ranges double. Built at run time by bayes_sws/kernels.py; the
  * torch kernels there compute the same quantities.
  */
@@ -26,12 +33,21 @@
 #include <stdint.h>
 #include <string.h>
 
+/* glibc declares its vector exp and log (libmvec) only under -ffast-math; declared
+ * here, the loops calling them vectorise without it. */
+#if defined(__GLIBC__) && defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) \
+    && !defined(__FAST_MATH__) && __GLIBC_PREREQ(2, 22)
+__attribute__((__simd__("notinbranch"))) double exp(double);
+__attribute__((__simd__("notinbranch"))) double log(double);
+__attribute__((__simd__("notinbranch"))) float logf(float);
+#endif
+
 /* exp(x) for float x in [MIN_LOG_RATIO, 0] only (the caller clamps; below about -87
  * the exponent arithmetic overflows): x = n ln2 + r, |r| <= ln2/2, with Cephes'
  * polynomial for exp(r) and n added to the exponent bits. Inline and branch-free, so
  * the loops calling it vectorise (glibc's vector expf is a call per vector and 1.4
  * times slower here). Within 1.2e-7 relative (about one ulp) where the CPU has FMA:
- * fmaf keeps -ffast-math from merging the two parts of ln2. Without FMA it may merge
+ * fmaf keeps -fassociative-math from merging the two parts of ln2. Without FMA it may merge
  * them, and the error grows with |n| to 4e-6 near x = -72, on terms that small. */
 #ifdef __FP_FAST_FMAF
 #define MINUS_PRODUCT_PLUS(a, b, c) fmaf(-(a), (b), (c))
@@ -63,7 +79,7 @@ static inline float exp_f32(float x)
 #define HALF_LOG_2PI 0.91893853320467274178
 #define SUMMARY(J) (1 + 3 * (J))
 
-#define DEFINE_KERNEL(NAME, REAL, REAL_MAX, EXP, LOG)                                       \
+#define DEFINE_KERNEL(NAME, REAL, REAL_MAX, REAL_INF, EXP, LOG)                             \
     /* summary: the value, then sum gamma, sum gamma d, sum gamma d^2 (each J) */          \
     static void NAME##_range(const REAL *w, long n, const REAL *log_norm, const REAL *means, \
                              const REAL *precisions, int J, REAL *grad_w, double *summary)  \
@@ -75,10 +91,14 @@ static inline float exp_f32(float x)
         for (long start = 0; start < n; start += BLOCK) {                                   \
             const int b = (n - start < BLOCK) ? (int)(n - start) : BLOCK;                   \
             const REAL *wb = w + start;                                                     \
+            /* w - w: 0, or NaN for a non-finite weight, poisoning its gradient and the */ \
+            /* block's sums */                                                              \
+            REAL bad = 0;                                                                   \
             for (int i = 0; i < b; i++) {                                                   \
                 top[i] = -REAL_MAX;                                                         \
                 total[i] = 0;                                                               \
-                grad[i] = 0;                                                                \
+                grad[i] = wb[i] - wb[i];                                                    \
+                bad += grad[i];                                                             \
             }                                                                               \
             for (int j = 0; j < J; j++) {                                                   \
                 const REAL mu = means[j], p = precisions[j], ln = log_norm[j];              \
@@ -89,11 +109,16 @@ static inline float exp_f32(float x)
                     top[i] = v > top[i] ? v : top[i];                                       \
                 }                                                                           \
             }                                                                               \
+            /* Clamped in a loop of its own: in the loop calling EXP, GCC would rewrite */ \
+            /* exp(max(x, m)) as x > m ? exp(x) : exp(m), and call exp on the unclamped */ \
+            /* x, whose vector version takes a slow path far below m. */                   \
             for (int j = 0; j < J; j++) {                                                   \
                 for (int i = 0; i < b; i++) {                                               \
-                    REAL x = table[j][i] - top[i];                                          \
-                    x = x > (REAL)MIN_LOG_RATIO ? x : (REAL)MIN_LOG_RATIO;                  \
-                    const REAL e = EXP(x);                                                  \
+                    const REAL x = table[j][i] - top[i];                                    \
+                    table[j][i] = x > (REAL)MIN_LOG_RATIO ? x : (REAL)MIN_LOG_RATIO;        \
+                }                                                                           \
+                for (int i = 0; i < b; i++) {                                               \
+                    const REAL e = EXP(table[j][i]);                                        \
                     table[j][i] = e;                                                        \
                     total[i] += e;                                                          \
                 }                                                                           \
@@ -103,7 +128,7 @@ static inline float exp_f32(float x)
                 block_value += top[i] + LOG(total[i]);                                      \
                 total[i] = (REAL)1 / total[i];                                              \
             }                                                                               \
-            summary[0] += block_value;                                                      \
+            summary[0] += block_value + bad;                                                \
             for (int j = 0; j < J; j++) {                                                   \
                 const REAL mu = means[j], p = precisions[j];                                \
                 REAL s0 = 0, s1 = 0, s2 = 0;                                                \
@@ -116,9 +141,9 @@ static inline float exp_f32(float x)
                     s1 += gamma_d;                                                          \
                     s2 += gamma_d * d;                                                      \
                 }                                                                           \
-                summary[1 + j] += s0;                                                       \
-                summary[1 + J + j] += s1;                                                   \
-                summary[1 + 2 * J + j] += s2;                                               \
+                summary[1 + j] += s0 + bad;                                                 \
+                summary[1 + J + j] += s1 + bad;                                             \
+                summary[1 + 2 * J + j] += s2 + bad;                                         \
             }                                                                               \
             if (grad_w)                                                                     \
                 for (int i = 0; i < b; i++)                                                 \
@@ -126,14 +151,26 @@ static inline float exp_f32(float x)
         }                                                                                   \
     }                                                                                       \
                                                                                             \
-    int NAME(const REAL *w, long n, const REAL *log_weights, const REAL *means,             \
+    int NAME(const REAL *w, long n, const REAL *log_proportions, const REAL *means,         \
              const REAL *scales, int J, REAL *grad_w, REAL *summary, int parts)             \
     {                                                                                       \
         REAL log_norm[MAX_COMPONENTS], precisions[MAX_COMPONENTS];                          \
         if (J < 1 || J > MAX_COMPONENTS || parts < 1 || parts > MAX_PARTS || n < 0)         \
             return 1;                                                                       \
+        int invalid = 0;                                                                    \
+        for (int j = 0; j < J; j++)                                                         \
+            invalid |= !(log_proportions[j] < REAL_INF) | !(fabs(means[j]) < REAL_INF)      \
+                       | !(scales[j] > 0 && scales[j] < REAL_INF);                          \
+        if (invalid && n > 0) {                                                             \
+            for (int m = 0; m < SUMMARY(J); m++)                                            \
+                summary[m] = (REAL)NAN;                                                     \
+            if (grad_w)                                                                     \
+                for (long i = 0; i < n; i++)                                                \
+                    grad_w[i] = (REAL)NAN;                                                  \
+            return 0;                                                                       \
+        }                                                                                   \
         for (int j = 0; j < J; j++) {                                                       \
-            log_norm[j] = log_weights[j] - LOG(scales[j]) - (REAL)HALF_LOG_2PI;             \
+            log_norm[j] = log_proportions[j] - LOG(scales[j]) - (REAL)HALF_LOG_2PI;         \
             precisions[j] = (REAL)1 / (scales[j] * scales[j]);                              \
         }                                                                                   \
         double partial[parts][SUMMARY(J)], sums[SUMMARY(J)];                                \
@@ -158,8 +195,8 @@ static inline float exp_f32(float x)
         return 0;                                                                           \
     }
 
-DEFINE_KERNEL(sws_mixture_f32, float, FLT_MAX, exp_f32, logf)
-DEFINE_KERNEL(sws_mixture_f64, double, DBL_MAX, exp, log)
+DEFINE_KERNEL(sws_mixture_f32, float, FLT_MAX, HUGE_VALF, exp_f32, logf)
+DEFINE_KERNEL(sws_mixture_f64, double, DBL_MAX, HUGE_VAL, exp, log)
 
 /* Whether this build runs the parts on OpenMP threads (else one after another). */
 int sws_openmp(void)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
+import threading
 import sys
 from pathlib import Path
 
@@ -66,6 +68,54 @@ def test_a_compiler_without_openmp_builds_a_one_thread_kernel_with_the_same_resu
     assert value == _probe(tmp_path / "default")[2]
 
 
+def test_the_cache_key_covers_the_compilers_version(tmp_path) -> None:
+    if not kernels.native_available():
+        pytest.skip("no C compiler here")
+    compiler = tmp_path / "cc"
+    for version in ("1", "2"):  # the same path, another compiler behind it
+        compiler.write_text(f'#!/bin/sh\n[ "$1" = --version ] && {{ echo "cc {version}"; exit 0; }}\n'
+                            f'exec {os.environ.get("CC", "cc")} "$@"\n')
+        compiler.chmod(0o755)
+        assert _probe(tmp_path, CC=str(compiler))[:2] == ["True", "0"]
+    assert len(list((tmp_path / "cache").glob("sws_kernel-*.so"))) == 2
+
+
+def test_a_cached_library_that_does_not_load_is_rebuilt_with_one_warning(tmp_path) -> None:
+    if not kernels.native_available():
+        pytest.skip("no C compiler here")
+    first = _probe(tmp_path)
+    (library,) = (tmp_path / "cache").glob("sws_kernel-*.so")
+    library.write_bytes(library.read_bytes()[:100])
+    assert _probe(tmp_path) == [first[0], "1", *first[2:]]
+    assert _probe(tmp_path) == first  # rebuilt in place: loads without a warning
+    assert list((tmp_path / "cache").glob("sws_kernel-*.so")) == [library]
+
+
+MISSING_SOURCE_PROBE = """
+import warnings
+from bayes_sws import errors, kernels
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    kernels.native_available()
+print(*(str(w.message) for w in caught), sep="\\n")
+try:
+    kernels.set_backend("native")
+except errors.BayesSWSError as error:
+    print(error)
+"""
+
+
+def test_without_the_kernel_source_the_warning_and_error_say_it_is_missing(tmp_path) -> None:
+    package = Path(kernels.__file__).parent
+    shutil.copytree(package, tmp_path / "bayes_sws", ignore=shutil.ignore_patterns("*.c", "__pycache__"))
+    env = {**os.environ, "BAYES_SWS_CACHE": str(tmp_path / "cache"), "PYTHONPATH": str(tmp_path)}
+    lines = subprocess.run([sys.executable, "-c", MISSING_SOURCE_PROBE], env=env, capture_output=True,
+                           text=True, timeout=300, check=True, cwd=tmp_path).stdout.splitlines()
+    assert len(lines) == 2
+    for line in lines:
+        assert "sws_kernel.c is missing" in line and "compiler" not in line
+
+
 def test_native_kernel_threads_are_torchs_own_openmp_threads() -> None:
     if not kernels.native_available() or not kernels._native().openmp:
         pytest.skip("no C compiler with OpenMP here")
@@ -115,3 +165,38 @@ def test_tensors_the_native_kernel_cannot_take_go_to_the_torch_kernels() -> None
 def test_unknown_backend_is_a_value_error() -> None:
     with pytest.raises(ValueError, match="unknown kernel backend"):
         kernels.set_backend("fortran")
+
+
+def test_use_backend_scopes_the_choice_to_its_block_and_this_thread() -> None:
+    weights = torch.zeros(3)
+    default = kernels.backend(weights, 4)
+    seen_by_thread = []
+    with kernels.use_backend("torch"):
+        assert kernels.backend(weights, 4) is kernels._TORCH
+        thread = threading.Thread(target=lambda: seen_by_thread.append(kernels.backend(weights, 4)))
+        thread.start()
+        thread.join()
+        with kernels.use_backend("auto"):
+            assert kernels.backend(weights, 4) is default
+        assert kernels.backend(weights, 4) is kernels._TORCH
+    assert seen_by_thread == [default]
+    assert kernels.backend(weights, 4) is default
+
+
+def test_use_backend_restores_the_previous_choice_when_its_block_raises() -> None:
+    with pytest.raises(KeyError), kernels.use_backend("compile"):
+        assert kernels.backend(torch.zeros(3), 4) is kernels._compiled()
+        raise KeyError("inside")
+    assert kernels.backend(torch.zeros(3), 4) is not kernels._compiled()
+    with pytest.raises(ValueError, match="unknown kernel backend"), kernels.use_backend("fortran"):
+        pass
+
+
+def test_use_backend_overrides_set_backend_inside_its_block() -> None:
+    kernels.set_backend("compile")
+    try:
+        with kernels.use_backend("torch"):
+            assert kernels.backend(torch.zeros(3), 4) is kernels._TORCH
+        assert kernels.backend(torch.zeros(3), 4) is kernels._compiled()
+    finally:
+        kernels.set_backend("auto")

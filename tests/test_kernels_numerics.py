@@ -1,0 +1,116 @@
+"""Numerics of the kernel backends: non-finite input, and the process's floating-point state."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from bayes_sws import kernels
+from bayes_sws.prior import GaussianMixture, mixture_log_density, mixture_log_prob_sum
+
+J = 3
+N = 1000  # at most one native range: the threads' split is tested in test_kernels.py
+
+
+def _mixture() -> GaussianMixture:
+    return GaussianMixture(torch.tensor([0.6, 0.3, 0.1]).log(), torch.tensor([-0.5, 0.0, 0.5]),
+                           torch.tensor([0.2, 0.1, 0.3]))
+
+
+def _weights() -> torch.Tensor:
+    return torch.linspace(-1.0, 1.0, N).reshape(1, N)
+
+
+def _value_and_grads(weights, mixture):
+    """The value, its gradient with respect to the weights and each mixture parameter, and the value alone."""
+    leaves = [weights.clone().requires_grad_(), *(t.clone().requires_grad_() for t in mixture)]
+    value = mixture_log_prob_sum(leaves[0], GaussianMixture(*leaves[1:]))
+    grads = torch.autograd.grad(value.sum(), leaves)
+    with torch.no_grad():
+        value_only = mixture_log_prob_sum(weights, mixture)
+    return value.detach(), grads, value_only
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_a_non_finite_weight_gives_nan_value_and_mixture_gradients_on_every_backend(kernel_backend, bad) -> None:
+    weights = _weights()
+    weights[0, 417] = bad
+    value, (grad_w, *mixture_grads), value_only = _value_and_grads(weights, _mixture())
+    assert value.isnan().all() and value_only.isnan().all()
+    assert grad_w[0, 417].isnan()
+    assert torch.cat([grad_w[0, :417], grad_w[0, 418:]]).isfinite().all()
+    for grad in mixture_grads:
+        assert grad.isnan().all()
+
+
+MIXTURE_CASES = [
+    ("means", math.nan), ("means", math.inf), ("means", -math.inf),
+    ("scales", math.nan), ("scales", math.inf), ("scales", 0.0), ("scales", -0.1),
+    ("log_weights", math.nan), ("log_weights", math.inf),
+]
+
+
+@pytest.mark.parametrize(("field", "bad"), MIXTURE_CASES)
+def test_a_non_finite_or_invalid_mixture_parameter_gives_nan_everywhere_on_every_backend(
+        kernel_backend, field, bad) -> None:
+    mixture = _mixture()
+    getattr(mixture, field)[1] = bad
+    value, grads, value_only = _value_and_grads(_weights(), mixture)
+    assert value.isnan().all() and value_only.isnan().all()
+    for grad in grads:
+        assert grad.isnan().all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_component_with_zero_proportion_is_legitimate_and_stays_finite(kernel_backend, dtype) -> None:
+    mixture = GaussianMixture(*(t.to(dtype) for t in _mixture()))
+    mixture.log_weights[1] = -math.inf
+    weights = _weights().to(dtype)
+    value, grads, value_only = _value_and_grads(weights, mixture)
+    for result in (value, value_only, *grads):
+        assert result.isfinite().all()
+    without = GaussianMixture(*(t[[0, 2]].double() for t in mixture))
+    reference = mixture_log_density(weights.double(), without).sum()
+    assert float(value[0]) == pytest.approx(float(reference), rel=1e-6)
+    assert float(value_only[0]) == pytest.approx(float(reference), rel=1e-6)
+
+
+FLOAT_STATE_PROBE = """
+import json, threading
+import numpy as np, torch
+from bayes_sws import kernels
+from bayes_sws.prior import GaussianMixture, mixture_log_prob_sum
+torch.set_num_threads(2)
+kernels.set_backend("native")
+mixture = GaussianMixture(torch.tensor([-0.7, -0.7]), torch.tensor([0.0, 1.0]), torch.tensor([0.5, 0.5]))
+weights = torch.zeros(1, 100_000, requires_grad=True)
+mixture_log_prob_sum(weights, mixture).sum().backward()
+tiny = 1e-39  # subnormal in float32
+checks = {
+    "numpy": bool(np.float32(tiny) * np.float32(1) != 0),
+    "torch": bool((torch.tensor([tiny]) * 1 != 0).all()),
+    "torch threads": bool((torch.full((1 << 22,), tiny) * 1 != 0).all()),
+}
+def on_a_thread():
+    checks["threading.Thread"] = bool(np.float32(tiny) * np.float32(1) != 0)
+thread = threading.Thread(target=on_a_thread)
+thread.start()
+thread.join()
+print(json.dumps(checks))
+"""
+
+
+def test_loading_the_native_kernel_keeps_subnormal_floats_in_the_whole_process(tmp_path) -> None:
+    if not kernels.native_available():
+        pytest.skip("no C compiler here")
+    env = {**os.environ, "BAYES_SWS_CACHE": str(tmp_path / "cache")}
+    completed = subprocess.run([sys.executable, "-c", FLOAT_STATE_PROBE], env=env, capture_output=True,
+                               text=True, timeout=300, check=True)
+    checks = json.loads(completed.stdout.splitlines()[-1])
+    assert checks == dict.fromkeys(["numpy", "torch", "torch threads", "threading.Thread"], True)
