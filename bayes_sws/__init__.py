@@ -11,7 +11,7 @@ E(w) + λΩ(w) plus the hyperprior terms.
 
 from .data import Dataset, load_dataset
 from .errors import BayesSWSError, DataError, FitError, SpecError
-from .kernels import set_backend, use_compiled_kernels
+from .kernels import set_backend, use_backend, use_compiled_kernels
 from .experiment import FittedModel, build_model, load_checkpoint, run
 from .fit import Callback, Evaluate, FitState, evaluate, fit, library_scope, start_fit
 from .inference import EMUpdate, fit_map, map_guide, map_loss
@@ -67,6 +67,7 @@ __all__ = [
     "responsibilities",
     "run",
     "set_backend",
+    "use_backend",
     "start_fit",
     "use_compiled_kernels",
 ]

@@ -28,7 +28,7 @@ from .fit import evaluate
 from .inference import fit_map
 from .model import Categorical, Gaussian, SoftWeightSharingModel
 from .nets import build_network
-from .kernels import set_backend
+from .kernels import use_backend
 from .prior import GaussianMixture, SoftWeightSharingPrior
 from .spec import Spec, parse_spec
 
@@ -185,7 +185,11 @@ def run(
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise BayesSWSError(f"output path {out} exists and is not a directory")
-    set_backend(spec.inference.kernels)
+    with use_backend(spec.inference.kernels):  # the kernel choice holds for this run only
+        return _fit_and_save(spec, out, torch_device, progress=progress)
+
+
+def _fit_and_save(spec: Spec, out: Path, torch_device: torch.device, *, progress: bool) -> dict[str, Any]:
     data = load_dataset(spec.data.dataset, path=spec.data.path, seed=spec.seed)
     data = data.with_validation(spec.data.validation_fraction, seed=spec.seed).to(torch_device)
     model = build_model(spec, **_data_shape(data), device=torch_device)

@@ -46,7 +46,7 @@ import torch
 
 from .errors import BayesSWSError
 
-__all__ = ["BACKENDS", "backend", "native_available", "set_backend", "use_backend", "use_compiled_kernels"]
+__all__ = ["BACKENDS", "backend", "current_backend", "native_available", "set_backend", "use_backend", "use_compiled_kernels"]
 
 BACKENDS = ("auto", "torch", "compile", "native")
 HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
@@ -380,9 +380,14 @@ def use_compiled_kernels(enabled: bool = True) -> None:
     set_backend("compile" if enabled else "auto")
 
 
+def current_backend() -> str:
+    """The backend name in force here: the innermost :func:`use_backend`, else :func:`set_backend`'s."""
+    return _SCOPED_BACKEND.get() or _DEFAULT_BACKEND["name"]
+
+
 def backend(weights: torch.Tensor, components: int) -> _ChunkedTorch | _Native:
     """The row functions that will compute the prior for these weights, for the backend in force."""
-    name = _SCOPED_BACKEND.get() or _DEFAULT_BACKEND["name"]
+    name = current_backend()
     if name == "compile":
         return _compiled()
     if name in ("auto", "native"):
