@@ -56,17 +56,17 @@ def _mixture_support_transform(constraint: MixtureSameFamilyConstraint):
 class GaussianMixture(NamedTuple):
     """Parameters of a one-dimensional Gaussian mixture; every field has shape ``(J,)``.
 
-    ``log_weights`` are normalised: ``log_weights.exp().sum() == 1``.
+    ``log_proportions`` are normalised: ``log_proportions.exp().sum() == 1``.
     """
 
-    log_weights: torch.Tensor
+    log_proportions: torch.Tensor
     means: torch.Tensor
     scales: torch.Tensor
 
     @property
-    def weights(self) -> torch.Tensor:
+    def proportions(self) -> torch.Tensor:
         """Mixing proportions π, shape ``(J,)``."""
-        return self.log_weights.exp()
+        return self.log_proportions.exp()
 
     @property
     def precisions(self) -> torch.Tensor:
@@ -79,7 +79,7 @@ class GaussianMixture(NamedTuple):
     def as_dict(self) -> dict[str, list[float]]:
         """``{"pi": [...], "mu": [...], "sigma": [...]}`` as plain floats (for JSON)."""
         return {
-            "pi": self.weights.tolist(),
+            "pi": self.proportions.tolist(),
             "mu": self.means.tolist(),
             "sigma": self.scales.tolist(),
         }
@@ -88,7 +88,7 @@ class GaussianMixture(NamedTuple):
 def _component_log_densities(weights: torch.Tensor, mixture: GaussianMixture) -> torch.Tensor:
     """log π_j N(w | μ_j, σ_j²) for every weight and component, shape ``(*w.shape, J)``."""
     standardised = (weights.unsqueeze(-1) - mixture.means) / mixture.scales
-    return mixture.log_weights - mixture.scales.log() - kernels.HALF_LOG_2PI - 0.5 * standardised**2
+    return mixture.log_proportions - mixture.scales.log() - kernels.HALF_LOG_2PI - 0.5 * standardised**2
 
 
 def mixture_log_density(weights: torch.Tensor, mixture: GaussianMixture) -> torch.Tensor:
@@ -140,14 +140,14 @@ class _FusedLogProbSum(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, weights, log_weights, means, scales, event_dim, chunk_size):
-        mixture = (log_weights, means, scales)
-        row_functions = kernels.backend(weights, log_weights.numel())
+    def forward(ctx, weights, log_proportions, means, scales, event_dim, chunk_size):
+        mixture = (log_proportions, means, scales)
+        row_functions = kernels.backend(weights, log_proportions.numel())
         batch_shape, event_shape = weights.shape[: weights.dim() - event_dim], weights.shape[weights.dim() - event_dim :]
         rows = weights.view(batch_shape.numel(), event_shape.numel())
         grad_weights = torch.empty_like(weights)
         # per row: the value, then its gradients with respect to log π, μ and σ (each J)
-        summaries = weights.new_empty(rows.shape[0], 1 + 3 * log_weights.numel())
+        summaries = weights.new_empty(rows.shape[0], 1 + 3 * log_proportions.numel())
         for row, row_grad, row_summary in zip(rows, grad_weights.view(rows.shape), summaries):
             row_functions.value_and_grads(row, mixture, row_grad, row_summary, chunk_size=chunk_size)
         ctx.save_for_backward(grad_weights, summaries)
@@ -243,7 +243,7 @@ class MixturePrior(TorchDistribution):
     """
 
     arg_constraints = {
-        "log_weights": constraints.real_vector,
+        "log_proportions": constraints.real_vector,
         "means": constraints.real_vector,
         "scales": constraints.independent(constraints.positive, 1),
     }
@@ -261,7 +261,7 @@ class MixturePrior(TorchDistribution):
         if not all(t.dim() == 1 for t in mixture) or len({t.numel() for t in mixture}) != 1:
             raise ValueError("mixture parameters must all have shape (J,)")
         self.mixture = mixture
-        self.log_weights, self.means, self.scales = mixture
+        self.log_proportions, self.means, self.scales = mixture
         self.chunk_size = chunk_size
         super().__init__(torch.Size(batch_shape), torch.Size(event_shape), validate_args=validate_args)
 
@@ -294,19 +294,19 @@ class MixturePrior(TorchDistribution):
     def sample(self, sample_shape: torch.Size = torch.Size()) -> torch.Tensor:
         shape = self._extended_shape(sample_shape)
         with torch.no_grad():
-            components = dist.Categorical(logits=self.log_weights).sample(shape)
+            components = dist.Categorical(logits=self.log_proportions).sample(shape)
             noise = torch.randn(shape, dtype=self.means.dtype, device=self.means.device)
             return self.means[components] + self.scales[components] * noise
 
     @property
     def mean(self) -> torch.Tensor:
-        return (self.log_weights.exp() * self.means).sum().expand(self._extended_shape())
+        return (self.log_proportions.exp() * self.means).sum().expand(self._extended_shape())
 
     @property
     def variance(self) -> torch.Tensor:
-        weights = self.log_weights.exp()
-        second_moment = (weights * (self.scales**2 + self.means**2)).sum()
-        return (second_moment - (weights * self.means).sum() ** 2).expand(self._extended_shape())
+        proportions = self.log_proportions.exp()
+        second_moment = (proportions * (self.scales**2 + self.means**2)).sum()
+        return (second_moment - (proportions * self.means).sum() ** 2).expand(self._extended_shape())
 
 
 # --------------------------------------------------------------------------- configuration
@@ -420,7 +420,7 @@ class SoftWeightSharingPrior:
         return self.zero_component and self.pi_zero is None and self.n_components > 1
 
     @property
-    def n_free_weights(self) -> int:
+    def n_free_proportions(self) -> int:
         """Components sharing the ``pi`` simplex site."""
         return self.n_components - int(self.zero_component and self.n_components > 1)
 
@@ -457,8 +457,8 @@ class SoftWeightSharingPrior:
             priors["precisions"] = dist.Gamma(gamma[:, 0], gamma[:, 1]).to_event(1)
         else:
             priors["precisions"] = dist.ImproperUniform(constraints.positive, (), shape)
-        if self.n_free_weights > 1:
-            shape = (self.n_free_weights,)
+        if self.n_free_proportions > 1:
+            shape = (self.n_free_proportions,)
             priors["pi"] = (
                 dist.Dirichlet(torch.full(shape, hyper.dirichlet, **options))
                 if hyper.dirichlet is not None
@@ -499,8 +499,8 @@ class SoftWeightSharingPrior:
         if self.n_components == 1:
             return GaussianMixture(like.new_zeros(1), means, scales)
         pi_zero = values["pi_zero"] if "pi_zero" in values else like.new_tensor(self.pi_zero)
-        log_weights = torch.cat([pi_zero.log().reshape(1), torch.log1p(-pi_zero) + log_pi])
-        return GaussianMixture(log_weights, means, scales)
+        log_proportions = torch.cat([pi_zero.log().reshape(1), torch.log1p(-pi_zero) + log_pi])
+        return GaussianMixture(log_proportions, means, scales)
 
     def split(self, mixture: GaussianMixture) -> dict[str, torch.Tensor]:
         """Inverse of :meth:`assemble`: site values keyed by suffix."""
@@ -508,11 +508,11 @@ class SoftWeightSharingPrior:
         values = {"precisions": mixture.precisions}
         if self.n_free_means:
             values["means"] = mixture.means[offset:]
-        weights = mixture.weights
+        proportions = mixture.proportions
         if self.learns_pi_zero:
-            values["pi_zero"] = weights[0]
-        if self.n_free_weights > 1:
-            free = weights[offset:] if self.n_components > 1 else weights
+            values["pi_zero"] = proportions[0]
+        if self.n_free_proportions > 1:
+            free = proportions[offset:] if self.n_components > 1 else proportions
             values["pi"] = free / free.sum()
         return values
 
@@ -532,12 +532,12 @@ class SoftWeightSharingPrior:
         if self.zero_component:
             means = torch.cat([torch.zeros(1, **options), means])
         scales = torch.full((self.n_components,), self.init_scale, **options)
-        log_weights = torch.full((self.n_components,), -math.log(self.n_components), **options)
+        log_proportions = torch.full((self.n_components,), -math.log(self.n_components), **options)
         if self.zero_component and self.n_components > 1:
             pi_zero = self.pi_zero if self.pi_zero is not None else 1.0 / self.n_components
             rest = math.log1p(-pi_zero) - math.log(self.n_components - 1)
-            log_weights = torch.tensor([math.log(pi_zero)] + [rest] * (self.n_components - 1), **options)
-        return GaussianMixture(log_weights, means, scales)
+            log_proportions = torch.tensor([math.log(pi_zero)] + [rest] * (self.n_components - 1), **options)
+        return GaussianMixture(log_proportions, means, scales)
 
     def log_hyperprior(self, mixture: GaussianMixture) -> torch.Tensor:
         """log p(π, μ, 1/σ²) of a mixture, in the sites' own coordinates."""
@@ -612,20 +612,20 @@ class SoftWeightSharingPrior:
         precisions = mixture.precisions.clone()
         precisions[updatable] = numerator[updatable] / denominator[updatable]
 
-        log_weights = self._em_mixing(counts, mixture.log_weights)
-        updated = GaussianMixture(log_weights, means, precisions.rsqrt())
+        log_proportions = self._em_mixing(counts, mixture.log_proportions)
+        updated = GaussianMixture(log_proportions, means, precisions.rsqrt())
         return GaussianMixture(*(t.to(weights.dtype) for t in updated))
 
-    def _em_mixing(self, counts: torch.Tensor, log_weights: torch.Tensor) -> torch.Tensor:
+    def _em_mixing(self, counts: torch.Tensor, log_proportions: torch.Tensor) -> torch.Tensor:
         """M-step for the mixing proportions from weighted counts (λ·Σ_i γ_ij)."""
         hyper = self.hyperpriors
         has_zero_split = self.zero_component and self.n_components > 1
         free = counts[1:] if has_zero_split else counts
         # The Dirichlet is on the ``pi`` site, which exists only with two or more free components.
-        pseudo = hyper.dirichlet - 1.0 if hyper.dirichlet is not None and self.n_free_weights > 1 else 0.0
+        pseudo = hyper.dirichlet - 1.0 if hyper.dirichlet is not None and self.n_free_proportions > 1 else 0.0
         free = (free + pseudo).clamp_min(0)
         if free.sum() <= 0:
-            return log_weights
+            return log_proportions
         free = free / free.sum()
         if not has_zero_split:
             return free.log()

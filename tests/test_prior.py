@@ -293,7 +293,7 @@ def test_mixture_prior_log_prob_of_sample_batch_returns_one_sum_per_sample():
     value = torch.randn(5, 2, 3, dtype=F64, generator=torch.Generator().manual_seed(7))
     log_prob = prior.log_prob(value)
     assert log_prob.shape == (5,)
-    expected = hand_log_density(value, mixture.weights, mixture.means, mixture.scales).sum((1, 2))
+    expected = hand_log_density(value, mixture.proportions, mixture.means, mixture.scales).sum((1, 2))
     torch.testing.assert_close(log_prob, expected, rtol=1e-12, atol=0)
 
 
@@ -301,16 +301,16 @@ def test_expanded_mixture_prior_keeps_parameters_of_shape_j_and_broadcasts_log_p
     mixture = small_mixture()
     prior = MixturePrior(mixture, event_shape=(2, 3)).expand((3,))
     assert prior.batch_shape == (3,) and prior.event_shape == (2, 3)
-    assert prior.means.shape == prior.scales.shape == prior.log_weights.shape == (3,)
+    assert prior.means.shape == prior.scales.shape == prior.log_proportions.shape == (3,)
 
     single = torch.randn(2, 3, dtype=F64, generator=torch.Generator().manual_seed(8))
-    expected_single = hand_log_density(single, mixture.weights, mixture.means, mixture.scales).sum()
+    expected_single = hand_log_density(single, mixture.proportions, mixture.means, mixture.scales).sum()
     broadcast = prior.log_prob(single)
     assert broadcast.shape == (3,)
     torch.testing.assert_close(broadcast, expected_single.expand(3), rtol=1e-12, atol=0)
 
     batch = torch.randn(3, 2, 3, dtype=F64, generator=torch.Generator().manual_seed(9))
-    expected_batch = hand_log_density(batch, mixture.weights, mixture.means, mixture.scales).sum((1, 2))
+    expected_batch = hand_log_density(batch, mixture.proportions, mixture.means, mixture.scales).sum((1, 2))
     torch.testing.assert_close(prior.log_prob(batch), expected_batch, rtol=1e-12, atol=0)
 
 
@@ -337,7 +337,7 @@ def test_mixture_prior_samples_have_extended_shape_and_component_fractions_near_
 def test_mixture_prior_mean_and_variance_equal_mixture_moments():
     mixture = small_mixture()
     prior = MixturePrior(mixture, event_shape=(2,))
-    pi, mu, sigma = mixture.weights, mixture.means, mixture.scales
+    pi, mu, sigma = mixture.proportions, mixture.means, mixture.scales
     mean = (pi * mu).sum()
     variance = (pi * (sigma**2 + mu**2)).sum() - mean**2
     torch.testing.assert_close(prior.mean, mean.expand(2), rtol=1e-12, atol=0)
@@ -395,8 +395,8 @@ def random_site_values(prior, generator):
     values = {"precisions": 1 + 10 * torch.rand(prior.n_components, generator=generator, dtype=F64)}
     if prior.n_free_means:
         values["means"] = torch.randn(prior.n_free_means, generator=generator, dtype=F64)
-    if prior.n_free_weights > 1:
-        values["pi"] = torch.softmax(torch.randn(prior.n_free_weights, generator=generator, dtype=F64), 0)
+    if prior.n_free_proportions > 1:
+        values["pi"] = torch.softmax(torch.randn(prior.n_free_proportions, generator=generator, dtype=F64), 0)
     if prior.learns_pi_zero:
         values["pi_zero"] = torch.tensor(0.8, dtype=F64)
     return values
@@ -411,19 +411,19 @@ def test_assemble_then_split_round_trips_site_values_and_builds_the_stated_mixtu
 
     j = prior.n_components
     assert all(t.shape == (j,) for t in mixture)
-    torch.testing.assert_close(mixture.weights.sum(), torch.tensor(1.0, dtype=F64), rtol=1e-14, atol=1e-14)
+    torch.testing.assert_close(mixture.proportions.sum(), torch.tensor(1.0, dtype=F64), rtol=1e-14, atol=1e-14)
     torch.testing.assert_close(mixture.scales, values["precisions"] ** -0.5, rtol=1e-14, atol=0)
     if prior.zero_component:
         pi_zero = values["pi_zero"] if prior.learns_pi_zero else torch.tensor(prior.pi_zero, dtype=F64)
         assert mixture.means[0] == 0
-        torch.testing.assert_close(mixture.weights[0], pi_zero, rtol=1e-14, atol=0)
+        torch.testing.assert_close(mixture.proportions[0], pi_zero, rtol=1e-14, atol=0)
         torch.testing.assert_close(mixture.means[1:], values["means"], rtol=0, atol=0)
         if "pi" in values:
-            torch.testing.assert_close(mixture.weights[1:], (1 - pi_zero) * values["pi"], rtol=1e-13, atol=0)
+            torch.testing.assert_close(mixture.proportions[1:], (1 - pi_zero) * values["pi"], rtol=1e-13, atol=0)
     else:
         torch.testing.assert_close(mixture.means, values["means"], rtol=0, atol=0)
         expected_pi = values.get("pi", torch.ones(1, dtype=F64))
-        torch.testing.assert_close(mixture.weights, expected_pi, rtol=1e-13, atol=0)
+        torch.testing.assert_close(mixture.proportions, expected_pi, rtol=1e-13, atol=0)
 
     split = prior.split(mixture)
     assert set(split) == set(values)
@@ -443,7 +443,7 @@ def test_initial_mixture_spaces_learned_means_evenly_over_init_means_with_zero_f
     torch.testing.assert_close(mixture.means[1:], expected_means, rtol=0, atol=1e-14)
     torch.testing.assert_close(mixture.scales, torch.full((16,), 0.25, dtype=F64), rtol=0, atol=0)
     expected_weights = torch.tensor([0.99] + [0.01 / 15] * 15, dtype=F64)
-    torch.testing.assert_close(mixture.weights, expected_weights, rtol=1e-12, atol=0)
+    torch.testing.assert_close(mixture.proportions, expected_weights, rtol=1e-12, atol=0)
 
 
 def test_initial_mixture_without_zero_component_spans_the_weight_range_by_default():
@@ -451,7 +451,7 @@ def test_initial_mixture_without_zero_component_spans_the_weight_range_by_defaul
     weights = torch.tensor([[0.3, -2.0], [1.0, 6.0]], dtype=F64)
     mixture = prior.initial_mixture(weights)
     torch.testing.assert_close(mixture.means, torch.tensor([-2.0, 0.0, 2.0, 4.0, 6.0], dtype=F64), rtol=0, atol=1e-14)
-    torch.testing.assert_close(mixture.weights, torch.full((5,), 0.2, dtype=F64), rtol=1e-14, atol=0)
+    torch.testing.assert_close(mixture.proportions, torch.full((5,), 0.2, dtype=F64), rtol=1e-14, atol=0)
     torch.testing.assert_close(mixture.scales, torch.full((5,), 0.5, dtype=F64), rtol=0, atol=0)
 
 
@@ -534,7 +534,7 @@ def three_cluster_weights(n=600, seed=14):
 
 def em_objective(prior, weights, mixture, prior_weight):
     """λ Σ_i log p(w_i|θ) (written out) + log p(θ)."""
-    log_p = hand_log_density(weights, mixture.weights, mixture.means, mixture.scales).sum()
+    log_p = hand_log_density(weights, mixture.proportions, mixture.means, mixture.scales).sum()
     return float(prior_weight * log_p + prior.log_hyperprior(mixture))
 
 
@@ -568,7 +568,7 @@ def test_em_update_never_decreases_map_objective(config):
         mixture = prior.em_update(weights, mixture, prior_weight=prior_weight)
         assert all(torch.isfinite(t).all() for t in mixture)
         if prior.pi_zero is not None:
-            torch.testing.assert_close(mixture.weights[0], torch.tensor(prior.pi_zero, dtype=F64), rtol=1e-12, atol=0)
+            torch.testing.assert_close(mixture.proportions[0], torch.tensor(prior.pi_zero, dtype=F64), rtol=1e-12, atol=0)
         if prior.zero_component:
             assert mixture.means[0] == 0
         objectives.append(em_objective(prior, weights, mixture, prior_weight))
@@ -591,7 +591,7 @@ def test_em_update_equals_closed_form_m_step_with_conjugate_hyperpriors():
     )
     new = prior.em_update(weights, mixture, prior_weight=lam)
 
-    comp = hand_component_densities(weights, mixture.weights, mixture.means, mixture.scales)
+    comp = hand_component_densities(weights, mixture.proportions, mixture.means, mixture.scales)
     gamma = comp / comp.sum(1, keepdim=True)
     counts = lam * gamma.sum(0)
     tau = mixture.scales**-2
@@ -601,7 +601,7 @@ def test_em_update_equals_closed_form_m_step_with_conjugate_hyperpriors():
     pi = (counts + alpha - 1) / (counts + alpha - 1).sum()
     torch.testing.assert_close(new.means, means, rtol=1e-12, atol=0)
     torch.testing.assert_close(new.scales, new_tau**-0.5, rtol=1e-12, atol=0)
-    torch.testing.assert_close(new.weights, pi, rtol=1e-12, atol=0)
+    torch.testing.assert_close(new.proportions, pi, rtol=1e-12, atol=0)
 
 
 def test_em_update_with_zero_component_keeps_mu_zero_and_takes_beta_map_for_pi_zero():
@@ -619,7 +619,7 @@ def test_em_update_with_zero_component_keeps_mu_zero_and_takes_beta_map_for_pi_z
     )
     new = prior.em_update(weights, mixture, prior_weight=lam)
 
-    comp = hand_component_densities(weights, mixture.weights, mixture.means, mixture.scales)
+    comp = hand_component_densities(weights, mixture.proportions, mixture.means, mixture.scales)
     gamma = comp / comp.sum(1, keepdim=True)
     counts = lam * gamma.sum(0)
     means = (gamma * weights[:, None]).sum(0) / gamma.sum(0)  # flat prior on the free means
@@ -634,7 +634,7 @@ def test_em_update_with_zero_component_keeps_mu_zero_and_takes_beta_map_for_pi_z
     assert new.means[0] == 0
     torch.testing.assert_close(new.means, means, rtol=1e-12, atol=0)
     torch.testing.assert_close(new.scales, new_tau**-0.5, rtol=1e-12, atol=0)
-    torch.testing.assert_close(new.weights, pi, rtol=1e-12, atol=0)
+    torch.testing.assert_close(new.proportions, pi, rtol=1e-12, atol=0)
 
 
 def test_em_recovers_a_well_separated_two_component_mixture():
@@ -654,7 +654,7 @@ def test_em_recovers_a_well_separated_two_component_mixture():
     for _ in range(50):
         mixture = prior.em_update(weights, mixture)
     # Standard errors are ≤ 0.005 for every parameter at this N.
-    torch.testing.assert_close(mixture.weights, torch.tensor(true_pi, dtype=F64), rtol=0, atol=0.02)
+    torch.testing.assert_close(mixture.proportions, torch.tensor(true_pi, dtype=F64), rtol=0, atol=0.02)
     torch.testing.assert_close(mixture.means, torch.tensor(true_mu, dtype=F64), rtol=0, atol=0.02)
     torch.testing.assert_close(mixture.scales, torch.tensor(true_sigma, dtype=F64), rtol=0, atol=0.02)
 
@@ -676,7 +676,7 @@ def test_em_updates_pi_zero_when_one_free_component_shares_the_mixture():
                             torch.tensor([0.05, 0.05], dtype=F64))
     updated = prior.em_update(weights, start)
     expected_pi_zero = responsibilities(weights, start)[:, 0].sum() / weights.numel()  # flat Beta
-    assert float(updated.weights[0]) == pytest.approx(float(expected_pi_zero), rel=1e-10)
+    assert float(updated.proportions[0]) == pytest.approx(float(expected_pi_zero), rel=1e-10)
 
 
 @pytest.mark.parametrize("weights_dtype, mixture_dtype", [(torch.float32, F64), (F64, torch.float32)])
