@@ -6,6 +6,7 @@ the gradients from the corrected formulas of MATH.md §1, the EM objective from
 λ Σ_i log p(w_i|θ) + log p(θ).
 """
 
+import itertools
 import math
 
 import pyro
@@ -344,6 +345,110 @@ def test_mixture_prior_mean_and_variance_equal_mixture_moments():
     torch.testing.assert_close(prior.variance, variance.expand(2), rtol=1e-12, atol=0)
 
 
+def batched_mixture(shapes, generator, j=3):
+    """A GaussianMixture whose three fields have the leading shapes ``shapes``, normalised over J."""
+    log_pi_shape, mu_shape, sigma_shape = shapes
+    return GaussianMixture(
+        torch.log_softmax(torch.randn(*log_pi_shape, j, generator=generator, dtype=F64), -1),
+        torch.randn(*mu_shape, j, generator=generator, dtype=F64),
+        0.3 + torch.rand(*sigma_shape, j, generator=generator, dtype=F64),
+    )
+
+
+def row_by_row_log_prob_sum(w, mixture, event_dim):
+    """Σ log p over the event dims for every broadcast batch index, one hand-written mixture at a time."""
+    split = w.dim() - event_dim
+    batch = torch.broadcast_shapes(w.shape[:split], *(t.shape[:-1] for t in mixture))
+    w = w.expand(batch + w.shape[split:])
+    fields = [t.expand(*batch, t.shape[-1]) for t in mixture]
+    sums = [
+        hand_log_density(w[index].reshape(-1), fields[0][index].exp(), fields[1][index], fields[2][index]).sum()
+        for index in itertools.product(*map(range, batch))
+    ]
+    return torch.stack(sums).reshape(batch) if sums else w.new_zeros(batch)
+
+
+BROADCASTS = {
+    # name: (weights shape, event_dim, leading shapes of log π, μ, σ)
+    "particles": ((3, 1, 4, 5), 2, [(3, 1)] * 3),
+    "one_mixture_many_weights": ((3, 4, 5), 2, [()] * 3),
+    "many_mixtures_one_weights": ((4, 5), 2, [(3,)] * 3),
+    "fields_of_different_batches": ((2, 7), 1, [(3, 1), (), (1, 2)]),
+    "weights_and_mixture_both_broadcast": ((1, 2, 6), 1, [(3, 1)] * 3),
+}
+
+
+@pytest.mark.parametrize("case", list(BROADCASTS))
+def test_batched_mixtures_broadcast_against_weights_and_gradients_sum_to_each_input_shape(case, kernel_backend):
+    shape, event_dim, shapes = BROADCASTS[case]
+    g = torch.Generator().manual_seed(19)
+    w = torch.randn(shape, generator=g, dtype=F64)
+    mixture = batched_mixture(shapes, g)
+    expected_sums = row_by_row_log_prob_sum(w, mixture, event_dim)
+    cotangent = torch.randn(expected_sums.shape, generator=g, dtype=F64)
+
+    def fused(w, *fields):
+        sums = mixture_log_prob_sum(w, GaussianMixture(*fields), event_dim=event_dim, chunk_size=4)
+        assert sums.shape == expected_sums.shape
+        return (cotangent * sums).sum()
+
+    def by_hand(w, *fields):
+        return (cotangent * row_by_row_log_prob_sum(w, fields, event_dim)).sum()
+
+    with torch.no_grad():
+        sums = mixture_log_prob_sum(w, mixture, event_dim=event_dim)
+    torch.testing.assert_close(sums, expected_sums, rtol=1e-12, atol=0)
+    value, grads = value_and_grads(fused, (w, *mixture))
+    expected_value, expected_grads = value_and_grads(by_hand, (w, *mixture))
+    torch.testing.assert_close(value, expected_value, rtol=1e-12, atol=1e-12)
+    for grad, expected, leaf in zip(grads, expected_grads, (w, *mixture)):
+        assert grad.shape == leaf.shape
+        torch.testing.assert_close(grad, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_mixture_prior_of_batched_mixtures_has_their_batch_shape_and_evaluates_each_row():
+    g = torch.Generator().manual_seed(20)
+    mixture = batched_mixture([(2, 1)] * 3, g)
+    prior = MixturePrior(mixture, event_shape=(3,))
+    assert prior.batch_shape == (2, 1) and prior.event_shape == (3,)
+    expanded = prior.expand((2, 4))
+    assert expanded.batch_shape == (2, 4) and expanded.means.shape == (2, 1, 3)
+
+    value = torch.randn(2, 4, 3, generator=g, dtype=F64)
+    torch.testing.assert_close(expanded.log_prob(value), row_by_row_log_prob_sum(value, mixture, 1), rtol=1e-12, atol=0)
+    # One weight tensor under both mixtures: one log-density per mixture.
+    torch.testing.assert_close(prior.log_prob(value[0, 0]), row_by_row_log_prob_sum(value[0, 0], mixture, 1),
+                               rtol=1e-12, atol=0)
+
+    pi, mu, sigma = mixture.proportions, mixture.means, mixture.scales
+    mean = (pi * mu).sum(-1, keepdim=True)
+    variance = (pi * (sigma**2 + mu**2)).sum(-1, keepdim=True) - mean**2
+    torch.testing.assert_close(expanded.mean, mean.expand(2, 4, 3), rtol=1e-12, atol=0)
+    torch.testing.assert_close(expanded.variance, variance.expand(2, 4, 3), rtol=1e-12, atol=0)
+    with pytest.raises(ValueError, match="do not broadcast"):
+        prior.expand((3, 4))
+
+
+def test_mixture_prior_samples_each_batch_row_from_its_own_mixture():
+    torch.manual_seed(21)
+    mixture = GaussianMixture(
+        torch.tensor([[0.3, 0.7], [0.9, 0.1]], dtype=F64).log(),
+        torch.tensor([[-10.0, 10.0], [100.0, 200.0]], dtype=F64),
+        torch.tensor([[0.1, 0.2], [1.0, 2.0]], dtype=F64),
+    )
+    prior = MixturePrior(mixture, event_shape=(4, 5))
+    assert prior.sample().shape == (2, 4, 5)
+    samples = prior.sample((3000,))  # 60 000 draws per mixture
+    assert samples.shape == (3000, 2, 4, 5) and samples.dtype == F64
+    first, second = samples[:, 0], samples[:, 1]
+    assert ((first.abs() - 10).abs() < 2.0).all()
+    assert (((second - 100).abs() < 20) | ((second - 200).abs() < 40)).all()
+    # Standard errors of the fractions are < 0.002; 0.01 is > 5 s.e.
+    assert abs((first > 0).double().mean().item() - 0.7) < 0.01
+    assert abs((second > 150).double().mean().item() - 0.1) < 0.01
+    assert abs(second[second < 150].std().item() - 1.0) < 0.02
+
+
 def test_responsibilities_sum_to_one_and_equal_normalised_weighted_densities():
     g = torch.Generator().manual_seed(11)
     eta, mu, sigma = random_mixture_params(g, 4)
@@ -391,14 +496,16 @@ PRIOR_CONFIGS = {
 }
 
 
-def random_site_values(prior, generator):
-    values = {"precisions": 1 + 10 * torch.rand(prior.n_components, generator=generator, dtype=F64)}
+def random_site_values(prior, generator, batch=()):
+    """Site values keyed by suffix, each with leading dimensions ``batch`` (as in a particle plate)."""
+    options = {"generator": generator, "dtype": F64}
+    values = {"precisions": 1 + 10 * torch.rand(*batch, prior.n_components, **options)}
     if prior.n_free_means:
-        values["means"] = torch.randn(prior.n_free_means, generator=generator, dtype=F64)
+        values["means"] = torch.randn(*batch, prior.n_free_means, **options)
     if prior.n_free_proportions > 1:
-        values["pi"] = torch.softmax(torch.randn(prior.n_free_proportions, generator=generator, dtype=F64), 0)
+        values["pi"] = torch.softmax(torch.randn(*batch, prior.n_free_proportions, **options), -1)
     if prior.learns_pi_zero:
-        values["pi_zero"] = torch.tensor(0.8, dtype=F64)
+        values["pi_zero"] = 0.5 + 0.4 * torch.rand(batch, **options)
     return values
 
 
@@ -432,6 +539,25 @@ def test_assemble_then_split_round_trips_site_values_and_builds_the_stated_mixtu
     again = prior.assemble(split, like=like)
     for a, b in zip(again, mixture):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("config", list(PRIOR_CONFIGS))
+def test_assemble_and_split_of_batched_site_values_act_row_by_row(config):
+    prior = SoftWeightSharingPrior(**PRIOR_CONFIGS[config])
+    like = torch.zeros(1, dtype=F64)
+    values = random_site_values(prior, torch.Generator().manual_seed(18), batch=(3, 1))
+    mixture = prior.assemble(values, like=like)
+
+    assert all(t.shape == (3, 1, prior.n_components) for t in mixture)
+    for s in range(3):
+        row = prior.assemble({key: value[s, 0] for key, value in values.items()}, like=like)
+        for field, expected in zip(mixture, row):
+            torch.testing.assert_close(field[s, 0], expected, rtol=1e-14, atol=0)
+    split = prior.split(mixture)
+    assert set(split) == set(values)
+    for key in values:
+        assert split[key].shape == values[key].shape
+        torch.testing.assert_close(split[key], values[key], rtol=1e-12, atol=1e-15)
 
 
 def test_initial_mixture_spaces_learned_means_evenly_over_init_means_with_zero_first():
@@ -716,7 +842,7 @@ def test_hyperpriors_first_built_under_inference_mode_still_train():
 
 def test_mixture_parameters_of_different_lengths_are_a_value_error(kernel_backend):
     mixture = GaussianMixture(torch.log(torch.tensor([0.5, 0.3, 0.2])), torch.tensor([0.0, 1.0]), torch.tensor([0.5, 0.5]))
-    with pytest.raises(ValueError, match=r"shape \(J,\), got \(3,\), \(2,\), \(2,\)"):
+    with pytest.raises(ValueError, match=r"shape \(\.\.\., J\), got \(3,\), \(2,\), \(2,\)"):
         mixture_log_prob_sum(torch.randn(1, 100), mixture)
 
 
