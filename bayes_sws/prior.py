@@ -198,7 +198,8 @@ class _FusedLogProbSum(torch.autograd.Function):
     The output is a sum, so the first-order backward pass only rescales the
     gradients that the forward pass accumulated: nothing of size N×J is ever
     stored. Gradients are summed back to each input's own shape where it was
-    broadcast.
+    broadcast. A backward pass that builds a graph (``create_graph=True``)
+    differentiates the autograd reference instead, so second derivatives exist.
     """
 
     @staticmethod
@@ -222,10 +223,14 @@ class _FusedLogProbSum(torch.autograd.Function):
         return summaries[:, 0].view(rows.batch_shape)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_values):
         *inputs, grad_weights, summaries = ctx.saved_tensors
         needed = ctx.needs_input_grad[:4]
+        if torch.is_grad_enabled():
+            value = _reference_log_prob_sum(inputs[0], GaussianMixture(*inputs[1:]), ctx.event_dim)
+            wanted = [t for t, need in zip(inputs, needed) if need]
+            grads = iter(torch.autograd.grad(value, wanted, grad_values, create_graph=True))
+            return (*(next(grads) if need else None for need in needed), None, None)
         scale = grad_values.reshape(grad_values.shape + (1,) * ctx.event_dim)
         per_row = grad_values.reshape(-1, 1) * summaries[:, 1:]
         grad_mixture = per_row.view(*grad_values.shape, 3, inputs[2].shape[-1]).unbind(-2)
@@ -246,7 +251,7 @@ def mixture_log_prob_sum(
     Value and gradients (with respect to the weights and every mixture parameter)
     equal those of ``mixture_log_density(weights, mixture, event_dim=event_dim)``
     summed over those dimensions, to round-off, while extra memory stays
-    O(N + chunk_size·J).
+    O(N + chunk_size·J). Second derivatives are those of the reference.
 
     Parameters
     ----------
