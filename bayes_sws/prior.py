@@ -283,6 +283,10 @@ def mixture_log_prob_sum(
         dtype = torch.promote_types(dtype, t.dtype)
     weights = weights.to(dtype).contiguous()
     mixture = GaussianMixture(*(t.to(weights.device, dtype).contiguous() for t in mixture))
+    if torch.jit.is_tracing():
+        # torch.jit.trace cannot follow the kernels: the torch kernels' in-place row writes
+        # fail on replay and torch.compile refuses to be traced. The plain form traces.
+        return _reference_log_prob_sum(weights, mixture, event_dim)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (weights, *mixture)):
         return _FusedLogProbSum.apply(weights, *mixture, event_dim, chunk_size)
     rows = _broadcast_rows(weights, mixture, event_dim)
