@@ -6,15 +6,17 @@ Every weight ``w_i`` of a group gets the same one-dimensional mixture
 
 (Nowlan & Hinton 1992; Bishop, PRML §5.5.7). This module holds
 
-* :class:`GaussianMixture`, the mixture's parameters;
+* :class:`GaussianMixture`, the mixture's parameters, fields ``(*batch, J)``: a
+  batch of mixtures (e.g. one per posterior draw) broadcasts against the weights;
 * :func:`mixture_log_density` and :func:`responsibilities`, the plain autograd
   reference forms (elementwise, any shape);
 * :func:`mixture_log_prob_sum`, the fused, chunked value-and-gradient used on the
   hot path: one pass over the weights, one ``exp`` per (weight, component) pair,
-  analytic gradients (MATH.md §1) and O(N + chunk·J) extra memory;
+  analytic gradients and O(N + chunk·J) extra memory; second derivatives go
+  through the reference;
 * :class:`MixturePrior`, a Pyro distribution over a whole weight tensor built on
   the fused path, so that it composes with ``poutine.scale``, autoguides,
-  ``Predictive`` and NUTS with no special cases;
+  vectorised particles, ``Predictive`` and NUTS (traced too) with no special cases;
 * :class:`Hyperpriors` and :class:`SoftWeightSharingPrior`, which turn a mixture
   configuration into Pyro sample sites and provide the closed-form EM update of
   the mixture with the weights held fixed.
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import pyro
@@ -78,7 +81,7 @@ class GaussianMixture(NamedTuple):
     @property
     def batch_shape(self) -> torch.Size:
         """The fields' leading shapes broadcast together."""
-        return torch.broadcast_shapes(*(t.shape[:-1] for t in self))
+        return _broadcast_shapes(*(t.shape[:-1] for t in self))
 
     def detach(self) -> "GaussianMixture":
         return GaussianMixture(*(t.detach() for t in self))
@@ -90,6 +93,13 @@ class GaussianMixture(NamedTuple):
             "mu": self.means.tolist(),
             "sigma": self.scales.tolist(),
         }
+
+
+def _broadcast_shapes(*shapes: torch.Size) -> torch.Size:
+    """``torch.broadcast_shapes``, short-cut when all shapes are equal (the common, unbatched case)."""
+    if all(shape == shapes[0] for shape in shapes[1:]):
+        return torch.Size(shapes[0])
+    return torch.broadcast_shapes(*shapes)
 
 
 def _check_mixture(mixture: GaussianMixture) -> None:
@@ -174,20 +184,23 @@ class _Rows(NamedTuple):
 
     batch_shape: torch.Size  # of the result; R = batch_shape.numel() rows
     weights: torch.Tensor  # (R_w, E), the weights' own rows (a view)
-    weight_index: list[int]  # (R,)
+    weight_index: Sequence[int]  # (R,)
     mixture: tuple[torch.Tensor, ...]  # three (R, J), contiguous
 
 
 def _broadcast_rows(weights: torch.Tensor, mixture: GaussianMixture, event_dim: int) -> _Rows:
     split = weights.dim() - event_dim
     weight_batch, event_shape = weights.shape[:split], weights.shape[split:]
-    batch_shape = torch.broadcast_shapes(weight_batch, mixture.batch_shape)
+    batch_shape = _broadcast_shapes(weight_batch, mixture.batch_shape)
     rows, components = batch_shape.numel(), mixture.means.shape[-1]
-    weight_index = torch.arange(weight_batch.numel()).reshape(weight_batch).expand(batch_shape).reshape(rows)
+    if weight_batch == batch_shape:
+        weight_index = range(rows)
+    else:
+        weight_index = torch.arange(weight_batch.numel()).reshape(weight_batch).expand(batch_shape).reshape(rows).tolist()
     return _Rows(
         batch_shape,
         weights.view(weight_batch.numel(), event_shape.numel()),
-        weight_index.tolist(),
+        weight_index,
         tuple(t.expand(*batch_shape, components).reshape(rows, components).contiguous() for t in mixture),
     )
 
@@ -342,13 +355,14 @@ class MixturePrior(TorchDistribution):
         validate_args: bool | None = None,
     ) -> None:
         _check_mixture(mixture)
-        batch_shape = mixture.batch_shape if batch_shape is None else torch.Size(batch_shape)
+        mixture_batch = mixture.batch_shape
+        batch_shape = mixture_batch if batch_shape is None else torch.Size(batch_shape)
         try:
-            broadcasts = torch.broadcast_shapes(mixture.batch_shape, batch_shape) == batch_shape
+            broadcasts = _broadcast_shapes(mixture_batch, batch_shape) == batch_shape
         except RuntimeError:
             broadcasts = False
         if not broadcasts:
-            raise ValueError(f"mixtures of batch shape {tuple(mixture.batch_shape)} do not broadcast "
+            raise ValueError(f"mixtures of batch shape {tuple(mixture_batch)} do not broadcast "
                              f"to batch shape {tuple(batch_shape)}")
         self.mixture = mixture
         self.log_proportions, self.means, self.scales = mixture
@@ -375,7 +389,7 @@ class MixturePrior(TorchDistribution):
         if value.shape[value.dim() - event_dim :] != self.event_shape:
             raise ValueError(f"value of shape {tuple(value.shape)} does not end in the event shape "
                              f"{tuple(self.event_shape)}")
-        shape = torch.broadcast_shapes(value.shape[: value.dim() - event_dim], self.batch_shape)
+        shape = _broadcast_shapes(value.shape[: value.dim() - event_dim], self.batch_shape)
         log_prob = mixture_log_prob_sum(value, self.mixture, event_dim=event_dim, chunk_size=self.chunk_size)
         return log_prob if log_prob.shape == shape else log_prob.expand(shape)
 
@@ -685,6 +699,10 @@ class SoftWeightSharingPrior:
         -------
         GaussianMixture, the updated parameters (same dtype and device).
         """
+        _check_mixture(mixture)
+        if mixture.batch_shape:
+            raise ValueError(f"em_update takes one mixture (fields of shape (J,)), got batch shape "
+                             f"{tuple(mixture.batch_shape)}")
         flat = weights.detach().reshape(-1).double()
         mixture = GaussianMixture(*(t.detach().double() for t in mixture))
         counts = torch.zeros_like(mixture.means)

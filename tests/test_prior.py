@@ -817,6 +817,14 @@ def test_em_recovers_a_well_separated_two_component_mixture():
     torch.testing.assert_close(mixture.scales, torch.tensor(true_sigma, dtype=F64), rtol=0, atol=0.02)
 
 
+def test_em_update_of_a_batch_of_mixtures_is_a_value_error():
+    prior = SoftWeightSharingPrior(n_components=3, zero_component=False)
+    weights = three_cluster_weights(50)
+    batch = GaussianMixture(*(t.expand(2, 3) for t in prior.initial_mixture(weights)))
+    with pytest.raises(ValueError, match=r"one mixture .* batch shape \(2,\)"):
+        prior.em_update(weights, batch)
+
+
 def test_em_update_keeps_the_dtype_of_float32_weights():
     prior = SoftWeightSharingPrior(n_components=3, zero_component=False)
     weights = three_cluster_weights(100).float()
