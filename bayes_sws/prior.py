@@ -104,13 +104,15 @@ def _broadcast_shapes(*shapes: torch.Size) -> torch.Size:
 
 def _check_mixture(mixture: GaussianMixture) -> None:
     """Raise ``ValueError`` unless every field is ``(*batch, J)`` with one J and broadcasting batches."""
-    shapes = ", ".join(str(tuple(t.shape)) for t in mixture)
+    def shapes() -> str:
+        return ", ".join(str(tuple(t.shape)) for t in mixture)
+
     if any(t.dim() == 0 for t in mixture) or any(t.shape[-1] != mixture.means.shape[-1] for t in mixture):
-        raise ValueError(f"mixture parameters must all have shape (..., J), got {shapes}")
+        raise ValueError(f"mixture parameters must all have shape (..., J), got {shapes()}")
     try:
         mixture.batch_shape
     except RuntimeError as error:
-        raise ValueError(f"mixture parameters' batch shapes do not broadcast: {shapes}") from error
+        raise ValueError(f"mixture parameters' batch shapes do not broadcast: {shapes()}") from error
 
 
 def _aligned(mixture: GaussianMixture, event_dim: int) -> GaussianMixture:

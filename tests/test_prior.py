@@ -890,6 +890,9 @@ def test_mixture_parameters_of_different_lengths_are_a_value_error(kernel_backen
     mixture = GaussianMixture(torch.log(torch.tensor([0.5, 0.3, 0.2])), torch.tensor([0.0, 1.0]), torch.tensor([0.5, 0.5]))
     with pytest.raises(ValueError, match=r"shape \(\.\.\., J\), got \(3,\), \(2,\), \(2,\)"):
         mixture_log_prob_sum(torch.randn(1, 100), mixture)
+    unbroadcastable = GaussianMixture(torch.zeros(2, 3), torch.zeros(3, 3), torch.ones(3))
+    with pytest.raises(ValueError, match=r"batch shapes do not broadcast: \(2, 3\), \(3, 3\), \(3,\)"):
+        mixture_log_prob_sum(torch.randn(1, 100), unbroadcastable)
 
 
 @pytest.mark.parametrize("shape", [(0, 5), (3, 0)])
