@@ -95,6 +95,14 @@ def test_svi_with_vectorised_particles_and_an_auto_normal_guide_trains():
     assert vectorised == pytest.approx(sequential, rel=0.02)
 
 
+@pytest.mark.xfail(strict=True, raises=RuntimeError,
+                   reason="Gaussian.distribution reshapes the outputs to (B,), dropping the particle dims")
+def test_vectorised_elbo_particles_of_a_gaussian_regression_model():
+    model, x, y = regression()
+    loss = Trace_ELBO(num_particles=4, vectorize_particles=True).loss(model, auto_normal(model, x, y), x, y)
+    assert torch.isfinite(torch.tensor(loss))
+
+
 # --------------------------------------------------------------------------- parallel Predictive
 
 
