@@ -24,6 +24,7 @@ import torch
 from pyro import poutine
 from torch import nn
 from torch.distributions import constraints
+from torch.nn.utils import stateless
 
 from .prior import GaussianMixture, MixturePrior, SoftWeightSharingPrior
 
@@ -103,7 +104,9 @@ class Gaussian(Likelihood):
             scale = pyro.sample("noise_scale", dist.HalfNormal(outputs.new_tensor(self.noise_prior_scale)))
         else:
             scale = self.noise_scale
-        return dist.Normal(outputs.reshape(outputs.shape[0]), scale)
+        # outputs (..., B, 1) or (..., B), the leading dimensions from vectorised draws
+        location = outputs[..., 0] if outputs.dim() > 1 and outputs.shape[-1] == 1 else outputs
+        return dist.Normal(location, scale)
 
     def scores(self, outputs: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"mse": ((outputs.reshape(-1) - targets) ** 2).sum()}
@@ -214,7 +217,10 @@ class SoftWeightSharingModel:
         return values
 
     def mixtures(self, values: dict[str, torch.Tensor]) -> dict[str, GaussianMixture]:
-        """Each group's mixture from site values (e.g. a MAP point or one posterior draw)."""
+        """Each group's mixture from site values: a MAP point, one posterior draw, or draws along leading dims.
+
+        Site values with leading dimensions ``batch`` give mixtures with fields ``(*batch, J)``.
+        """
         like = values[self.prior_sites[0]]
         return {
             group: self.prior.assemble(
@@ -271,12 +277,40 @@ class SoftWeightSharingModel:
             # Pyro's own SVI finds parameters in the global param store: register the
             # network's pass-through parameters there, under this model's own name.
             pyro.module(self._scope, self.network)
-        outputs = torch.func.functional_call(self.network, parameters, (x,))
+        outputs = self._evaluate(parameters, x)
         batch = x.shape[0]
         observation = self.likelihood.distribution(outputs)
         with pyro.plate("data", data_size or batch, subsample=torch.arange(batch, device=x.device)):
             pyro.sample("y", observation, obs=y)
         return outputs
+
+    def _evaluate(self, parameters: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """The network on ``x`` once per set of prior-site values: outputs ``(*particles, B, …)``.
+
+        Prior sites sampled in an outer plate arrive with leading dimensions: vectorised
+        ELBO particles give ``(S, 1, *shape)`` (the 1 is the data plate's dimension),
+        ``Predictive(parallel=True)`` with a guide gives ``(S, *shape)``. The network then
+        runs under ``torch.func.vmap`` over those draws, pass-through parameters shared.
+        """
+        if torch.jit.is_tracing():
+            # functional_call refuses to run under the tracer (NUTS with jit_compile=True);
+            # this is the context it runs the network in.
+            with stateless._reparametrize_module(self.network, parameters, tie_weights=True):
+                return self.network(x)
+        leading = torch.broadcast_shapes(
+            *(parameters[name].shape[: parameters[name].dim() - len(self._shapes[name])] for name in self.prior_sites)
+        )
+        if not leading:
+            return torch.func.functional_call(self.network, parameters, (x,))
+        particles = leading[:-1] if leading[-1] == 1 else leading
+        batched = {name: parameters[name].expand(leading + self._shapes[name]).reshape(-1, *self._shapes[name])
+                   for name in self.prior_sites}
+
+        def network(draw: dict[str, torch.Tensor]) -> torch.Tensor:
+            return torch.func.functional_call(self.network, draw, (x,))  # pass-through parameters shared
+
+        outputs = torch.func.vmap(network)(batched)
+        return outputs.reshape(particles + outputs.shape[1:])
 
     def _weight_prior(self, mixture: GaussianMixture, shape: torch.Size) -> dist.Distribution:
         if self.prior_weight == 0:

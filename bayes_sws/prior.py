@@ -6,15 +6,17 @@ Every weight ``w_i`` of a group gets the same one-dimensional mixture
 
 (Nowlan & Hinton 1992; Bishop, PRML §5.5.7). This module holds
 
-* :class:`GaussianMixture`, the mixture's parameters;
+* :class:`GaussianMixture`, the mixture's parameters, fields ``(*batch, J)``: a
+  batch of mixtures (e.g. one per posterior draw) broadcasts against the weights;
 * :func:`mixture_log_density` and :func:`responsibilities`, the plain autograd
   reference forms (elementwise, any shape);
 * :func:`mixture_log_prob_sum`, the fused, chunked value-and-gradient used on the
   hot path: one pass over the weights, one ``exp`` per (weight, component) pair,
-  analytic gradients (MATH.md §1) and O(N + chunk·J) extra memory;
+  analytic gradients and O(N + chunk·J) extra memory; second derivatives go
+  through the reference;
 * :class:`MixturePrior`, a Pyro distribution over a whole weight tensor built on
   the fused path, so that it composes with ``poutine.scale``, autoguides,
-  ``Predictive`` and NUTS with no special cases;
+  vectorised particles, ``Predictive`` and NUTS (traced too) with no special cases;
 * :class:`Hyperpriors` and :class:`SoftWeightSharingPrior`, which turn a mixture
   configuration into Pyro sample sites and provide the closed-form EM update of
   the mixture with the weights held fixed.
@@ -23,6 +25,7 @@ Every weight ``w_i`` of a group gets the same one-dimensional mixture
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import fields
 from typing import NamedTuple
 
@@ -55,54 +58,96 @@ def _mixture_support_transform(constraint: MixtureSameFamilyConstraint):
 
 
 class GaussianMixture(NamedTuple):
-    """Parameters of a one-dimensional Gaussian mixture; every field has shape ``(J,)``.
+    """Parameters of one-dimensional Gaussian mixtures; every field has shape ``(*batch, J)``.
 
-    ``log_weights`` are normalised: ``log_weights.exp().sum() == 1``.
+    Leading dimensions index independent mixtures (e.g. posterior draws); the
+    fields' batch shapes need only broadcast together. ``log_proportions`` are
+    normalised over the last dimension: ``log_proportions.exp().sum(-1) == 1``.
     """
 
-    log_weights: torch.Tensor
+    log_proportions: torch.Tensor
     means: torch.Tensor
     scales: torch.Tensor
 
     @property
-    def weights(self) -> torch.Tensor:
-        """Mixing proportions π, shape ``(J,)``."""
-        return self.log_weights.exp()
+    def proportions(self) -> torch.Tensor:
+        """Mixing proportions π, shape ``(*batch, J)``."""
+        return self.log_proportions.exp()
 
     @property
     def precisions(self) -> torch.Tensor:
-        """1/σ², shape ``(J,)``."""
+        """1/σ², shape ``(*batch, J)``."""
         return self.scales.pow(-2)
+
+    @property
+    def batch_shape(self) -> torch.Size:
+        """The fields' leading shapes broadcast together."""
+        return _broadcast_shapes(*(t.shape[:-1] for t in self))
 
     def detach(self) -> "GaussianMixture":
         return GaussianMixture(*(t.detach() for t in self))
 
-    def as_dict(self) -> dict[str, list[float]]:
-        """``{"pi": [...], "mu": [...], "sigma": [...]}`` as plain floats (for JSON)."""
+    def as_dict(self) -> dict[str, list]:
+        """``{"pi": [...], "mu": [...], "sigma": [...]}`` as plain (nested) lists of floats (for JSON)."""
         return {
-            "pi": self.weights.tolist(),
+            "pi": self.proportions.tolist(),
             "mu": self.means.tolist(),
             "sigma": self.scales.tolist(),
         }
 
 
-def _component_log_densities(weights: torch.Tensor, mixture: GaussianMixture) -> torch.Tensor:
-    """log π_j N(w | μ_j, σ_j²) for every weight and component, shape ``(*w.shape, J)``."""
+def _broadcast_shapes(*shapes: torch.Size) -> torch.Size:
+    """``torch.broadcast_shapes``, short-cut when all shapes are equal (the common, unbatched case)."""
+    if all(shape == shapes[0] for shape in shapes[1:]):
+        return torch.Size(shapes[0])
+    return torch.broadcast_shapes(*shapes)
+
+
+def _check_mixture(mixture: GaussianMixture) -> None:
+    """Raise ``ValueError`` unless every field is ``(*batch, J)`` with one J and broadcasting batches."""
+    def shapes() -> str:
+        return ", ".join(str(tuple(t.shape)) for t in mixture)
+
+    if any(t.dim() == 0 for t in mixture) or any(t.shape[-1] != mixture.means.shape[-1] for t in mixture):
+        raise ValueError(f"mixture parameters must all have shape (..., J), got {shapes()}")
+    try:
+        mixture.batch_shape
+    except RuntimeError as error:
+        raise ValueError(f"mixture parameters' batch shapes do not broadcast: {shapes()}") from error
+
+
+def _aligned(mixture: GaussianMixture, event_dim: int) -> GaussianMixture:
+    """Views of the fields with ``event_dim`` singleton dimensions before J: ``(*batch, 1, …, 1, J)``."""
+    index = (..., *(None,) * event_dim, slice(None))
+    return GaussianMixture(*(t[index] for t in mixture))
+
+
+def _sum_event(values: torch.Tensor, event_dim: int) -> torch.Tensor:
+    """Sum over the last ``event_dim`` dimensions (none when it is 0)."""
+    return values.flatten(values.dim() - event_dim).sum(-1) if event_dim else values
+
+
+def _component_log_densities(weights: torch.Tensor, mixture: GaussianMixture, event_dim: int) -> torch.Tensor:
+    """log π_j N(w | μ_j, σ_j²) for every weight and component, shape ``(*broadcast, J)``."""
+    mixture = _aligned(mixture, event_dim)
     standardised = (weights.unsqueeze(-1) - mixture.means) / mixture.scales
-    return mixture.log_weights - mixture.scales.log() - kernels.HALF_LOG_2PI - 0.5 * standardised**2
+    return mixture.log_proportions - mixture.scales.log() - kernels.HALF_LOG_2PI - 0.5 * standardised**2
 
 
-def mixture_log_density(weights: torch.Tensor, mixture: GaussianMixture) -> torch.Tensor:
+def mixture_log_density(weights: torch.Tensor, mixture: GaussianMixture, *, event_dim: int = 0) -> torch.Tensor:
     """Elementwise log p(w) under the mixture; the autograd reference.
 
     Parameters
     ----------
-    weights : Tensor, any shape ``S``
-    mixture : GaussianMixture with fields of shape ``(J,)``
+    weights : Tensor of shape ``(*batch_w, *event)``
+    mixture : GaussianMixture with fields of shape ``(*batch_m, J)``
+        ``batch_m`` lines up with (broadcasts against) ``batch_w``.
+    event_dim : int
+        How many trailing dimensions of the weights share one mixture.
 
     Returns
     -------
-    Tensor of shape ``S``.
+    Tensor of shape ``(*broadcast(batch_w, batch_m), *event)``.
 
     Examples
     --------
@@ -110,58 +155,104 @@ def mixture_log_density(weights: torch.Tensor, mixture: GaussianMixture) -> torc
     >>> float(mixture_log_density(torch.tensor(0.0), mix))  # log N(0|0,1)
     -0.9189385...
     """
-    return torch.logsumexp(_component_log_densities(weights, mixture), dim=-1)
+    return torch.logsumexp(_component_log_densities(weights, mixture, event_dim), dim=-1)
 
 
-def responsibilities(weights: torch.Tensor, mixture: GaussianMixture) -> torch.Tensor:
+def responsibilities(weights: torch.Tensor, mixture: GaussianMixture, *, event_dim: int = 0) -> torch.Tensor:
     """γ_j(w_i) = π_j N(w_i|μ_j,σ_j²) / Σ_k π_k N(w_i|μ_k,σ_k²).
 
     Parameters
     ----------
-    weights : Tensor, any shape ``S``
-    mixture : GaussianMixture with fields of shape ``(J,)``
+    weights : Tensor of shape ``(*batch_w, *event)``
+    mixture : GaussianMixture with fields of shape ``(*batch_m, J)``
+    event_dim : int
+        As in :func:`mixture_log_density`.
 
     Returns
     -------
-    Tensor of shape ``(*S, J)`` whose last dimension sums to one.
+    Tensor of shape ``(*broadcast(batch_w, batch_m), *event, J)`` whose last dimension sums to one.
     """
-    return torch.softmax(_component_log_densities(weights, mixture), dim=-1)
+    return torch.softmax(_component_log_densities(weights, mixture, event_dim), dim=-1)
+
+
+def _reference_log_prob_sum(weights: torch.Tensor, mixture: GaussianMixture, event_dim: int) -> torch.Tensor:
+    return _sum_event(mixture_log_density(weights, mixture, event_dim=event_dim), event_dim)
 
 
 # --------------------------------------------------------------------------- fused path
 
 
+class _Rows(NamedTuple):
+    """The broadcast rows one kernel call each: row r pairs ``weights[weight_index[r]]`` with ``mixture[r]``."""
+
+    batch_shape: torch.Size  # of the result; R = batch_shape.numel() rows
+    weights: torch.Tensor  # (R_w, E), the weights' own rows (a view)
+    weight_index: Sequence[int]  # (R,)
+    mixture: tuple[torch.Tensor, ...]  # three (R, J), contiguous
+
+
+def _broadcast_rows(weights: torch.Tensor, mixture: GaussianMixture, event_dim: int) -> _Rows:
+    split = weights.dim() - event_dim
+    weight_batch, event_shape = weights.shape[:split], weights.shape[split:]
+    batch_shape = _broadcast_shapes(weight_batch, mixture.batch_shape)
+    rows, components = batch_shape.numel(), mixture.means.shape[-1]
+    if weight_batch == batch_shape:
+        weight_index = range(rows)
+    else:
+        weight_index = torch.arange(weight_batch.numel()).reshape(weight_batch).expand(batch_shape).reshape(rows).tolist()
+    return _Rows(
+        batch_shape,
+        weights.view(weight_batch.numel(), event_shape.numel()),
+        weight_index,
+        tuple(t.expand(*batch_shape, components).reshape(rows, components).contiguous() for t in mixture),
+    )
+
+
 class _FusedLogProbSum(torch.autograd.Function):
     """Sums of log p(w) over the last ``event_dim`` dimensions, gradients computed in the same pass.
 
-    The output is a sum, so the backward pass only rescales the gradients that the
-    forward pass accumulated: nothing of size N×J is ever stored. The weight
-    gradient keeps the weights' shape (not a view of a flattened one), so autograd
-    can add the network's gradient into it in place.
+    The output is a sum, so the first-order backward pass only rescales the
+    gradients that the forward pass accumulated: nothing of size N×J is ever
+    stored. Gradients are summed back to each input's own shape where it was
+    broadcast. A backward pass that builds a graph (``create_graph=True``)
+    differentiates the autograd reference instead, so second derivatives exist.
     """
 
     @staticmethod
-    def forward(ctx, weights, log_weights, means, scales, event_dim, chunk_size):
-        mixture = (log_weights, means, scales)
-        row_functions = kernels.backend(weights, log_weights.numel())
-        batch_shape, event_shape = weights.shape[: weights.dim() - event_dim], weights.shape[weights.dim() - event_dim :]
-        rows = weights.view(batch_shape.numel(), event_shape.numel())
-        grad_weights = torch.empty_like(weights)
+    def forward(ctx, weights, log_proportions, means, scales, event_dim, chunk_size):
+        rows = _broadcast_rows(weights, GaussianMixture(log_proportions, means, scales), event_dim)
+        components = means.shape[-1]
+        row_functions = kernels.backend(weights, components)
+        event_shape = weights.shape[weights.dim() - event_dim :]
+        # Shaped like the (broadcast) weights rather than a view of a flattened tensor,
+        # so that autograd can add the network's gradient into it in place.
+        grad_weights = weights.new_empty(rows.batch_shape + event_shape)
         # per row: the value, then its gradients with respect to log π, μ and σ (each J)
-        summaries = weights.new_empty(rows.shape[0], 1 + 3 * log_weights.numel())
-        for row, row_grad, row_summary in zip(rows, grad_weights.view(rows.shape), summaries):
-            row_functions.value_and_grads(row, mixture, row_grad, row_summary, chunk_size=chunk_size)
-        ctx.save_for_backward(grad_weights, summaries)
+        summaries = weights.new_empty(rows.batch_shape.numel(), 1 + 3 * components)
+        for index, row_grad, row_summary, *row_mixture in zip(
+            rows.weight_index, grad_weights.view(len(summaries), rows.weights.shape[1]), summaries, *rows.mixture
+        ):
+            row_functions.value_and_grads(rows.weights[index], row_mixture, row_grad, row_summary,
+                                          chunk_size=chunk_size)
+        ctx.save_for_backward(weights, log_proportions, means, scales, grad_weights, summaries)
         ctx.event_dim = event_dim
-        return summaries[:, 0].view(batch_shape)
+        return summaries[:, 0].view(rows.batch_shape)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_values):
-        grad_weights, summaries = ctx.saved_tensors
-        grad_log_weights, grad_means, grad_scales = (grad_values.reshape(-1) @ summaries[:, 1:]).view(3, -1)
+        *inputs, grad_weights, summaries = ctx.saved_tensors
+        needed = ctx.needs_input_grad[:4]
+        if torch.is_grad_enabled():
+            value = _reference_log_prob_sum(inputs[0], GaussianMixture(*inputs[1:]), ctx.event_dim)
+            wanted = [t for t, need in zip(inputs, needed) if need]
+            grads = iter(torch.autograd.grad(value, wanted, grad_values, create_graph=True))
+            return (*(next(grads) if need else None for need in needed), None, None)
         scale = grad_values.reshape(grad_values.shape + (1,) * ctx.event_dim)
-        return grad_weights * scale, grad_log_weights, grad_means, grad_scales, None, None
+        per_row = grad_values.reshape(-1, 1) * summaries[:, 1:]
+        grad_mixture = per_row.view(*grad_values.shape, 3, inputs[2].shape[-1]).unbind(-2)
+        grads = (grad_weights * scale, *grad_mixture)
+        return (*(g.sum_to_size(t.shape) if need else None for g, t, need in zip(grads, inputs, needed)),
+                None, None)
 
 
 def mixture_log_prob_sum(
@@ -174,14 +265,17 @@ def mixture_log_prob_sum(
     """Σ_i log p(w_i) over the last ``event_dim`` dimensions: −Ω(w), fused and exact.
 
     Value and gradients (with respect to the weights and every mixture parameter)
-    equal those of ``mixture_log_density(weights, mixture)`` summed over those
-    dimensions, to round-off, while extra memory stays O(N + chunk_size·J).
+    equal those of ``mixture_log_density(weights, mixture, event_dim=event_dim)``
+    summed over those dimensions, to round-off, while extra memory stays
+    O(N + chunk_size·J). Second derivatives are those of the reference.
 
     Parameters
     ----------
-    weights : Tensor of shape ``(*batch, *event)``
+    weights : Tensor of shape ``(*batch_w, *event)``
         Independent weight tensors of ``event_dim`` dimensions, e.g. ``(B, N)``.
-    mixture : GaussianMixture with fields of shape ``(J,)``
+    mixture : GaussianMixture with fields of shape ``(*batch_m, J)``
+        One mixture per batch element: ``batch_m`` broadcasts against ``batch_w``,
+        e.g. ``(S, 1, J)`` against weights ``(S, 1, 300, 784)``.
     event_dim : int
         How many trailing dimensions one sum runs over.
     chunk_size : int, optional
@@ -190,16 +284,14 @@ def mixture_log_prob_sum(
 
     Returns
     -------
-    Tensor of shape ``batch``.
+    Tensor of shape ``broadcast(batch_w, batch_m)``.
     """
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     if not 0 <= event_dim <= weights.dim():
         raise ValueError(f"event_dim must lie in [0, {weights.dim()}] for weights of shape "
                          f"{tuple(weights.shape)}, got {event_dim}")
-    if any(t.dim() != 1 for t in mixture) or len({t.numel() for t in mixture}) != 1:
-        raise ValueError("mixture parameters must all have shape (J,), got "
-                         + ", ".join(str(tuple(t.shape)) for t in mixture))
+    _check_mixture(mixture)
     # One dtype for weights and mixture (as torch's own promotion would give), so every
     # backend reads its inputs as the type they are and returns gradients of that type.
     dtype = weights.dtype
@@ -207,15 +299,18 @@ def mixture_log_prob_sum(
         dtype = torch.promote_types(dtype, t.dtype)
     weights = weights.to(dtype).contiguous()
     mixture = GaussianMixture(*(t.to(weights.device, dtype).contiguous() for t in mixture))
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (weights, *mixture))
-    if needs_grad:
+    if torch.jit.is_tracing():
+        # torch.jit.trace cannot follow the kernels: the torch kernels' in-place row writes
+        # fail on replay and torch.compile refuses to be traced. The plain form traces.
+        return _reference_log_prob_sum(weights, mixture, event_dim)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (weights, *mixture)):
         return _FusedLogProbSum.apply(weights, *mixture, event_dim, chunk_size)
-    batch_shape, event_shape = weights.shape[: weights.dim() - event_dim], weights.shape[weights.dim() - event_dim :]
-    row_functions = kernels.backend(weights, mixture.means.numel())
-    values = weights.new_empty(batch_shape.numel())
-    for row, slot in zip(weights.view(batch_shape.numel(), event_shape.numel()), values):
-        slot.copy_(row_functions.value(row, tuple(mixture), chunk_size=chunk_size))
-    return values.view(batch_shape)
+    rows = _broadcast_rows(weights, mixture, event_dim)
+    row_functions = kernels.backend(weights, mixture.means.shape[-1])
+    values = weights.new_empty(rows.batch_shape.numel())
+    for slot, index, *row_mixture in zip(values, rows.weight_index, *rows.mixture):
+        slot.copy_(row_functions.value(rows.weights[index], row_mixture, chunk_size=chunk_size))
+    return values.view(rows.batch_shape)
 
 
 class MixturePrior(TorchDistribution):
@@ -223,14 +318,17 @@ class MixturePrior(TorchDistribution):
 
     The distribution is over the whole tensor (``event_shape`` is the weight
     shape), its log-density is −Ω(w), computed by :func:`mixture_log_prob_sum`.
-    The mixture parameters stay of shape ``(J,)``: expanding to a batch shape
-    never copies them.
+    A batch of mixtures (fields ``(*batch_m, J)``) gives a batch of priors; the
+    batch shape is ``batch_m`` or one it broadcasts to. Expanding never copies
+    the mixture parameters.
 
     Parameters
     ----------
-    mixture : GaussianMixture with fields of shape ``(J,)``
+    mixture : GaussianMixture with fields of shape ``(*batch_m, J)``
     event_shape : torch.Size
         Shape of the weight tensor.
+    batch_shape : torch.Size, optional
+        A shape ``batch_m`` broadcasts to; by default ``batch_m``.
     chunk_size : int, optional
         Passed to :func:`mixture_log_prob_sum`.
 
@@ -244,7 +342,7 @@ class MixturePrior(TorchDistribution):
     """
 
     arg_constraints = {
-        "log_weights": constraints.real_vector,
+        "log_proportions": constraints.real_vector,
         "means": constraints.real_vector,
         "scales": constraints.independent(constraints.positive, 1),
     }
@@ -255,16 +353,24 @@ class MixturePrior(TorchDistribution):
         mixture: GaussianMixture,
         *,
         event_shape: torch.Size | tuple[int, ...],
-        batch_shape: torch.Size | tuple[int, ...] = (),
+        batch_shape: torch.Size | tuple[int, ...] | None = None,
         chunk_size: int | None = None,
         validate_args: bool | None = None,
     ) -> None:
-        if not all(t.dim() == 1 for t in mixture) or len({t.numel() for t in mixture}) != 1:
-            raise ValueError("mixture parameters must all have shape (J,)")
+        _check_mixture(mixture)
+        mixture_batch = mixture.batch_shape
+        batch_shape = mixture_batch if batch_shape is None else torch.Size(batch_shape)
+        try:
+            broadcasts = _broadcast_shapes(mixture_batch, batch_shape) == batch_shape
+        except RuntimeError:
+            broadcasts = False
+        if not broadcasts:
+            raise ValueError(f"mixtures of batch shape {tuple(mixture_batch)} do not broadcast "
+                             f"to batch shape {tuple(batch_shape)}")
         self.mixture = mixture
-        self.log_weights, self.means, self.scales = mixture
+        self.log_proportions, self.means, self.scales = mixture
         self.chunk_size = chunk_size
-        super().__init__(torch.Size(batch_shape), torch.Size(event_shape), validate_args=validate_args)
+        super().__init__(batch_shape, torch.Size(event_shape), validate_args=validate_args)
 
     @constraints.dependent_property(is_discrete=False, event_dim=0)
     def support(self):
@@ -286,28 +392,32 @@ class MixturePrior(TorchDistribution):
         if value.shape[value.dim() - event_dim :] != self.event_shape:
             raise ValueError(f"value of shape {tuple(value.shape)} does not end in the event shape "
                              f"{tuple(self.event_shape)}")
-        leading = value.shape[: value.dim() - event_dim]
+        shape = _broadcast_shapes(value.shape[: value.dim() - event_dim], self.batch_shape)
         log_prob = mixture_log_prob_sum(value, self.mixture, event_dim=event_dim, chunk_size=self.chunk_size)
-        if leading == self.batch_shape:
-            return log_prob
-        return log_prob.expand(torch.broadcast_shapes(leading, self.batch_shape))
+        return log_prob if log_prob.shape == shape else log_prob.expand(shape)
 
     def sample(self, sample_shape: torch.Size = torch.Size()) -> torch.Tensor:
         shape = self._extended_shape(sample_shape)
+        mixture = _aligned(self.mixture, len(self.event_shape))
         with torch.no_grad():
-            components = dist.Categorical(logits=self.log_weights).sample(shape)
-            noise = torch.randn(shape, dtype=self.means.dtype, device=self.means.device)
-            return self.means[components] + self.scales[components] * noise
+            per_weight = (*shape, self.means.shape[-1])
+            components = dist.Categorical(logits=mixture.log_proportions.expand(per_weight)).sample().unsqueeze(-1)
+            means, scales = (t.expand(per_weight).gather(-1, components).squeeze(-1) for t in mixture[1:])
+            return means + scales * torch.randn(shape, dtype=means.dtype, device=means.device)
+
+    def _per_weight(self, moment: torch.Tensor) -> torch.Tensor:
+        """A moment of each mixture, shape ``batch_m``, for every weight: ``(*batch, *event)``."""
+        return moment[(..., *(None,) * len(self.event_shape))].expand(self._extended_shape())
 
     @property
     def mean(self) -> torch.Tensor:
-        return (self.log_weights.exp() * self.means).sum().expand(self._extended_shape())
+        return self._per_weight((self.log_proportions.exp() * self.means).sum(-1))
 
     @property
     def variance(self) -> torch.Tensor:
-        weights = self.log_weights.exp()
-        second_moment = (weights * (self.scales**2 + self.means**2)).sum()
-        return (second_moment - (weights * self.means).sum() ** 2).expand(self._extended_shape())
+        proportions = self.log_proportions.exp()
+        second_moment = (proportions * (self.scales**2 + self.means**2)).sum(-1)
+        return self._per_weight(second_moment - (proportions * self.means).sum(-1) ** 2)
 
 
 # --------------------------------------------------------------------------- configuration
@@ -363,7 +473,7 @@ class SoftWeightSharingPrior(MixtureSpec):
         return self.zero_component and self.pi_zero is None and self.n_components > 1
 
     @property
-    def n_free_weights(self) -> int:
+    def n_free_proportions(self) -> int:
         """Components sharing the ``pi`` simplex site."""
         return self.n_components - int(self.zero_component and self.n_components > 1)
 
@@ -400,8 +510,8 @@ class SoftWeightSharingPrior(MixtureSpec):
             priors["precisions"] = dist.Gamma(gamma[:, 0], gamma[:, 1]).to_event(1)
         else:
             priors["precisions"] = dist.ImproperUniform(constraints.positive, (), shape)
-        if self.n_free_weights > 1:
-            shape = (self.n_free_weights,)
+        if self.n_free_proportions > 1:
+            shape = (self.n_free_proportions,)
             priors["pi"] = (
                 dist.Dirichlet(torch.full(shape, hyper.dirichlet, **options))
                 if hyper.dirichlet is not None
@@ -432,31 +542,45 @@ class SoftWeightSharingPrior(MixtureSpec):
         return self.assemble(values, like=like)
 
     def assemble(self, values: dict[str, torch.Tensor], *, like: torch.Tensor) -> GaussianMixture:
-        """Turn site values keyed by suffix into a :class:`GaussianMixture`."""
+        """Turn site values keyed by suffix into a :class:`GaussianMixture`.
+
+        Parameters
+        ----------
+        values : dict of Tensor
+            ``precisions`` ``(*batch, J)``, ``means`` ``(*batch, J − zero)``, ``pi``
+            ``(*batch, K)`` and ``pi_zero`` ``(*batch,)`` where the configuration has
+            them; ``batch`` may be empty or differ between sites as long as they broadcast.
+        like : Tensor
+            Gives dtype and device of the fixed parts.
+
+        Returns
+        -------
+        GaussianMixture with fields of shape ``(*batch, J)``, ``batch`` broadcast over the sites.
+        """
         scales = values["precisions"].rsqrt()
         means = values.get("means", like.new_zeros(0))
         log_pi = values["pi"].log() if "pi" in values else like.new_zeros(1)
-        if not self.zero_component:
-            return GaussianMixture(log_pi, means, scales)
-        means = torch.cat([like.new_zeros(1), means])
-        if self.n_components == 1:
-            return GaussianMixture(like.new_zeros(1), means, scales)
-        pi_zero = values["pi_zero"] if "pi_zero" in values else like.new_tensor(self.pi_zero)
-        log_weights = torch.cat([pi_zero.log().reshape(1), torch.log1p(-pi_zero) + log_pi])
-        return GaussianMixture(log_weights, means, scales)
+        if self.zero_component:
+            means = torch.cat([means.new_zeros(means.shape[:-1] + (1,)), means], dim=-1)
+        if self.zero_component and self.n_components > 1:
+            pi_zero = values["pi_zero"] if "pi_zero" in values else like.new_tensor(self.pi_zero)
+            rest = torch.log1p(-pi_zero).unsqueeze(-1) + log_pi
+            first = pi_zero.log().unsqueeze(-1).expand(rest.shape[:-1] + (1,))
+            log_pi = torch.cat([first, rest], dim=-1)
+        return GaussianMixture(*torch.broadcast_tensors(log_pi, means, scales))
 
     def split(self, mixture: GaussianMixture) -> dict[str, torch.Tensor]:
-        """Inverse of :meth:`assemble`: site values keyed by suffix."""
+        """Inverse of :meth:`assemble`: site values keyed by suffix, with the mixture's batch shape."""
         offset = int(self.zero_component)
         values = {"precisions": mixture.precisions}
         if self.n_free_means:
-            values["means"] = mixture.means[offset:]
-        weights = mixture.weights
+            values["means"] = mixture.means[..., offset:]
+        proportions = mixture.proportions
         if self.learns_pi_zero:
-            values["pi_zero"] = weights[0]
-        if self.n_free_weights > 1:
-            free = weights[offset:] if self.n_components > 1 else weights
-            values["pi"] = free / free.sum()
+            values["pi_zero"] = proportions[..., 0]
+        if self.n_free_proportions > 1:
+            free = proportions[..., offset:] if self.n_components > 1 else proportions
+            values["pi"] = free / free.sum(-1, keepdim=True)
         return values
 
     def initial_mixture(self, weights: torch.Tensor) -> GaussianMixture:
@@ -475,12 +599,12 @@ class SoftWeightSharingPrior(MixtureSpec):
         if self.zero_component:
             means = torch.cat([torch.zeros(1, **options), means])
         scales = torch.full((self.n_components,), self.init_scale, **options)
-        log_weights = torch.full((self.n_components,), -math.log(self.n_components), **options)
+        log_proportions = torch.full((self.n_components,), -math.log(self.n_components), **options)
         if self.zero_component and self.n_components > 1:
             pi_zero = self.pi_zero if self.pi_zero is not None else 1.0 / self.n_components
             rest = math.log1p(-pi_zero) - math.log(self.n_components - 1)
-            log_weights = torch.tensor([math.log(pi_zero)] + [rest] * (self.n_components - 1), **options)
-        return GaussianMixture(log_weights, means, scales)
+            log_proportions = torch.tensor([math.log(pi_zero)] + [rest] * (self.n_components - 1), **options)
+        return GaussianMixture(log_proportions, means, scales)
 
     def log_hyperprior(self, mixture: GaussianMixture) -> torch.Tensor:
         """log p(π, μ, 1/σ²) of a mixture, in the sites' own coordinates."""
@@ -520,6 +644,10 @@ class SoftWeightSharingPrior(MixtureSpec):
         -------
         GaussianMixture, the updated parameters (same dtype and device).
         """
+        _check_mixture(mixture)
+        if mixture.batch_shape:
+            raise ValueError(f"em_update takes one mixture (fields of shape (J,)), got batch shape "
+                             f"{tuple(mixture.batch_shape)}")
         flat = weights.detach().reshape(-1).double()
         mixture = GaussianMixture(*(t.detach().double() for t in mixture))
         counts = torch.zeros_like(mixture.means)
@@ -555,20 +683,20 @@ class SoftWeightSharingPrior(MixtureSpec):
         precisions = mixture.precisions.clone()
         precisions[updatable] = numerator[updatable] / denominator[updatable]
 
-        log_weights = self._em_mixing(counts, mixture.log_weights)
-        updated = GaussianMixture(log_weights, means, precisions.rsqrt())
+        log_proportions = self._em_mixing(counts, mixture.log_proportions)
+        updated = GaussianMixture(log_proportions, means, precisions.rsqrt())
         return GaussianMixture(*(t.to(weights.dtype) for t in updated))
 
-    def _em_mixing(self, counts: torch.Tensor, log_weights: torch.Tensor) -> torch.Tensor:
+    def _em_mixing(self, counts: torch.Tensor, log_proportions: torch.Tensor) -> torch.Tensor:
         """M-step for the mixing proportions from weighted counts (λ·Σ_i γ_ij)."""
         hyper = self.hyperpriors
         has_zero_split = self.zero_component and self.n_components > 1
         free = counts[1:] if has_zero_split else counts
         # The Dirichlet is on the ``pi`` site, which exists only with two or more free components.
-        pseudo = hyper.dirichlet - 1.0 if hyper.dirichlet is not None and self.n_free_weights > 1 else 0.0
+        pseudo = hyper.dirichlet - 1.0 if hyper.dirichlet is not None and self.n_free_proportions > 1 else 0.0
         free = (free + pseudo).clamp_min(0)
         if free.sum() <= 0:
-            return log_weights
+            return log_proportions
         free = free / free.sum()
         if not has_zero_split:
             return free.log()

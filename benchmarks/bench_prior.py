@@ -141,7 +141,7 @@ def measure(method: str, n: int, args: argparse.Namespace) -> dict:
             return MixturePrior(mixture, event_shape=(size,), validate_args=args.validate).log_prob(w)
         if method == "baseline":
             d = dist.MixtureSameFamily(
-                dist.Categorical(logits=mixture.log_weights, validate_args=args.validate),
+                dist.Categorical(logits=mixture.log_proportions, validate_args=args.validate),
                 dist.Normal(mixture.means, mixture.scales, validate_args=args.validate),
                 validate_args=args.validate,
             )
@@ -272,7 +272,7 @@ def check_agreement(n: int, args: argparse.Namespace) -> list[str]:
 
     reference = grads("reference", torch.float64)
     # Categorical(logits) normalises: d/dlogits = d/dlog_pi − π·Σ_j d/dlog_pi_j.
-    pi = base.log_weights.double().exp()
+    pi = base.log_proportions.double().exp()
     projected = list(reference)
     projected[2] = reference[2] - pi * reference[2].sum()
     lines = []

@@ -34,7 +34,7 @@ def test_a_spec_built_regression_model_has_a_proper_noise_prior_so_predictive_an
     mcmc = MCMC(NUTS(model), num_samples=5, warmup_steps=5, disable_progbar=True)
     mcmc.run(x, y)
     samples = mcmc.get_samples()
-    assert samples["noise_scale"].shape == (5,) and bool(torch.isfinite(samples["0.weight"]).all())
+    assert samples["noise_scale"].shape == (5,) and bool(torch.isfinite(samples[model.prior_sites[0]]).all())
 
 
 def test_a_fixed_noise_scale_from_the_spec_is_not_a_latent_site():

@@ -52,7 +52,7 @@ def test_a_non_finite_weight_gives_nan_value_and_mixture_gradients_on_every_back
 MIXTURE_CASES = [
     ("means", math.nan), ("means", math.inf), ("means", -math.inf),
     ("scales", math.nan), ("scales", math.inf), ("scales", 0.0), ("scales", -0.1),
-    ("log_weights", math.nan), ("log_weights", math.inf),
+    ("log_proportions", math.nan), ("log_proportions", math.inf),
 ]
 
 
@@ -70,7 +70,7 @@ def test_a_non_finite_or_invalid_mixture_parameter_gives_nan_everywhere_on_every
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_a_component_with_zero_proportion_is_legitimate_and_stays_finite(kernel_backend, dtype) -> None:
     mixture = GaussianMixture(*(t.to(dtype) for t in _mixture()))
-    mixture.log_weights[1] = -math.inf
+    mixture.log_proportions[1] = -math.inf
     weights = _weights().to(dtype)
     value, grads, value_only = _value_and_grads(weights, mixture)
     for result in (value, value_only, *grads):

@@ -431,8 +431,8 @@ def test_mixtures_of_values_put_the_zero_component_first_with_mean_zero(shared):
         pi_zero = values[f"{group}.pi_zero"]
         assert mixture.means[0] == 0
         torch.testing.assert_close(mixture.means[1:], values[f"{group}.means"], rtol=0, atol=0)
-        torch.testing.assert_close(mixture.weights[0], pi_zero, rtol=1e-14, atol=0)
-        torch.testing.assert_close(mixture.weights[1:], (1 - pi_zero) * values[f"{group}.pi"], rtol=1e-12, atol=0)
+        torch.testing.assert_close(mixture.proportions[0], pi_zero, rtol=1e-14, atol=0)
+        torch.testing.assert_close(mixture.proportions[1:], (1 - pi_zero) * values[f"{group}.pi"], rtol=1e-12, atol=0)
         torch.testing.assert_close(mixture.scales, values[f"{group}.precisions"] ** -0.5, rtol=1e-14, atol=0)
 
 

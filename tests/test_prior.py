@@ -6,6 +6,7 @@ the gradients from the corrected formulas of MATH.md §1, the EM objective from
 λ Σ_i log p(w_i|θ) + log p(θ).
 """
 
+import itertools
 import math
 
 import pyro
@@ -263,6 +264,38 @@ def test_sums_over_event_dims_give_one_sum_and_gradient_per_batch_element(shape,
         torch.testing.assert_close(grad, expected, rtol=1e-10, atol=1e-12)
 
 
+def test_hessian_of_mixture_prior_log_prob_equals_the_reference_hessian(kernel_backend):
+    g = torch.Generator().manual_seed(22)
+    w = torch.randn(6, generator=g, dtype=F64)
+    eta, mu, sigma = random_mixture_params(g, 3)
+
+    def fused(w, eta, mu, sigma):
+        return MixturePrior(GaussianMixture(torch.log_softmax(eta, 0), mu, sigma), event_shape=(6,)).log_prob(w)
+
+    def reference(w, eta, mu, sigma):
+        return hand_log_density(w, torch.softmax(eta, 0), mu, sigma).sum()
+
+    hessian = torch.autograd.functional.hessian(fused, (w, eta, mu, sigma))
+    expected = torch.autograd.functional.hessian(reference, (w, eta, mu, sigma))
+    assert hessian[0][0].abs().max() > 1.0  # not the zero a once-differentiable backward gives
+    for row, expected_row in zip(hessian, expected):
+        for block, expected_block in zip(row, expected_row):
+            torch.testing.assert_close(block, expected_block, rtol=1e-10, atol=1e-10)
+
+
+def test_fused_sum_of_batched_mixtures_passes_gradcheck_and_gradgradcheck(kernel_backend):
+    g = torch.Generator().manual_seed(23)
+    w = torch.randn(3, 5, generator=g, dtype=F64)
+    mixture = batched_mixture([(2, 1)] * 3, g)
+    inputs = [t.clone().requires_grad_() for t in (w, *mixture)]
+
+    def fused(w, *fields):
+        return mixture_log_prob_sum(w, GaussianMixture(*fields), chunk_size=2)
+
+    assert torch.autograd.gradcheck(fused, inputs)
+    assert torch.autograd.gradgradcheck(fused, inputs)
+
+
 def test_weight_gradient_is_a_tensor_of_its_own_so_autograd_can_add_into_it_in_place():
     w = torch.randn(3, 5, dtype=F64, requires_grad=True)
     log_prob = MixturePrior(small_mixture(), event_shape=(3, 5)).log_prob(w)
@@ -293,7 +326,7 @@ def test_mixture_prior_log_prob_of_sample_batch_returns_one_sum_per_sample():
     value = torch.randn(5, 2, 3, dtype=F64, generator=torch.Generator().manual_seed(7))
     log_prob = prior.log_prob(value)
     assert log_prob.shape == (5,)
-    expected = hand_log_density(value, mixture.weights, mixture.means, mixture.scales).sum((1, 2))
+    expected = hand_log_density(value, mixture.proportions, mixture.means, mixture.scales).sum((1, 2))
     torch.testing.assert_close(log_prob, expected, rtol=1e-12, atol=0)
 
 
@@ -301,16 +334,16 @@ def test_expanded_mixture_prior_keeps_parameters_of_shape_j_and_broadcasts_log_p
     mixture = small_mixture()
     prior = MixturePrior(mixture, event_shape=(2, 3)).expand((3,))
     assert prior.batch_shape == (3,) and prior.event_shape == (2, 3)
-    assert prior.means.shape == prior.scales.shape == prior.log_weights.shape == (3,)
+    assert prior.means.shape == prior.scales.shape == prior.log_proportions.shape == (3,)
 
     single = torch.randn(2, 3, dtype=F64, generator=torch.Generator().manual_seed(8))
-    expected_single = hand_log_density(single, mixture.weights, mixture.means, mixture.scales).sum()
+    expected_single = hand_log_density(single, mixture.proportions, mixture.means, mixture.scales).sum()
     broadcast = prior.log_prob(single)
     assert broadcast.shape == (3,)
     torch.testing.assert_close(broadcast, expected_single.expand(3), rtol=1e-12, atol=0)
 
     batch = torch.randn(3, 2, 3, dtype=F64, generator=torch.Generator().manual_seed(9))
-    expected_batch = hand_log_density(batch, mixture.weights, mixture.means, mixture.scales).sum((1, 2))
+    expected_batch = hand_log_density(batch, mixture.proportions, mixture.means, mixture.scales).sum((1, 2))
     torch.testing.assert_close(prior.log_prob(batch), expected_batch, rtol=1e-12, atol=0)
 
 
@@ -337,11 +370,115 @@ def test_mixture_prior_samples_have_extended_shape_and_component_fractions_near_
 def test_mixture_prior_mean_and_variance_equal_mixture_moments():
     mixture = small_mixture()
     prior = MixturePrior(mixture, event_shape=(2,))
-    pi, mu, sigma = mixture.weights, mixture.means, mixture.scales
+    pi, mu, sigma = mixture.proportions, mixture.means, mixture.scales
     mean = (pi * mu).sum()
     variance = (pi * (sigma**2 + mu**2)).sum() - mean**2
     torch.testing.assert_close(prior.mean, mean.expand(2), rtol=1e-12, atol=0)
     torch.testing.assert_close(prior.variance, variance.expand(2), rtol=1e-12, atol=0)
+
+
+def batched_mixture(shapes, generator, j=3):
+    """A GaussianMixture whose three fields have the leading shapes ``shapes``, normalised over J."""
+    log_pi_shape, mu_shape, sigma_shape = shapes
+    return GaussianMixture(
+        torch.log_softmax(torch.randn(*log_pi_shape, j, generator=generator, dtype=F64), -1),
+        torch.randn(*mu_shape, j, generator=generator, dtype=F64),
+        0.3 + torch.rand(*sigma_shape, j, generator=generator, dtype=F64),
+    )
+
+
+def row_by_row_log_prob_sum(w, mixture, event_dim):
+    """Σ log p over the event dims for every broadcast batch index, one hand-written mixture at a time."""
+    split = w.dim() - event_dim
+    batch = torch.broadcast_shapes(w.shape[:split], *(t.shape[:-1] for t in mixture))
+    w = w.expand(batch + w.shape[split:])
+    fields = [t.expand(*batch, t.shape[-1]) for t in mixture]
+    sums = [
+        hand_log_density(w[index].reshape(-1), fields[0][index].exp(), fields[1][index], fields[2][index]).sum()
+        for index in itertools.product(*map(range, batch))
+    ]
+    return torch.stack(sums).reshape(batch) if sums else w.new_zeros(batch)
+
+
+BROADCASTS = {
+    # name: (weights shape, event_dim, leading shapes of log π, μ, σ)
+    "particles": ((3, 1, 4, 5), 2, [(3, 1)] * 3),
+    "one_mixture_many_weights": ((3, 4, 5), 2, [()] * 3),
+    "many_mixtures_one_weights": ((4, 5), 2, [(3,)] * 3),
+    "fields_of_different_batches": ((2, 7), 1, [(3, 1), (), (1, 2)]),
+    "weights_and_mixture_both_broadcast": ((1, 2, 6), 1, [(3, 1)] * 3),
+}
+
+
+@pytest.mark.parametrize("case", list(BROADCASTS))
+def test_batched_mixtures_broadcast_against_weights_and_gradients_sum_to_each_input_shape(case, kernel_backend):
+    shape, event_dim, shapes = BROADCASTS[case]
+    g = torch.Generator().manual_seed(19)
+    w = torch.randn(shape, generator=g, dtype=F64)
+    mixture = batched_mixture(shapes, g)
+    expected_sums = row_by_row_log_prob_sum(w, mixture, event_dim)
+    cotangent = torch.randn(expected_sums.shape, generator=g, dtype=F64)
+
+    def fused(w, *fields):
+        sums = mixture_log_prob_sum(w, GaussianMixture(*fields), event_dim=event_dim, chunk_size=4)
+        assert sums.shape == expected_sums.shape
+        return (cotangent * sums).sum()
+
+    def by_hand(w, *fields):
+        return (cotangent * row_by_row_log_prob_sum(w, fields, event_dim)).sum()
+
+    with torch.no_grad():
+        sums = mixture_log_prob_sum(w, mixture, event_dim=event_dim)
+    torch.testing.assert_close(sums, expected_sums, rtol=1e-12, atol=0)
+    value, grads = value_and_grads(fused, (w, *mixture))
+    expected_value, expected_grads = value_and_grads(by_hand, (w, *mixture))
+    torch.testing.assert_close(value, expected_value, rtol=1e-12, atol=1e-12)
+    for grad, expected, leaf in zip(grads, expected_grads, (w, *mixture)):
+        assert grad.shape == leaf.shape
+        torch.testing.assert_close(grad, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_mixture_prior_of_batched_mixtures_has_their_batch_shape_and_evaluates_each_row():
+    g = torch.Generator().manual_seed(20)
+    mixture = batched_mixture([(2, 1)] * 3, g)
+    prior = MixturePrior(mixture, event_shape=(3,))
+    assert prior.batch_shape == (2, 1) and prior.event_shape == (3,)
+    expanded = prior.expand((2, 4))
+    assert expanded.batch_shape == (2, 4) and expanded.means.shape == (2, 1, 3)
+
+    value = torch.randn(2, 4, 3, generator=g, dtype=F64)
+    torch.testing.assert_close(expanded.log_prob(value), row_by_row_log_prob_sum(value, mixture, 1), rtol=1e-12, atol=0)
+    # One weight tensor under both mixtures: one log-density per mixture.
+    torch.testing.assert_close(prior.log_prob(value[0, 0]), row_by_row_log_prob_sum(value[0, 0], mixture, 1),
+                               rtol=1e-12, atol=0)
+
+    pi, mu, sigma = mixture.proportions, mixture.means, mixture.scales
+    mean = (pi * mu).sum(-1, keepdim=True)
+    variance = (pi * (sigma**2 + mu**2)).sum(-1, keepdim=True) - mean**2
+    torch.testing.assert_close(expanded.mean, mean.expand(2, 4, 3), rtol=1e-12, atol=0)
+    torch.testing.assert_close(expanded.variance, variance.expand(2, 4, 3), rtol=1e-12, atol=0)
+    with pytest.raises(ValueError, match="do not broadcast"):
+        prior.expand((3, 4))
+
+
+def test_mixture_prior_samples_each_batch_row_from_its_own_mixture():
+    torch.manual_seed(21)
+    mixture = GaussianMixture(
+        torch.tensor([[0.3, 0.7], [0.9, 0.1]], dtype=F64).log(),
+        torch.tensor([[-10.0, 10.0], [100.0, 200.0]], dtype=F64),
+        torch.tensor([[0.1, 0.2], [1.0, 2.0]], dtype=F64),
+    )
+    prior = MixturePrior(mixture, event_shape=(4, 5))
+    assert prior.sample().shape == (2, 4, 5)
+    samples = prior.sample((3000,))  # 60 000 draws per mixture
+    assert samples.shape == (3000, 2, 4, 5) and samples.dtype == F64
+    first, second = samples[:, 0], samples[:, 1]
+    assert ((first.abs() - 10).abs() < 2.0).all()
+    assert (((second - 100).abs() < 20) | ((second - 200).abs() < 40)).all()
+    # Standard errors of the fractions are < 0.002; 0.01 is > 5 s.e.
+    assert abs((first > 0).double().mean().item() - 0.7) < 0.01
+    assert abs((second > 150).double().mean().item() - 0.1) < 0.01
+    assert abs(second[second < 150].std().item() - 1.0) < 0.02
 
 
 def test_responsibilities_sum_to_one_and_equal_normalised_weighted_densities():
@@ -391,14 +528,16 @@ PRIOR_CONFIGS = {
 }
 
 
-def random_site_values(prior, generator):
-    values = {"precisions": 1 + 10 * torch.rand(prior.n_components, generator=generator, dtype=F64)}
+def random_site_values(prior, generator, batch=()):
+    """Site values keyed by suffix, each with leading dimensions ``batch`` (as in a particle plate)."""
+    options = {"generator": generator, "dtype": F64}
+    values = {"precisions": 1 + 10 * torch.rand(*batch, prior.n_components, **options)}
     if prior.n_free_means:
-        values["means"] = torch.randn(prior.n_free_means, generator=generator, dtype=F64)
-    if prior.n_free_weights > 1:
-        values["pi"] = torch.softmax(torch.randn(prior.n_free_weights, generator=generator, dtype=F64), 0)
+        values["means"] = torch.randn(*batch, prior.n_free_means, **options)
+    if prior.n_free_proportions > 1:
+        values["pi"] = torch.softmax(torch.randn(*batch, prior.n_free_proportions, **options), -1)
     if prior.learns_pi_zero:
-        values["pi_zero"] = torch.tensor(0.8, dtype=F64)
+        values["pi_zero"] = 0.5 + 0.4 * torch.rand(batch, **options)
     return values
 
 
@@ -411,19 +550,19 @@ def test_assemble_then_split_round_trips_site_values_and_builds_the_stated_mixtu
 
     j = prior.n_components
     assert all(t.shape == (j,) for t in mixture)
-    torch.testing.assert_close(mixture.weights.sum(), torch.tensor(1.0, dtype=F64), rtol=1e-14, atol=1e-14)
+    torch.testing.assert_close(mixture.proportions.sum(), torch.tensor(1.0, dtype=F64), rtol=1e-14, atol=1e-14)
     torch.testing.assert_close(mixture.scales, values["precisions"] ** -0.5, rtol=1e-14, atol=0)
     if prior.zero_component:
         pi_zero = values["pi_zero"] if prior.learns_pi_zero else torch.tensor(prior.pi_zero, dtype=F64)
         assert mixture.means[0] == 0
-        torch.testing.assert_close(mixture.weights[0], pi_zero, rtol=1e-14, atol=0)
+        torch.testing.assert_close(mixture.proportions[0], pi_zero, rtol=1e-14, atol=0)
         torch.testing.assert_close(mixture.means[1:], values["means"], rtol=0, atol=0)
         if "pi" in values:
-            torch.testing.assert_close(mixture.weights[1:], (1 - pi_zero) * values["pi"], rtol=1e-13, atol=0)
+            torch.testing.assert_close(mixture.proportions[1:], (1 - pi_zero) * values["pi"], rtol=1e-13, atol=0)
     else:
         torch.testing.assert_close(mixture.means, values["means"], rtol=0, atol=0)
         expected_pi = values.get("pi", torch.ones(1, dtype=F64))
-        torch.testing.assert_close(mixture.weights, expected_pi, rtol=1e-13, atol=0)
+        torch.testing.assert_close(mixture.proportions, expected_pi, rtol=1e-13, atol=0)
 
     split = prior.split(mixture)
     assert set(split) == set(values)
@@ -432,6 +571,25 @@ def test_assemble_then_split_round_trips_site_values_and_builds_the_stated_mixtu
     again = prior.assemble(split, like=like)
     for a, b in zip(again, mixture):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("config", list(PRIOR_CONFIGS))
+def test_assemble_and_split_of_batched_site_values_act_row_by_row(config):
+    prior = SoftWeightSharingPrior(**PRIOR_CONFIGS[config])
+    like = torch.zeros(1, dtype=F64)
+    values = random_site_values(prior, torch.Generator().manual_seed(18), batch=(3, 1))
+    mixture = prior.assemble(values, like=like)
+
+    assert all(t.shape == (3, 1, prior.n_components) for t in mixture)
+    for s in range(3):
+        row = prior.assemble({key: value[s, 0] for key, value in values.items()}, like=like)
+        for field, expected in zip(mixture, row):
+            torch.testing.assert_close(field[s, 0], expected, rtol=1e-14, atol=0)
+    split = prior.split(mixture)
+    assert set(split) == set(values)
+    for key in values:
+        assert split[key].shape == values[key].shape
+        torch.testing.assert_close(split[key], values[key], rtol=1e-12, atol=1e-15)
 
 
 def test_initial_mixture_spaces_learned_means_evenly_over_init_means_with_zero_first():
@@ -443,7 +601,7 @@ def test_initial_mixture_spaces_learned_means_evenly_over_init_means_with_zero_f
     torch.testing.assert_close(mixture.means[1:], expected_means, rtol=0, atol=1e-14)
     torch.testing.assert_close(mixture.scales, torch.full((16,), 0.25, dtype=F64), rtol=0, atol=0)
     expected_weights = torch.tensor([0.99] + [0.01 / 15] * 15, dtype=F64)
-    torch.testing.assert_close(mixture.weights, expected_weights, rtol=1e-12, atol=0)
+    torch.testing.assert_close(mixture.proportions, expected_weights, rtol=1e-12, atol=0)
 
 
 def test_initial_mixture_without_zero_component_spans_the_weight_range_by_default():
@@ -451,7 +609,7 @@ def test_initial_mixture_without_zero_component_spans_the_weight_range_by_defaul
     weights = torch.tensor([[0.3, -2.0], [1.0, 6.0]], dtype=F64)
     mixture = prior.initial_mixture(weights)
     torch.testing.assert_close(mixture.means, torch.tensor([-2.0, 0.0, 2.0, 4.0, 6.0], dtype=F64), rtol=0, atol=1e-14)
-    torch.testing.assert_close(mixture.weights, torch.full((5,), 0.2, dtype=F64), rtol=1e-14, atol=0)
+    torch.testing.assert_close(mixture.proportions, torch.full((5,), 0.2, dtype=F64), rtol=1e-14, atol=0)
     torch.testing.assert_close(mixture.scales, torch.full((5,), 0.5, dtype=F64), rtol=0, atol=0)
 
 
@@ -534,7 +692,7 @@ def three_cluster_weights(n=600, seed=14):
 
 def em_objective(prior, weights, mixture, prior_weight):
     """λ Σ_i log p(w_i|θ) (written out) + log p(θ)."""
-    log_p = hand_log_density(weights, mixture.weights, mixture.means, mixture.scales).sum()
+    log_p = hand_log_density(weights, mixture.proportions, mixture.means, mixture.scales).sum()
     return float(prior_weight * log_p + prior.log_hyperprior(mixture))
 
 
@@ -568,7 +726,7 @@ def test_em_update_never_decreases_map_objective(config):
         mixture = prior.em_update(weights, mixture, prior_weight=prior_weight)
         assert all(torch.isfinite(t).all() for t in mixture)
         if prior.pi_zero is not None:
-            torch.testing.assert_close(mixture.weights[0], torch.tensor(prior.pi_zero, dtype=F64), rtol=1e-12, atol=0)
+            torch.testing.assert_close(mixture.proportions[0], torch.tensor(prior.pi_zero, dtype=F64), rtol=1e-12, atol=0)
         if prior.zero_component:
             assert mixture.means[0] == 0
         objectives.append(em_objective(prior, weights, mixture, prior_weight))
@@ -591,7 +749,7 @@ def test_em_update_equals_closed_form_m_step_with_conjugate_hyperpriors():
     )
     new = prior.em_update(weights, mixture, prior_weight=lam)
 
-    comp = hand_component_densities(weights, mixture.weights, mixture.means, mixture.scales)
+    comp = hand_component_densities(weights, mixture.proportions, mixture.means, mixture.scales)
     gamma = comp / comp.sum(1, keepdim=True)
     counts = lam * gamma.sum(0)
     tau = mixture.scales**-2
@@ -601,7 +759,7 @@ def test_em_update_equals_closed_form_m_step_with_conjugate_hyperpriors():
     pi = (counts + alpha - 1) / (counts + alpha - 1).sum()
     torch.testing.assert_close(new.means, means, rtol=1e-12, atol=0)
     torch.testing.assert_close(new.scales, new_tau**-0.5, rtol=1e-12, atol=0)
-    torch.testing.assert_close(new.weights, pi, rtol=1e-12, atol=0)
+    torch.testing.assert_close(new.proportions, pi, rtol=1e-12, atol=0)
 
 
 def test_em_update_with_zero_component_keeps_mu_zero_and_takes_beta_map_for_pi_zero():
@@ -619,7 +777,7 @@ def test_em_update_with_zero_component_keeps_mu_zero_and_takes_beta_map_for_pi_z
     )
     new = prior.em_update(weights, mixture, prior_weight=lam)
 
-    comp = hand_component_densities(weights, mixture.weights, mixture.means, mixture.scales)
+    comp = hand_component_densities(weights, mixture.proportions, mixture.means, mixture.scales)
     gamma = comp / comp.sum(1, keepdim=True)
     counts = lam * gamma.sum(0)
     means = (gamma * weights[:, None]).sum(0) / gamma.sum(0)  # flat prior on the free means
@@ -634,7 +792,7 @@ def test_em_update_with_zero_component_keeps_mu_zero_and_takes_beta_map_for_pi_z
     assert new.means[0] == 0
     torch.testing.assert_close(new.means, means, rtol=1e-12, atol=0)
     torch.testing.assert_close(new.scales, new_tau**-0.5, rtol=1e-12, atol=0)
-    torch.testing.assert_close(new.weights, pi, rtol=1e-12, atol=0)
+    torch.testing.assert_close(new.proportions, pi, rtol=1e-12, atol=0)
 
 
 def test_em_recovers_a_well_separated_two_component_mixture():
@@ -654,9 +812,17 @@ def test_em_recovers_a_well_separated_two_component_mixture():
     for _ in range(50):
         mixture = prior.em_update(weights, mixture)
     # Standard errors are ≤ 0.005 for every parameter at this N.
-    torch.testing.assert_close(mixture.weights, torch.tensor(true_pi, dtype=F64), rtol=0, atol=0.02)
+    torch.testing.assert_close(mixture.proportions, torch.tensor(true_pi, dtype=F64), rtol=0, atol=0.02)
     torch.testing.assert_close(mixture.means, torch.tensor(true_mu, dtype=F64), rtol=0, atol=0.02)
     torch.testing.assert_close(mixture.scales, torch.tensor(true_sigma, dtype=F64), rtol=0, atol=0.02)
+
+
+def test_em_update_of_a_batch_of_mixtures_is_a_value_error():
+    prior = SoftWeightSharingPrior(n_components=3, zero_component=False)
+    weights = three_cluster_weights(50)
+    batch = GaussianMixture(*(t.expand(2, 3) for t in prior.initial_mixture(weights)))
+    with pytest.raises(ValueError, match=r"one mixture .* batch shape \(2,\)"):
+        prior.em_update(weights, batch)
 
 
 def test_em_update_keeps_the_dtype_of_float32_weights():
@@ -676,7 +842,7 @@ def test_em_updates_pi_zero_when_one_free_component_shares_the_mixture():
                             torch.tensor([0.05, 0.05], dtype=F64))
     updated = prior.em_update(weights, start)
     expected_pi_zero = responsibilities(weights, start)[:, 0].sum() / weights.numel()  # flat Beta
-    assert float(updated.weights[0]) == pytest.approx(float(expected_pi_zero), rel=1e-10)
+    assert float(updated.proportions[0]) == pytest.approx(float(expected_pi_zero), rel=1e-10)
 
 
 @pytest.mark.parametrize("weights_dtype, mixture_dtype", [(torch.float32, F64), (F64, torch.float32)])
@@ -687,11 +853,17 @@ def test_mixed_weight_and_mixture_dtypes_are_promoted_like_torch(weights_dtype, 
     mixture = GaussianMixture(torch.log_softmax(eta, 0), mu, sigma)
     narrow = GaussianMixture(*(t.to(mixture_dtype) for t in mixture))
     leaves = [w.clone().requires_grad_(), *(t.clone().requires_grad_() for t in narrow)]
-    value = mixture_log_prob_sum(leaves[0], GaussianMixture(*leaves[1:]))
-    grads = torch.autograd.grad(value.sum(), leaves)
+    value = mixture_log_prob_sum(leaves[0], GaussianMixture(*leaves[1:]))[0]
+    grads = torch.autograd.grad(value, leaves)
     assert value.dtype == F64 and all(g_.dtype == leaf.dtype for g_, leaf in zip(grads, leaves))
-    reference = mixture_log_density(w.double(), GaussianMixture(*(t.double() for t in narrow))).sum()
-    assert float(value.detach()) == pytest.approx(float(reference), rel=1e-6)
+    wide = [leaf.detach().double().requires_grad_() for leaf in leaves]
+    reference = mixture_log_density(wide[0], GaussianMixture(*wide[1:])).sum()
+    reference_grads = torch.autograd.grad(reference, wide)
+    # Computed in float32 the sum would be off by ~1e-7 relative, and the float64 gradients by as much.
+    torch.testing.assert_close(value, reference, rtol=1e-12, atol=0)
+    for grad, expected in zip(grads, reference_grads):
+        tolerance = dict(rtol=1e-10, atol=1e-12) if grad.dtype == F64 else dict(rtol=2e-6, atol=1e-5)
+        torch.testing.assert_close(grad, expected.to(grad.dtype), **tolerance)
 
 
 def test_site_hyperpriors_are_built_once_per_dtype_and_device():
@@ -716,8 +888,11 @@ def test_hyperpriors_first_built_under_inference_mode_still_train():
 
 def test_mixture_parameters_of_different_lengths_are_a_value_error(kernel_backend):
     mixture = GaussianMixture(torch.log(torch.tensor([0.5, 0.3, 0.2])), torch.tensor([0.0, 1.0]), torch.tensor([0.5, 0.5]))
-    with pytest.raises(ValueError, match=r"shape \(J,\), got \(3,\), \(2,\), \(2,\)"):
+    with pytest.raises(ValueError, match=r"shape \(\.\.\., J\), got \(3,\), \(2,\), \(2,\)"):
         mixture_log_prob_sum(torch.randn(1, 100), mixture)
+    unbroadcastable = GaussianMixture(torch.zeros(2, 3), torch.zeros(3, 3), torch.ones(3))
+    with pytest.raises(ValueError, match=r"batch shapes do not broadcast: \(2, 3\), \(3, 3\), \(3,\)"):
+        mixture_log_prob_sum(torch.randn(1, 100), unbroadcastable)
 
 
 @pytest.mark.parametrize("shape", [(0, 5), (3, 0)])
