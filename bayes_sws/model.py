@@ -275,8 +275,12 @@ class SoftWeightSharingModel:
                     parameters[name] = pyro.sample(name, self._weight_prior(mixture, self._shapes[name]))
         if not pyro.settings.get("module_local_params"):
             # Pyro's own SVI finds parameters in the global param store: register the
-            # network's pass-through parameters there, under this model's own name.
-            pyro.module(self._scope, self.network)
+            # network's trainable pass-through parameters there (the tensors themselves,
+            # not copies), under this model's own name.
+            network_parameters = dict(self.network.named_parameters())
+            for name in self.passthrough:
+                if network_parameters[name].requires_grad:
+                    pyro.param(f"{self._scope}.{name}", network_parameters[name])
         outputs = self._evaluate(parameters, x)
         batch = x.shape[0]
         observation = self.likelihood.distribution(outputs)
