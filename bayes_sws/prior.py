@@ -427,26 +427,11 @@ class SoftWeightSharingPrior(MixtureSpec):
     """A mixture configuration (:class:`~bayes_sws.spec.MixtureSpec`) with its Pyro sites and EM update.
 
     It declares the mixture's Pyro sample sites (:meth:`sample_mixture`), their
-    starting values (:meth:`initial_values`) and the closed-form EM update
+    starting values (:meth:`initial_mixture`) and the closed-form EM update
     (:meth:`em_update`). Sites of a group ``g`` are ``g.means`` (learned means),
     ``g.precisions`` (1/σ², all components), ``g.pi`` (mixing proportions of
-    the learned components) and ``g.pi_zero`` (the zero component's weight, when
-    learned).
-
-    Attributes
-    ----------
-    n_components : int
-        J, including the zero component.
-    zero_component : bool
-        Component 0 has μ0 = 0 fixed (the pruning component).
-    pi_zero : float, optional
-        Fixed π0; ``None`` learns it (with ``hyperpriors.zero_weight_beta`` if given).
-    init_means : (float, float), optional
-        Learned means start evenly spaced over this range; by default over the
-        range of the initial weights.
-    init_scale : float
-        Starting σ of every component.
-    hyperpriors : Hyperpriors
+    the learned components) and ``g.pi_zero`` (the zero component's mixing
+    proportion, when learned). The settings are :class:`~bayes_sws.spec.MixtureSpec`'s.
 
     Examples
     --------

@@ -1,8 +1,8 @@
-"""Tests of bayes_sws.prior against the mathematics of MATH.md §1, written out by hand.
+"""Tests of bayes_sws.prior against the mathematics of docs/objective.md, written out by hand.
 
 Every expected value below is computed independently in plain float64 torch: the
 mixture density from its definition, the responsibilities γ from π_j N_j / Σ_k π_k N_k,
-the gradients from the corrected formulas of MATH.md §1, the EM objective from
+the gradients from the corrected formulas of docs/objective.md §2, the EM objective from
 λ Σ_i log p(w_i|θ) + log p(θ).
 """
 
