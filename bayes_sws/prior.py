@@ -504,8 +504,8 @@ class SoftWeightSharingPrior(MixtureSpec):
             )
         if self.learns_pi_zero:
             priors["pi_zero"] = (
-                dist.Beta(*(torch.tensor(v, **options) for v in hyper.zero_weight_beta))
-                if hyper.zero_weight_beta is not None
+                dist.Beta(*(torch.tensor(v, **options) for v in hyper.zero_proportion_beta))
+                if hyper.zero_proportion_beta is not None
                 else dist.ImproperUniform(constraints.unit_interval, (), ())
             )
         return priors
@@ -688,6 +688,6 @@ class SoftWeightSharingPrior(MixtureSpec):
         if self.pi_zero is not None:
             pi_zero = counts.new_tensor(self.pi_zero)
         else:
-            a, b = hyper.zero_weight_beta or (1.0, 1.0)
+            a, b = hyper.zero_proportion_beta or (1.0, 1.0)
             pi_zero = ((counts[0] + a - 1) / (counts.sum() + a + b - 2)).clamp(1e-12, 1 - 1e-12)
         return torch.cat([pi_zero.log().reshape(1), torch.log1p(-pi_zero) + free.log()])

@@ -83,15 +83,15 @@ class Hyperpriors:
         1/σ_j² ~ Gamma(shape, rate) for every component.
     zero_precision_gamma : (float, float), optional
         The zero component's own Gamma(shape, rate); needs ``precision_gamma``.
-    zero_weight_beta : (float, float), optional
-        π0 ~ Beta(a, b) when the zero component's weight is learned.
+    zero_proportion_beta : (float, float), optional
+        π0 ~ Beta(a, b) when the zero component's mixing proportion is learned.
     """
 
     dirichlet: float | None = None
     means_scale: float | None = None
     precision_gamma: tuple[float, float] | None = None
     zero_precision_gamma: tuple[float, float] | None = None
-    zero_weight_beta: tuple[float, float] | None = None
+    zero_proportion_beta: tuple[float, float] | None = None
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -117,7 +117,7 @@ class MixtureSpec:
     zero_component : bool
         Component 0 has μ0 = 0 fixed (the pruning component).
     pi_zero : float, optional
-        Fixed π0; ``None`` learns it (with ``hyperpriors.zero_weight_beta`` if given).
+        Fixed π0; ``None`` learns it (with ``hyperpriors.zero_proportion_beta`` if given).
     init_means : (float, float), optional
         Learned means start evenly spaced over this range; by default over the
         range of the initial weights.

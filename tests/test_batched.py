@@ -20,7 +20,7 @@ from bayes_sws.model import Categorical, Gaussian, SoftWeightSharingModel
 from bayes_sws.prior import Hyperpriors, MixturePrior, SoftWeightSharingPrior
 
 F64 = torch.float64
-PROPER = Hyperpriors(dirichlet=2.0, means_scale=1.0, precision_gamma=(2.0, 0.5), zero_weight_beta=(2.0, 2.0))
+PROPER = Hyperpriors(dirichlet=2.0, means_scale=1.0, precision_gamma=(2.0, 0.5), zero_proportion_beta=(2.0, 2.0))
 
 
 @pytest.fixture(autouse=True)

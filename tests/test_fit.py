@@ -169,7 +169,7 @@ def test_em_update_callback_writes_exactly_the_em_step_of_the_current_point():
     """The callback's effect is the EM update itself, not merely some change of the mixture."""
     data = toy_dataset()
     prior = SoftWeightSharingPrior(n_components=4, init_means=(-0.5, 0.5),
-                                   hyperpriors=Hyperpriors(precision_gamma=(2.0, 0.01), zero_weight_beta=(5.0, 2.0)))
+                                   hyperpriors=Hyperpriors(precision_gamma=(2.0, 0.01), zero_proportion_beta=(5.0, 2.0)))
     model = toy_model(prior)
     state = start_fit(model, map_guide(model), data, loss=map_loss)
     fit(state, data, epochs=1, progress=False)

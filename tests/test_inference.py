@@ -107,7 +107,7 @@ def test_em_between_steps_runs_and_keeps_the_objective_finite(optimizer):
     data = toy_dataset()
     prior = SoftWeightSharingPrior(
         n_components=4, init_means=(-0.5, 0.5),
-        hyperpriors=Hyperpriors(precision_gamma=(2.0, 0.01), zero_weight_beta=(5.0, 2.0)),
+        hyperpriors=Hyperpriors(precision_gamma=(2.0, 0.01), zero_proportion_beta=(5.0, 2.0)),
     )
     kwargs = dict(epochs=2, batch_size=20, optimizer=optimizer, learning_rates=FAST_RATES,
                   iterations_per_epoch=5, progress=False)

@@ -102,8 +102,8 @@ def hand_log_hyperprior(values, group, hyper, prior):
             shapes[0] = hyper.zero_precision_gamma
         for t, (a, b) in zip(tau, shapes):
             total = total + a * math.log(b) - math.lgamma(a) + (a - 1) * torch.log(t) - b * t
-    if hyper.zero_weight_beta is not None and f"{group}.pi_zero" in values:
-        p, (a, b) = values[f"{group}.pi_zero"], hyper.zero_weight_beta
+    if hyper.zero_proportion_beta is not None and f"{group}.pi_zero" in values:
+        p, (a, b) = values[f"{group}.pi_zero"], hyper.zero_proportion_beta
         total = total + math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b)
         total = total + (a - 1) * torch.log(p) + (b - 1) * torch.log1p(-p)
     return total
@@ -222,7 +222,7 @@ ALL_HYPER = Hyperpriors(
     means_scale=0.7,
     precision_gamma=(3.0, 0.5),
     zero_precision_gamma=(40.0, 2.0),
-    zero_weight_beta=(5.0, 2.0),
+    zero_proportion_beta=(5.0, 2.0),
 )
 
 

@@ -648,8 +648,8 @@ def test_invalid_prior_configuration_raises_value_error(kwargs):
         dict(precision_gamma=(1.0, -1.0)),
         dict(precision_gamma=(1.0, 1.0), zero_precision_gamma=(5.0, 0.0)),
         dict(zero_precision_gamma=(5.0, 2.0)),  # needs precision_gamma
-        dict(zero_weight_beta=(0.0, 1.0)),
-        dict(zero_weight_beta=(2.0, -1.0)),
+        dict(zero_proportion_beta=(0.0, 1.0)),
+        dict(zero_proportion_beta=(2.0, -1.0)),
     ],
 )
 def test_non_positive_hyperprior_values_raise_value_error(kwargs):
@@ -664,7 +664,7 @@ def hand_log_gamma_density(x, a, b):
 def test_log_hyperprior_equals_sum_of_written_out_site_densities():
     hyper = Hyperpriors(
         dirichlet=1.5, means_scale=2.0, precision_gamma=(3.0, 0.5), zero_precision_gamma=(50.0, 2.0),
-        zero_weight_beta=(4.0, 2.0),
+        zero_proportion_beta=(4.0, 2.0),
     )
     prior = SoftWeightSharingPrior(n_components=4, hyperpriors=hyper)
     values = random_site_values(prior, torch.Generator().manual_seed(13))
@@ -709,7 +709,7 @@ EM_CONFIGS = {
     ),
     "zero_fixed_pi_zero": (dict(n_components=4, pi_zero=0.6), 1.0),
     "zero_beta_pi_zero": (
-        dict(n_components=4, hyperpriors=Hyperpriors(zero_weight_beta=(20.0, 5.0), precision_gamma=(2.0, 0.01))),
+        dict(n_components=4, hyperpriors=Hyperpriors(zero_proportion_beta=(20.0, 5.0), precision_gamma=(2.0, 0.01))),
         0.3,
     ),
 }
@@ -767,7 +767,7 @@ def test_em_update_with_zero_component_keeps_mu_zero_and_takes_beta_map_for_pi_z
     prior = SoftWeightSharingPrior(
         n_components=4,
         hyperpriors=Hyperpriors(dirichlet=alpha, precision_gamma=(a, b), zero_precision_gamma=(a0, b0),
-                                zero_weight_beta=(beta_a, beta_b)),
+                                zero_proportion_beta=(beta_a, beta_b)),
     )
     weights = three_cluster_weights(300, seed=17)
     mixture = GaussianMixture(

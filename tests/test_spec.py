@@ -75,7 +75,7 @@ def test_mixture_spec_rejects_invalid_settings(kwargs, message):
         spec.MixtureSpec(**kwargs)
 
 
-@pytest.mark.parametrize("field", ["dirichlet", "means_scale", "precision_gamma", "zero_weight_beta"])
+@pytest.mark.parametrize("field", ["dirichlet", "means_scale", "precision_gamma", "zero_proportion_beta"])
 def test_hyperpriors_must_be_positive_and_finite(field):
     value = (1.0, float("inf")) if field.endswith(("gamma", "beta")) else -1.0
     with pytest.raises(ValueError, match=field):
