@@ -11,9 +11,9 @@ E(w) + λΩ(w) plus the hyperprior terms.
 
 from .data import Dataset, load_dataset
 from .errors import BayesSWSError, DataError, FitError, SpecError
-from .kernels import set_backend, use_backend, use_compiled_kernels
+from .kernels import set_backend, use_backend
 from .experiment import FittedModel, build_model, load_checkpoint, run
-from .fit import Callback, Evaluate, FitState, evaluate, fit, library_scope, start_fit
+from .fitting import Callback, Evaluate, FitState, evaluate, fit, library_scope, start_fit
 from .inference import EMUpdate, fit_map, map_guide, map_loss
 from .optim import LearningRates
 from .model import Categorical, Gaussian, SoftWeightSharingModel
@@ -69,5 +69,4 @@ __all__ = [
     "set_backend",
     "use_backend",
     "start_fit",
-    "use_compiled_kernels",
 ]

@@ -107,8 +107,10 @@ class Dataset:
     Raises
     ------
     ValueError
-        If ``task`` is unknown, ``n_classes`` does not fit the task, or inputs and
+        If ``task`` is unknown, ``n_classes`` does not fit the task, inputs and
         targets of a split differ in length.
+    DataError
+        If a split holds NaN or infinite values.
     """
 
     name: str
@@ -137,6 +139,9 @@ class Dataset:
         for split, (x, y) in {**splits, **self.extra_tests}.items():
             if len(x) != len(y):
                 raise ValueError(f"split {split!r} has {len(x)} inputs but {len(y)} targets")
+            for kind, tensor in (("inputs", x), ("targets", y)):
+                if tensor.is_floating_point() and not tensor.is_meta and not bool(torch.isfinite(tensor).all()):
+                    raise DataError(f"split {split!r} has non-finite {kind} (NaN or infinity)")
 
     @property
     def input_shape(self) -> tuple[int, ...]:

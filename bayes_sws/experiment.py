@@ -24,7 +24,7 @@ import torch
 from . import plots
 from .data import Dataset, load_dataset
 from .errors import BayesSWSError
-from .fit import evaluate
+from .fitting import evaluate
 from .inference import fit_map
 from .model import Categorical, Gaussian, SoftWeightSharingModel
 from .nets import build_network

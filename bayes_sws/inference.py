@@ -1,4 +1,4 @@
-"""MAP fitting: an ``AutoDelta`` guide and :func:`map_loss` in the one fit loop (:mod:`bayes_sws.fit`).
+"""MAP fitting: an ``AutoDelta`` guide and :func:`map_loss` in the one fit loop (:mod:`bayes_sws.fitting`).
 
 With a Delta guide the ELBO's entropy term is zero, so the loss is exactly
 E(w) + λΩ(w) − log p(π, μ, 1/σ²) (docs/objective.md), minimised by
@@ -23,7 +23,7 @@ from pyro.infer.autoguide import AutoDelta, init_to_value
 from torch.distributions import transform_to
 
 from .data import Dataset
-from .fit import Callback, Evaluate, FitState, fit, start_fit
+from .fitting import Callback, Evaluate, FitState, fit, start_fit
 from .model import SoftWeightSharingModel
 from .optim import LearningRates
 
@@ -164,7 +164,7 @@ def fit_map(
     callbacks : sequence of Callback
         Run after the evaluation (and EM) callbacks.
     state_dict : dict, optional
-        A :meth:`~bayes_sws.fit.FitState.state_dict` of an earlier fit of the same
+        A :meth:`~bayes_sws.fitting.FitState.state_dict` of an earlier fit of the same
         model and settings: the fit continues from it up to ``epochs``.
     progress : bool
         Show a progress bar.

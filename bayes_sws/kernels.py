@@ -46,7 +46,7 @@ import torch
 
 from .errors import BayesSWSError
 
-__all__ = ["BACKENDS", "backend", "current_backend", "native_available", "set_backend", "use_backend", "use_compiled_kernels"]
+__all__ = ["BACKENDS", "backend", "current_backend", "native_available", "set_backend", "use_backend"]
 
 BACKENDS = ("auto", "torch", "compile", "native")
 HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
@@ -338,8 +338,9 @@ def set_backend(name: str) -> None:
     """Choose how the prior is computed in this process: ``"auto"``, ``"torch"``, ``"compile"`` or ``"native"``.
 
     All give the same values and gradients to round-off. ``"native"`` falls back to
-    ``"torch"`` for CUDA tensors and raises :class:`~bayes_sws.errors.BayesSWSError`
-    if the kernel cannot be built here. This is the process-wide default: a
+    ``"torch"`` for CUDA tensors; it raises :class:`~bayes_sws.errors.BayesSWSError` if
+    the kernel cannot be built here, and for CPU weights it cannot handle (more than
+    64 components, a dtype other than float32/float64). This is the process-wide default: a
     :func:`use_backend` block in force overrides it.
 
     Examples
@@ -375,11 +376,6 @@ def use_backend(name: str) -> Iterator[None]:
         _SCOPED_BACKEND.reset(token)
 
 
-def use_compiled_kernels(enabled: bool = True) -> None:
-    """Shorthand for ``set_backend("compile" if enabled else "auto")``."""
-    set_backend("compile" if enabled else "auto")
-
-
 def current_backend() -> str:
     """The backend name in force here: the innermost :func:`use_backend`, else :func:`set_backend`'s."""
     return _SCOPED_BACKEND.get() or _DEFAULT_BACKEND["name"]
@@ -394,4 +390,8 @@ def backend(weights: torch.Tensor, components: int) -> _ChunkedTorch | _Native:
         native = _native()
         if native is not None and native.supports(weights, components):
             return native
+        if name == "native" and native is not None and weights.device.type == "cpu":
+            raise BayesSWSError(f"kernels 'native' handles float32/float64 weights and at most "
+                                f"{_MAX_NATIVE_COMPONENTS} components, got {weights.dtype} and {components}; "
+                                "use 'auto' or 'torch'")
     return _TORCH

@@ -120,8 +120,9 @@ class Gaussian(Likelihood):
 def prior_parameter_names(network: nn.Module, *, include_biases: bool = False) -> list[str]:
     """Names of the parameters that get the mixture prior.
 
-    The weights (and optionally biases) of Linear and Conv layers; every other
-    parameter passes through as a plain point estimate.
+    The trainable weights (and optionally biases) of Linear and Conv layers; every
+    other parameter passes through as a plain point estimate, and a frozen one
+    (``requires_grad=False``) stays as it is.
     """
     kinds = ("weight", "bias") if include_biases else ("weight",)
     chosen = {
@@ -129,7 +130,7 @@ def prior_parameter_names(network: nn.Module, *, include_biases: bool = False) -
         for module in network.modules()
         if isinstance(module, _PRIOR_LAYERS)
         for kind in kinds
-        if getattr(module, kind, None) is not None
+        if getattr(module, kind, None) is not None and getattr(module, kind).requires_grad
     }
     # named_parameters() lists a tied parameter once, under its first name.
     return [name for name, parameter in network.named_parameters() if id(parameter) in chosen]

@@ -68,11 +68,8 @@ def test_compiled_kernels_on_cuda_match_eager() -> None:
     inputs = (torch.randn(17, generator=generator).cuda(), torch.linspace(-0.6, 0.6, 17).cuda(),
               torch.full((17,), 0.05).cuda())
     eager = _value_and_grads(sws.mixture_log_prob_sum, weights, inputs)
-    sws.use_compiled_kernels(True)
-    try:
+    with sws.use_backend("compile"):
         compiled = _value_and_grads(sws.mixture_log_prob_sum, weights, inputs)
-    finally:
-        sws.use_compiled_kernels(False)
     for expected, actual in zip((eager[0], *eager[1]), (compiled[0], *compiled[1])):
         torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-3)
 

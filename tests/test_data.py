@@ -434,3 +434,26 @@ def test_batches_without_shuffle_are_in_order():
 def test_batches_rejects_non_positive_batch_size():
     with pytest.raises(ValueError):
         batches(5, batch_size=0)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_a_split_with_non_finite_values_is_refused(value):
+    from bayes_sws.errors import DataError
+
+    x = torch.zeros(4, 2)
+    x[1, 0] = value
+    with pytest.raises(DataError, match="'train' has non-finite inputs"):
+        Dataset(name="bad", task="classification", train_x=x, train_y=torch.zeros(4, dtype=torch.long),
+                test_x=torch.zeros(2, 2), test_y=torch.zeros(2, dtype=torch.long), n_classes=2)
+
+
+def test_a_validation_split_is_seeded_disjoint_and_sequential_for_a_series():
+    digits = load_digits()
+    first, again = digits.with_validation(0.1, seed=3), digits.with_validation(0.1, seed=3)
+    assert torch.equal(first.valid_x, again.valid_x)
+    assert first.train_x.shape[0] + first.valid_x.shape[0] == digits.train_x.shape[0]
+    assert not torch.equal(first.valid_x, digits.with_validation(0.1, seed=4).valid_x)
+    rows = {tuple(row.flatten().tolist()) for row in first.train_x}
+    assert not any(tuple(row.flatten().tolist()) in rows for row in first.valid_x[:20])
+    sunspots = load_sunspots().with_validation(0.1)
+    assert torch.equal(sunspots.valid_y, load_sunspots().train_y[-sunspots.valid_y.shape[0]:])

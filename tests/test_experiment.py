@@ -6,7 +6,7 @@ from pyro.infer import MCMC, NUTS, Predictive
 
 from bayes_sws.experiment import build_model
 from bayes_sws.inference import map_guide
-from bayes_sws.fit import library_scope
+from bayes_sws.fitting import library_scope
 from bayes_sws.spec import parse_spec
 
 PROPER = {"dirichlet": 2.0, "means_scale": 1.0, "precision_gamma": [2.0, 0.1], "zero_proportion_beta": [2.0, 2.0]}

@@ -9,7 +9,7 @@ from pyro import poutine
 from torch import nn
 
 from bayes_sws.data import Dataset
-from bayes_sws.fit import FitState, evaluate
+from bayes_sws.fitting import FitState, evaluate
 from bayes_sws.inference import EMUpdate, fit_map
 from bayes_sws.optim import LearningRates
 from bayes_sws.model import Categorical, Gaussian, SoftWeightSharingModel

@@ -200,3 +200,14 @@ def test_use_backend_overrides_set_backend_inside_its_block() -> None:
         assert kernels.backend(torch.zeros(3), 4) is kernels._compiled()
     finally:
         kernels.set_backend("auto")
+
+
+def test_an_explicit_native_request_it_cannot_serve_is_an_error_not_a_silent_torch_run():
+    if not kernels.native_available():
+        pytest.skip("the native kernel cannot be built here")
+    from bayes_sws.errors import BayesSWSError
+
+    with kernels.use_backend("native"), pytest.raises(BayesSWSError, match="at most 64 components"):
+        kernels.backend(torch.zeros(10), 65)
+    with kernels.use_backend("auto"):
+        assert kernels.backend(torch.zeros(10), 65) is kernels._TORCH

@@ -278,11 +278,20 @@ def start_fit(
     if batch_size < 1 or iterations_per_epoch < 1:
         raise ValueError("batch_size and iterations_per_epoch must be at least 1")
     device = data.train_x.device
+    dtypes = {p.dtype for p in model.network.parameters()}
+    if dtypes != {data.train_x.dtype}:
+        raise FitError(f"the data's inputs are {data.train_x.dtype} but the network's parameters are "
+                       f"{', '.join(map(str, sorted(dtypes, key=str)))}: convert one to the other")
     _prepare_guide(guide)
     with _own_randomness(device), library_scope():
         torch.manual_seed(seed)
         n = data.train_x.shape[0]
-        guide(data.train_x[:batch_size], data.train_y[:batch_size], data_size=n)  # creates its parameters
+        xb, yb = data.train_x[:batch_size], data.train_y[:batch_size]
+        guide(xb, yb, data_size=n)  # creates its parameters
+        with torch.no_grad():
+            # A loss's first call may settle its own configuration (Trace_ELBO guesses
+            # max_plate_nesting from draws): here, so that a resumed fit draws the same.
+            loss(model, guide, xb, yb, data_size=n)
         random_states = _random_states(device)
     torch_optimizer = make_optimizer(optimizer, parameter_groups(model, guide), learning_rates,
                                      iterations=iterations_per_epoch)
@@ -428,7 +437,8 @@ def fit(
     Raises
     ------
     FitError
-        If the loss becomes non-finite (the state keeps the last completed epoch's counters).
+        If the loss becomes non-finite. The state then holds the failed epoch's partial
+        progress; continue from a saved :meth:`FitState.state_dict` instead.
     """
     if epochs < 1:
         raise ValueError(f"epochs must be at least 1, got {epochs}")

@@ -11,7 +11,7 @@ from pyro.infer.autoguide import AutoNormal, init_to_value
 from torch import nn
 
 from bayes_sws.data import Dataset
-from bayes_sws.fit import Callback, Evaluate, evaluate, fit, library_scope, parameter_group, start_fit
+from bayes_sws.fitting import Callback, Evaluate, evaluate, fit, library_scope, parameter_group, start_fit
 from bayes_sws.inference import EMUpdate, fit_map, map_guide, map_loss
 from bayes_sws.model import Categorical, Gaussian, SoftWeightSharingModel
 from bayes_sws.optim import LearningRates
@@ -48,9 +48,15 @@ def test_a_fit_stopped_and_resumed_from_its_saved_state_ends_exactly_where_an_un
         assert torch.equal(other, value), name
 
 
-def test_a_variational_fit_resumes_exactly_too():
-    """The loop is guide-agnostic: an AutoNormal guide with Trace_ELBO (random draws each step)."""
-    data = toy_dataset()
+@pytest.mark.parametrize("elbo", [Trace_ELBO(), Trace_ELBO(num_particles=2, vectorize_particles=True)],
+                         ids=["one-particle", "vectorised-particles"])
+def test_a_variational_fit_resumes_exactly_too(elbo):
+    """The loop is guide-agnostic: an AutoNormal guide with Trace_ELBO (random draws each step).
+
+    With vectorised particles the ELBO guesses max_plate_nesting from draws on its first call,
+    which must not shift a resumed fit's random stream.
+    """
+    data = toy_dataset().with_validation(0.2, seed=0)
     prior = SoftWeightSharingPrior(n_components=3, init_means=(-0.5, 0.5),
                                    hyperpriors=Hyperpriors(dirichlet=2.0, means_scale=1.0,
                                                            precision_gamma=(2.0, 0.1)))
@@ -59,11 +65,13 @@ def test_a_variational_fit_resumes_exactly_too():
         model = toy_model(prior)
         with library_scope():
             guide = AutoNormal(model, init_loc_fn=init_to_value(values=model.initial_values()), init_scale=0.01)
-        fit_state = start_fit(model, guide, data, loss=Trace_ELBO().differentiable_loss, batch_size=20, seed=2,
+        fresh_elbo = type(elbo)(num_particles=elbo.num_particles, vectorize_particles=elbo.vectorize_particles)
+        fit_state = start_fit(model, guide, data, loss=fresh_elbo.differentiable_loss, batch_size=20, seed=2,
                               learning_rates=FAST_RATES)
         if saved is not None:
             fit_state.load_state_dict(_saved_and_loaded(saved))
-        return fit(fit_state, data, epochs=epochs, progress=False)
+        return fit(fit_state, data, epochs=epochs, progress=False,
+                   callbacks=[Evaluate("valid", data.valid_x, data.valid_y)])
 
     whole = state(3)
     resumed = state(3, saved=state(1).state_dict())
@@ -293,3 +301,26 @@ def test_non_positive_learning_rate_raises_value_error(kwargs):
         LearningRates(**kwargs)
 
 
+
+
+def test_a_frozen_layer_is_neither_under_the_prior_nor_trained():
+    torch.manual_seed(1)
+    net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+    net[0].requires_grad_(False)
+    frozen = net[0].weight.detach().clone()
+    model = SoftWeightSharingModel(net, prior=SoftWeightSharingPrior(n_components=3), likelihood=Categorical(),
+                                   prior_weight=1e-2)
+    assert model.prior_sites == ["2.weight"]
+    before = net[2].weight.detach().clone()
+    fit_map(model, toy_dataset(), epochs=2, batch_size=20, learning_rates=FAST_RATES, progress=False)
+    assert torch.equal(net[0].weight, frozen)
+    assert not torch.equal(net[2].weight.detach(), before)
+
+
+def test_data_and_network_of_different_dtypes_are_a_one_line_fit_error():
+    from bayes_sws.errors import FitError
+
+    model = toy_model()
+    model.network.double()
+    with pytest.raises(FitError, match="float32.*float64"):
+        fit_map(model, toy_dataset(), epochs=1, progress=False)
