@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -274,8 +275,13 @@ def load_checkpoint(path: str | os.PathLike[str], *, device: str = "cpu") -> Fit
         checkpoint = torch.load(path, map_location=torch_device, weights_only=True)
     except FileNotFoundError:
         raise BayesSWSError(f"checkpoint {path} not found") from None
+    except pickle.UnpicklingError:
+        raise BayesSWSError(f"checkpoint {path} holds more than tensors and plain data (a format-1 "
+                            "bayes-sws checkpoint, or not a bayes-sws file): refused, since loading it "
+                            "could run code") from None
     except Exception as error:  # torch raises many types for a damaged or foreign file
-        raise BayesSWSError(f"checkpoint {path} cannot be read: {error}") from None
+        first_line = (str(error).splitlines() or [type(error).__name__])[0]
+        raise BayesSWSError(f"checkpoint {path} cannot be read: {first_line}") from None
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
         raise BayesSWSError(f"checkpoint {path} is not a bayes-sws checkpoint of format {CHECKPOINT_FORMAT}")
     spec = parse_spec(checkpoint["spec"])

@@ -54,3 +54,23 @@ def test_a_runs_kernel_choice_does_not_outlive_the_run(tmp_path, monkeypatch):
     experiment.run(load_spec("models/digits.toml", overrides=["inference.kernels=torch"]), out_dir=tmp_path)
     assert seen == ["torch"]
     assert kernels.current_backend() == "auto"
+
+
+class _RunsCodeWhenUnpickled:
+    def __reduce__(self):
+        return (exec, ("import pathlib; pathlib.Path(__import__('os').environ['MARKER']).write_text('ran')",))
+
+
+def test_a_checkpoint_holding_pickled_objects_is_refused_without_running_them(tmp_path, monkeypatch):
+    import pytest
+
+    from bayes_sws.errors import BayesSWSError
+    from bayes_sws.experiment import load_checkpoint
+
+    marker = tmp_path / "marker"
+    monkeypatch.setenv("MARKER", str(marker))
+    path = tmp_path / "checkpoint.pt"
+    torch.save({"format": 2, "payload": _RunsCodeWhenUnpickled()}, path)
+    with pytest.raises(BayesSWSError, match="refused"):
+        load_checkpoint(path)
+    assert not marker.exists()
