@@ -185,8 +185,6 @@ class Dataset:
 
         The examples are drawn at random (seeded) or, for a ``sequential`` dataset,
         taken from the end of the training period; they leave the training split.
-        A dataset that already has a validation split is split again from its
-        training split only.
 
         Parameters
         ----------
@@ -202,10 +200,13 @@ class Dataset:
         Raises
         ------
         ValueError
-            If ``fraction`` is out of range or leaves no training example.
+            If ``fraction`` is out of range or leaves no training example, or the
+            dataset has a validation split already.
         """
         if not 0 <= fraction < 1:
             raise ValueError(f"validation fraction must lie in [0, 1), got {fraction}")
+        if self.valid_x is not None:
+            raise ValueError("the dataset has a validation split already: split the dataset it came from")
         n = self.train_x.shape[0]
         n_valid = round(fraction * n)
         if n_valid == 0:

@@ -389,9 +389,7 @@ def _take_step(state: FitState, xb: torch.Tensor, yb: torch.Tensor, n: int) -> f
         return loss
 
     if state.full_batch:
-        state.optimizer.step(closure)
-        with torch.no_grad():  # L-BFGS returns the loss before its iterations
-            return float(state.loss(state.model, state.guide, xb, yb, data_size=n))
+        return float(state.optimizer.step(closure))  # the loss at the point it leaves
     loss = closure()
     state.optimizer.step()
     return loss.item()
@@ -445,6 +443,7 @@ def fit(
     x, y, n = data.train_x, data.train_y, data.train_x.shape[0]
     device = x.device
     steps_per_epoch = 1 if state.full_batch else math.ceil(n / state.batch_size)
+    step_callbacks = [c for c in callbacks if type(c).on_step is not Callback.on_step]
     bar = tqdm(total=max(0, epochs - state.epoch) * steps_per_epoch, disable=not progress, unit="step",
                dynamic_ncols=True)
     try:
@@ -459,7 +458,7 @@ def fit(
                                        "lower the learning rates or the prior weight")
                     total += value
                     state.step += 1
-                    for callback in callbacks:
+                    for callback in step_callbacks:
                         with _own_randomness(device):
                             callback.on_step(state)
                     bar.update(1)

@@ -25,7 +25,9 @@ class ScipyMinimizer(torch.optim.Optimizer):
     ``optimizer.step(closure)`` flattens every parameter into one float64 vector,
     runs up to ``max_iter`` iterations of ``method`` from there (each step starts
     afresh), writes the point it ends at back into the parameters and returns the
-    loss at that point. The closure re-evaluates the loss and its gradient.
+    loss at that point. The closure re-evaluates the loss and its gradient; the
+    parameters' ``grad`` afterwards belongs to the last point scipy tried, which need
+    not be the one returned.
 
     A trial point whose loss or gradient is not finite (a step that overflowed a
     log-precision, say) is reported to scipy with a zero gradient and a loss above

@@ -90,7 +90,7 @@ def plot_history(
     path : path-like, optional
         Also write the figure there (format from the suffix, e.g. ``.png``).
     metric : str
-        The history key of the test metric (``accuracy``, ``arv`` …).
+        The history key of the metric to draw (``test_accuracy``, ``valid_arv`` …).
     group : str
         The mixture group whose means to draw.
 

@@ -194,8 +194,16 @@ class _Rows(NamedTuple):
 def _broadcast_rows(weights: torch.Tensor, mixture: GaussianMixture, event_dim: int) -> _Rows:
     split = weights.dim() - event_dim
     weight_batch, event_shape = weights.shape[:split], weights.shape[split:]
-    batch_shape = _broadcast_shapes(weight_batch, mixture.batch_shape)
-    rows, components = batch_shape.numel(), mixture.means.shape[-1]
+    components = mixture.means.shape[-1]
+    if not weight_batch and all(t.dim() == 1 for t in mixture):  # one tensor, one mixture: the common case
+        return _Rows(weight_batch, weights.view(1, event_shape.numel()), range(1),
+                     tuple(t.view(1, components) for t in mixture))
+    try:
+        batch_shape = _broadcast_shapes(weight_batch, mixture.batch_shape)
+    except RuntimeError as error:
+        raise ValueError(f"weights of batch shape {tuple(weight_batch)} and mixtures of batch shape "
+                         f"{tuple(mixture.batch_shape)} do not broadcast") from error
+    rows = batch_shape.numel()
     if weight_batch == batch_shape:
         weight_index = range(rows)
     else:

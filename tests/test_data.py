@@ -457,3 +457,9 @@ def test_a_validation_split_is_seeded_disjoint_and_sequential_for_a_series():
     assert not any(tuple(row.flatten().tolist()) in rows for row in first.valid_x[:20])
     sunspots = load_sunspots().with_validation(0.1)
     assert torch.equal(sunspots.valid_y, load_sunspots().train_y[-sunspots.valid_y.shape[0]:])
+
+
+def test_splitting_a_dataset_that_has_a_validation_split_again_is_refused():
+    split = load_digits().with_validation(0.1)
+    with pytest.raises(ValueError, match="validation split already"):
+        split.with_validation(0.0)

@@ -905,3 +905,9 @@ def test_empty_batches_and_empty_weight_rows_give_empty_and_zero_sums(shape, ker
     assert weights.grad.shape == shape
     with torch.no_grad():
         torch.testing.assert_close(mixture_log_prob_sum(weights, small_mixture()), torch.zeros(shape[:1], dtype=F64))
+
+
+def test_weights_and_mixtures_whose_batches_do_not_broadcast_are_a_value_error():
+    mixture = GaussianMixture(torch.zeros(2, 3), torch.zeros(2, 3), torch.ones(2, 3))
+    with pytest.raises(ValueError, match="do not broadcast"):
+        mixture_log_prob_sum(torch.zeros(3, 5), mixture)
