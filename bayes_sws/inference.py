@@ -150,7 +150,7 @@ def fit_map(
         Minibatch size for Adam.
     optimizer : {"adam", "lbfgs", "cg"}
     learning_rates : LearningRates
-        Adam's per-group rates; CG's first step length is ``learning_rates.weights``.
+        Adam's per-group rates (the full-batch methods take none).
     iterations_per_epoch : int
         Full-batch iterations per epoch (L-BFGS, CG).
     em_every : int, optional
