@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pyro
 import torch
@@ -27,7 +27,42 @@ from .fitting import Callback, Evaluate, FitState, fit, start_fit
 from .model import SoftWeightSharingModel
 from .optim import LearningRates
 
-__all__ = ["EMUpdate", "fit_map", "map_guide", "map_loss", "write_point"]
+__all__ = ["EMUpdate", "PosteriorSamples", "fit_map", "map_guide", "map_loss", "write_point"]
+
+
+@dataclass
+class PosteriorSamples:
+    """Draws of every sample site from a fit, in ArviZ's (chain, draw) layout.
+
+    A MAP fit is one chain of one draw (the point); a variational fit one chain of
+    draws from the guide; NUTS one chain per Markov chain, with its sampler statistics.
+
+    Attributes
+    ----------
+    method : str
+        ``"map"``, ``"vi"`` or ``"nuts"``.
+    samples : dict of str to Tensor
+        Each site's draws, ``(chains, draws, *site_shape)``.
+    sample_stats : dict of str to Tensor
+        Sampler statistics per draw, ``(chains, draws)`` (e.g. ``"diverging"``,
+        ``"energy"`` for NUTS); empty where the method has none.
+    """
+
+    method: str
+    samples: dict[str, torch.Tensor]
+    sample_stats: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def n_chains(self) -> int:
+        return next(iter(self.samples.values())).shape[0]
+
+    @property
+    def n_draws(self) -> int:
+        return next(iter(self.samples.values())).shape[1]
+
+    def flat(self) -> dict[str, torch.Tensor]:
+        """The draws with chains and draws merged: ``(chains * draws, *site_shape)``."""
+        return {name: value.reshape(-1, *value.shape[2:]) for name, value in self.samples.items()}
 
 
 def map_loss(model: Callable, guide: AutoDelta, *args, **kwargs) -> torch.Tensor:

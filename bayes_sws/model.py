@@ -282,15 +282,19 @@ class SoftWeightSharingModel:
             for name in self.passthrough:
                 if network_parameters[name].requires_grad:
                     pyro.param(f"{self._scope}.{name}", network_parameters[name])
-        outputs = self._evaluate(parameters, x)
+        outputs = self.outputs(parameters, x)
         batch = x.shape[0]
         observation = self.likelihood.distribution(outputs)
         with pyro.plate("data", data_size or batch, subsample=torch.arange(batch, device=x.device)):
             pyro.sample("y", observation, obs=y)
         return outputs
 
-    def _evaluate(self, parameters: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    def outputs(self, parameters: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         """The network on ``x`` once per set of prior-site values: outputs ``(*particles, B, …)``.
+
+        ``parameters`` maps each prior site (``model.prior_sites``) to its value, of shape
+        ``site_shape`` (one network) or ``(S, *site_shape)`` (S draws at once, e.g. posterior
+        draws for a predictive); other parameters are the network's own.
 
         Prior sites sampled in an outer plate arrive with leading dimensions: vectorised
         ELBO particles give ``(S, 1, *shape)`` (the 1 is the data plate's dimension),
