@@ -28,7 +28,7 @@ import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import pyro
 import torch
@@ -36,6 +36,7 @@ from pyro import poutine
 from tqdm.auto import tqdm
 
 from .data import Dataset, batches
+from .distributed import current_reduction
 from .errors import FitError
 from .model import SoftWeightSharingModel
 from .optim import OPTIMIZERS, LearningRates, make_optimizer
@@ -44,6 +45,7 @@ __all__ = [
     "Callback",
     "Evaluate",
     "FitState",
+    "GradientReduction",
     "Loss",
     "STATE_FORMAT",
     "evaluate",
@@ -59,6 +61,9 @@ STATE_FORMAT = 1
 
 Loss = Callable[..., torch.Tensor]
 """``loss(model, guide, x, y, data_size=N) -> Tensor``, e.g. ``map_loss`` or ``Trace_ELBO().differentiable_loss``."""
+
+_COLLAPSED_SCALE = 1e-4
+"""A mixture component this narrow (σ) is named as the likely cause of a non-finite loss."""
 
 _GROUP_OF_SUFFIX = {"means": "means", "precisions": "precisions", "pi": "pi", "pi_zero": "pi"}
 _GUIDE_NAMES = itertools.count()
@@ -152,6 +157,9 @@ class FitState:
         One record per completed epoch (see :func:`fit`).
     seconds : float
         Wall time spent in :func:`fit`.
+    reduction : GradientReduction or None
+        Set by :func:`start_fit` when torch.distributed is initialised with several
+        processes (:func:`bayes_sws.distributed.current_reduction`); ``None`` otherwise.
     """
 
     model: SoftWeightSharingModel
@@ -166,6 +174,7 @@ class FitState:
     step: int = 0
     history: list[dict] = field(default_factory=list)
     seconds: float = 0.0
+    reduction: GradientReduction | None = None
 
     @property
     def full_batch(self) -> bool:
@@ -298,7 +307,7 @@ def start_fit(
     return FitState(
         model=model, guide=guide, loss=loss, optimizer=torch_optimizer, optimizer_name=optimizer,
         batch_size=batch_size, generator=torch.Generator(device=device).manual_seed(seed),
-        random_states=random_states,
+        random_states=random_states, reduction=current_reduction(),
     )
 
 
@@ -314,6 +323,25 @@ class Callback:
 
     def on_epoch(self, state: FitState, record: dict) -> None:
         """After each epoch; add entries to ``record`` (it is ``state.history[-1]``)."""
+
+
+class GradientReduction(Protocol):
+    """How several processes share one step (:mod:`bayes_sws.distributed`); ``None`` in one process.
+
+    Every process draws the same global batch; :meth:`shard` picks this process's
+    part of it, and :meth:`reduce`, called between ``backward`` and the optimiser's
+    step, turns the local gradients and loss into those of the global batch.
+    """
+
+    is_main: bool
+    """Whether this process evaluates, reports and writes."""
+
+    def shard(self, index: torch.Tensor) -> torch.Tensor:
+        """This process's part of a global batch of indices ``(B,)``."""
+
+    def reduce(self, loss: torch.Tensor | None, parameters: list[torch.nn.Parameter], *,
+               weight: float) -> torch.Tensor:
+        """Combine gradients (in place) and losses of all processes; return the global loss (0-dim)."""
 
 
 def evaluate(
@@ -371,6 +399,8 @@ class Evaluate(Callback):
     y: torch.Tensor
 
     def on_epoch(self, state: FitState, record: dict) -> None:
+        if not _is_main(state):
+            return
         scores = evaluate(state.model, state.values, self.x, self.y)
         record.update({f"{self.name}_{key}": value for key, value in scores.items()})
 
@@ -381,18 +411,54 @@ def _epoch_batches(state: FitState, n: int, device: torch.device) -> Iterator[to
     return batches(n, batch_size=state.batch_size, generator=state.generator, device=device)
 
 
-def _take_step(state: FitState, xb: torch.Tensor, yb: torch.Tensor, n: int) -> float:
+def _is_main(state: FitState) -> bool:
+    return state.reduction is None or state.reduction.is_main
+
+
+def _likely_cause(state: FitState) -> str:
+    """A hint for a non-finite loss or gradient: a collapsing mixture component, else the step sizes."""
+    mixtures = state.model.mixtures(state.values)
+    group, scale = min(((g, float(m.scales.min())) for g, m in mixtures.items()), key=lambda item: item[1])
+    if not scale > _COLLAPSED_SCALE:
+        return (f"a mixture component of {group} has collapsed (σ = {scale:.3g}): give the precisions "
+                "a hyperprior (prior.hyperpriors.precision_gamma) or lower learning_rates.precisions")
+    if state.full_batch:
+        return "lower the prior weight or start from a pretrained network"
+    names = parameter_groups(state.model, state.guide)
+    rates = ", ".join(f"{name}={group['lr']:.3g}" for name, group in zip(names, state.optimizer.param_groups))
+    return f"lower the learning rates ({rates}) or the prior weight"
+
+
+def _checked_loss(state: FitState, loss: torch.Tensor, parameters: list[torch.nn.Parameter]) -> float:
+    """The step's loss as a float, after checking it and the gradients are finite (one device sync)."""
+    gradients = [p.grad for p in parameters if p.grad is not None]
+    largest = torch.nn.utils.get_total_norm(gradients, norm_type=math.inf) if gradients else loss.new_zeros(())
+    value, gradient = torch.stack([loss.detach().reshape(()), largest.to(loss.dtype)]).tolist()
+    if not (math.isfinite(value) and math.isfinite(gradient)):
+        what = f"the loss became {value}" if not math.isfinite(value) else f"a gradient became {gradient}"
+        raise FitError(f"{what} at epoch {state.epoch + 1}, step {state.step + 1}: {_likely_cause(state)}")
+    return value
+
+
+def _take_step(state: FitState, index: torch.Tensor, x: torch.Tensor, y: torch.Tensor, n: int) -> float:
+    parameters = [p for group in state.optimizer.param_groups for p in group["params"]]
+    local = index if state.reduction is None else state.reduction.shard(index)
+
     def closure() -> torch.Tensor:
         state.optimizer.zero_grad(set_to_none=True)
-        loss = state.loss(state.model, state.guide, xb, yb, data_size=n)
-        loss.backward()
+        loss = state.loss(state.model, state.guide, x[local], y[local], data_size=n) if len(local) else None
+        if loss is not None:
+            loss.backward()
+        if state.reduction is not None:
+            loss = state.reduction.reduce(loss, parameters, weight=len(local) / len(index))
+        closure.value = _checked_loss(state, loss, parameters)
         return loss
 
     if state.full_batch:
         return float(state.optimizer.step(closure))  # the loss at the point it leaves
-    loss = closure()
+    closure()
     state.optimizer.step()
-    return loss.item()
+    return closure.value
 
 
 def _describe(record: dict) -> str:
@@ -444,7 +510,7 @@ def fit(
     device = x.device
     steps_per_epoch = 1 if state.full_batch else math.ceil(n / state.batch_size)
     step_callbacks = [c for c in callbacks if type(c).on_step is not Callback.on_step]
-    bar = tqdm(total=max(0, epochs - state.epoch) * steps_per_epoch, disable=not progress, unit="step",
+    bar = tqdm(total=max(0, epochs - state.epoch) * steps_per_epoch, disable=not progress or not _is_main(state), unit="step",
                dynamic_ncols=True)
     try:
         for epoch in range(state.epoch + 1, epochs + 1):
@@ -452,10 +518,10 @@ def fit(
             total = 0.0
             with _own_randomness(device, state.random_states), library_scope():
                 for index in _epoch_batches(state, n, device):
-                    value = _take_step(state, x[index], y[index], n)
-                    if not math.isfinite(value):
+                    value = _take_step(state, index, x, y, n)
+                    if not math.isfinite(value):  # the full-batch optimisers' final point
                         raise FitError(f"the loss became {value} at epoch {epoch}, step {state.step + 1}: "
-                                       "lower the learning rates or the prior weight")
+                                       f"{_likely_cause(state)}")
                     total += value
                     state.step += 1
                     for callback in step_callbacks:
