@@ -1,9 +1,13 @@
 """The ``bayes-sws`` command: a thin shell over the Python API.
 
     bayes-sws fit models/digits.toml [--out DIR] [--set key=value ...] [--device cpu|cuda]
+                                     [--resume] [--force] [--quiet]
     bayes-sws check models/digits.toml [--set key=value ...]
+    torchrun --nproc_per_node 2 -m bayes_sws.cli fit models/digits.toml   # data-parallel
 
-Errors in the user's input print one line on stderr and exit with status 2.
+Errors in the user's input print one line on stderr and exit with status 2; Ctrl-C
+(or SIGTERM during a fit) prints one line and exits with status 130, at any
+moment, start-up included: the library is imported inside :func:`main`.
 """
 
 from __future__ import annotations
@@ -12,10 +16,6 @@ import argparse
 import json
 import sys
 from pathlib import Path
-
-from .errors import BayesSWSError
-from .experiment import run
-from .spec import load_spec
 
 __all__ = ["main"]
 
@@ -32,6 +32,10 @@ def _parser() -> argparse.ArgumentParser:
     fit.add_argument("--out", help="output directory (default: runs/<model name>)")
     fit.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     fit.add_argument("--quiet", action="store_true", help="no progress bar")
+    fit.add_argument("--resume", action="store_true",
+                     help="continue the unfinished run whose state is in OUT.partial/")
+    fit.add_argument("--force", action="store_true",
+                     help="replace an existing run in OUT (or discard an unfinished one)")
     return parser
 
 
@@ -40,24 +44,48 @@ def _summary(metrics: dict) -> str:
     return ", ".join(f"{k}={v:.4g}" for k, v in scores.items()) + f", {metrics['seconds']:.1f} s"
 
 
+def _fit(arguments: argparse.Namespace) -> int:
+    from .distributed import is_main_process, launched
+    from .experiment import run
+    from .spec import load_spec
+    from .storage import partial_dir
+
+    spec = load_spec(arguments.spec, overrides=arguments.overrides)
+    out = Path(arguments.out or Path("runs") / spec.name)
+    with launched(arguments.device) as device:
+        replacing = out.is_dir() and arguments.force
+        metrics = run(spec, out_dir=out, device=device, progress=not arguments.quiet,
+                      resume=arguments.resume, force=arguments.force)
+        if is_main_process():
+            note = " (replaced the earlier run, --force)" if replacing else ""
+            print(f"{spec.name}: {_summary(metrics)}; results in {out}/{note}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status."""
     arguments = _parser().parse_args(argv)
     try:
-        spec = load_spec(arguments.spec, overrides=arguments.overrides)
-        if arguments.command == "check":
-            print(json.dumps(spec.to_dict(), indent=2))
-            return 0
-        out = Path(arguments.out or Path("runs") / spec.name)
-        metrics = run(spec, out_dir=out, device=arguments.device, progress=not arguments.quiet)
-    except BayesSWSError as error:
-        print(f"bayes-sws: error: {error}", file=sys.stderr)
-        return 2
+        from .errors import BayesSWSError
+
+        try:
+            if arguments.command == "check":
+                from .spec import load_spec
+
+                print(json.dumps(load_spec(arguments.spec, overrides=arguments.overrides).to_dict(), indent=2))
+                return 0
+            return _fit(arguments)
+        except BayesSWSError as error:
+            print(f"bayes-sws: error: {error}", file=sys.stderr)
+            return 2
+        except MemoryError:
+            print("bayes-sws: error: out of memory: make the model, the batch or the data smaller",
+                  file=sys.stderr)
+            return 2
     except KeyboardInterrupt:
-        print("bayes-sws: interrupted", file=sys.stderr)
+        print("bayes-sws: interrupted (an unfinished fit keeps its last epoch in OUT.partial/; "
+              "continue it with --resume)", file=sys.stderr)
         return 130
-    print(f"{spec.name}: {_summary(metrics)}; results in {out}/")
-    return 0
 
 
 if __name__ == "__main__":

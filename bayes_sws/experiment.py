@@ -3,8 +3,12 @@
 :func:`run` is what ``bayes-sws fit`` does: load data, build the network and the
 Pyro model, fit, and write ``metrics.json``, ``checkpoint.pt``, ``weights.png``
 and ``history.png`` to the output directory. Every input is validated before
-anything is trained or written, and files appear whole (written to a temporary
-name, then renamed).
+anything is trained or written; the fit is checkpointed every epoch and can be
+resumed; the results appear together, by one rename (:mod:`bayes_sws.storage`).
+
+A run is three phases: :func:`_fit` (a spec, model and data → :class:`FitResult`),
+:func:`_metrics`, and :func:`_write_artefacts` (into a directory that
+:func:`~bayes_sws.storage.publish` then moves into place).
 
     >>> from bayes_sws import load_spec, run
     >>> metrics = run(load_spec("models/digits.toml"), out_dir="runs/digits")
@@ -12,28 +16,33 @@ name, then renamed).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from . import plots
 from .data import Dataset, load_dataset
-from .errors import BayesSWSError
-from .fitting import evaluate
+from .distributed import is_main_process
+from .errors import BayesSWSError, FitError
+from .fitting import Callback, FitState, evaluate
 from .inference import fit_map
 from .model import Categorical, Gaussian, SoftWeightSharingModel
 from .nets import build_network
 from .kernels import use_backend
 from .prior import GaussianMixture, SoftWeightSharingPrior
 from .spec import Spec, parse_spec
+from .storage import Checkpoint, interrupts_as_keyboard, partial_dir, publish, save_tensors, write_atomically
 
-__all__ = ["CHECKPOINT_FORMAT", "FittedModel", "build_model", "load_checkpoint", "resolve_device", "run"]
+__all__ = ["CHECKPOINT_FORMAT", "FitResult", "FittedModel", "RUN_STATE_FORMAT", "build_model", "load_checkpoint",
+           "resolve_device", "run"]
 
 CHECKPOINT_FORMAT = 2
 
@@ -126,18 +135,6 @@ class FittedModel:
             return self.network(x)
 
 
-def _write_atomically(path: Path, write: Callable[[str], None]) -> None:
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
-    os.close(handle)
-    try:
-        write(temporary)
-        os.chmod(temporary, 0o644)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-
-
 def _metric_name(data: Dataset) -> str:
     return "accuracy" if data.task == "classification" else "arv"
 
@@ -158,62 +155,221 @@ def _split_metrics(model: SoftWeightSharingModel, values: dict, data: Dataset) -
     return metrics
 
 
+RUN_STATE_FORMAT = 1
+"""Version of the staging checkpoint ``OUT.partial/state.pt`` (see :func:`run`)."""
+
+_FIT_STATE_KEYS = {"format": int, "guide": dict, "network": dict, "optimizer": dict, "optimizer_name": str,
+                   "generator": torch.Tensor, "random_states": dict, "epoch": int, "step": int,
+                   "history": list, "seconds": float}
+
+
+@dataclass
+class FitResult:
+    """What a fit hands to the writing phase.
+
+    Attributes
+    ----------
+    state : FitState
+        The (main) fit's final state.
+    values : dict
+        Every sample site's fitted value.
+    seconds : float
+        Wall time of the whole fit, pretraining included.
+    """
+
+    state: FitState
+    values: dict[str, torch.Tensor]
+    seconds: float
+
+
 def run(
     spec: Spec,
     *,
     out_dir: str | os.PathLike[str],
     device: str = "cpu",
     progress: bool = True,
+    resume: bool = False,
+    force: bool = False,
 ) -> dict[str, Any]:
     """Fit a specification and write its artefacts; return the metrics.
+
+    While it runs, the fit's whole state is saved after every epoch to
+    ``OUT.partial/state.pt`` beside the output directory ``OUT`` (pretraining
+    included); an interrupted or failed run keeps it, and ``resume=True`` continues
+    from it to exactly the result of an uninterrupted run. The results are written
+    into a temporary directory and published as ``OUT`` by a rename
+    (:func:`bayes_sws.storage.publish`); then ``OUT.partial`` is removed. SIGTERM
+    stops a run as Ctrl-C does. Under ``torchrun`` only rank 0 writes.
 
     Parameters
     ----------
     spec : Spec
     out_dir : path-like
-        Created if needed. Receives ``metrics.json``, ``checkpoint.pt``,
-        ``weights.png`` (histogram and mixture) and ``history.png``.
+        Receives ``metrics.json``, ``checkpoint.pt``, ``weights.png`` (histogram and
+        mixture) and ``history.png``. Its parent is created if needed.
     device : str
         ``"cpu"`` or ``"cuda"``.
     progress : bool
         Show a progress bar.
+    resume : bool
+        Continue the unfinished run in ``OUT.partial`` (same specification).
+    force : bool
+        Replace an existing run in ``OUT``, or discard an unfinished one in ``OUT.partial``.
 
     Returns
     -------
     dict, the content of ``metrics.json``.
+
+    Raises
+    ------
+    BayesSWSError
+        Before anything is fitted, if ``OUT`` holds a run (without ``force``), an
+        unfinished run is in the way (without ``resume`` or ``force``), there is none
+        to resume, or the output place is not writable.
     """
     torch_device = resolve_device(device)
     out = Path(out_dir)
+    main = is_main_process()
+    checkpoint = partial_dir(out) / "state.pt"
+    saved = None
+    if main:
+        _prepare_output(out, resume=resume, force=force)
+        saved = _load_run_state(checkpoint, spec) if resume else None
+    try:
+        return _fit_and_publish(spec, out, torch_device, checkpoint=checkpoint if main else None, saved=saved,
+                    progress=progress and main, force=force)
+    finally:
+        if main:
+            with contextlib.suppress(OSError):  # a staging directory that never got a state goes
+                checkpoint.parent.rmdir()
+
+
+def _fit_and_publish(spec: Spec, out: Path, torch_device: torch.device, *, checkpoint: Path | None,
+         saved: dict[str, Any] | None, progress: bool, force: bool) -> dict[str, Any]:
+    with use_backend(spec.inference.kernels), interrupts_as_keyboard():  # the kernel choice holds for this run only
+        data = load_dataset(spec.data.dataset, path=spec.data.path, seed=spec.seed)
+        data = data.with_validation(spec.data.validation_fraction, seed=spec.seed).to(torch_device)
+        model = build_model(spec, **_data_shape(data), device=torch_device)
+        try:
+            result = _fit(spec, model, data, checkpoint=checkpoint, saved=saved, progress=progress)
+        except FitError as error:
+            kept = checkpoint is not None and checkpoint.is_file()
+            raise FitError(f"{error}; the last good epoch's state is kept in {checkpoint}" if kept
+                           else str(error)) from None
+        metrics = _metrics(spec, model, data, result, torch_device)
+        if checkpoint is not None:
+            publish(out, lambda directory: _write_artefacts(directory, spec, model, data, result, metrics),
+                    force=force)
+            shutil.rmtree(checkpoint.parent, ignore_errors=True)
+    return metrics
+
+
+def _prepare_output(out: Path, *, resume: bool, force: bool) -> None:
+    """Check the output place before fitting and create the staging directory ``OUT.partial``."""
+    staging = partial_dir(out)
     if out.exists() and not out.is_dir():
         raise BayesSWSError(f"output path {out} exists and is not a directory")
-    with use_backend(spec.inference.kernels):  # the kernel choice holds for this run only
-        return _fit_and_save(spec, out, torch_device, progress=progress)
+    if _holds_files(out) and not force:
+        raise BayesSWSError(f"{out} already holds a run: pass --force to replace it")
+    if resume and not (staging / "state.pt").is_file():
+        raise BayesSWSError(f"nothing to resume: {staging / 'state.pt'} does not exist")
+    if staging.exists() and not resume:
+        if not force:
+            raise BayesSWSError(f"{staging} holds an unfinished run: pass --resume to continue it "
+                                "or --force to start again")
+        shutil.rmtree(staging, ignore_errors=True)
+    try:
+        staging.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.TemporaryFile(dir=staging)
+        probe.close()
+    except OSError as error:
+        raise BayesSWSError(f"cannot write in {staging.parent}: {error.strerror or error}") from None
 
 
-def _fit_and_save(spec: Spec, out: Path, torch_device: torch.device, *, progress: bool) -> dict[str, Any]:
-    data = load_dataset(spec.data.dataset, path=spec.data.path, seed=spec.seed)
-    data = data.with_validation(spec.data.validation_fraction, seed=spec.seed).to(torch_device)
-    model = build_model(spec, **_data_shape(data), device=torch_device)
+def _holds_files(directory: Path) -> bool:
+    return directory.is_dir() and any(directory.iterdir())
+
+
+def _load_run_state(path: Path, spec: Spec) -> dict[str, Any]:
+    """Read and check the staging checkpoint of an unfinished run of ``spec``."""
+    content = _read_tensors(path)
+    if content.get("format") != RUN_STATE_FORMAT:
+        raise BayesSWSError(f"{path} is not a bayes-sws run state of format {RUN_STATE_FORMAT}")
+    if content.get("spec") != spec.to_dict():
+        raise BayesSWSError(f"{path} is the state of a run of another specification: resume with the "
+                            "same specification and settings, or pass --force to start again")
+    if content.get("phase") not in ("pretrain", "train") or not isinstance(content.get("pretrain_seconds"), float):
+        raise BayesSWSError(f"{path} is damaged: no valid phase")
+    _check_fit_state(content.get("fit_state"), path)
+    return content
+
+
+def _check_fit_state(state: Any, path: Path) -> None:
+    if not isinstance(state, dict):
+        raise BayesSWSError(f"{path} holds no fit state")
+    for key, kind in _FIT_STATE_KEYS.items():
+        if not isinstance(state.get(key), kind):
+            raise BayesSWSError(f"{path}: fit state entry {key!r} is missing or not a {kind.__name__}")
+
+
+def _read_tensors(path: Path) -> dict[str, Any]:
+    """``torch.load(weights_only=True)`` a dict, with every failure one line."""
+    try:
+        content = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise BayesSWSError(f"checkpoint {path} not found") from None
+    except pickle.UnpicklingError:
+        raise BayesSWSError(f"checkpoint {path} holds more than tensors and plain data (a format-1 "
+                            "bayes-sws checkpoint, or not a bayes-sws file): refused, since loading it "
+                            "could run code") from None
+    except Exception as error:  # torch raises many types for a damaged or foreign file
+        first_line = (str(error).splitlines() or [type(error).__name__])[0]
+        raise BayesSWSError(f"checkpoint {path} cannot be read: {first_line}") from None
+    if not isinstance(content, dict):
+        raise BayesSWSError(f"checkpoint {path} is not a bayes-sws checkpoint")
+    return content
+
+
+def _fit(spec: Spec, model: SoftWeightSharingModel, data: Dataset, *, checkpoint: Path | None,
+         saved: dict[str, Any] | None, progress: bool) -> FitResult:
+    """Pretrain (likelihood only) and fit, checkpointing every epoch to ``checkpoint``, from ``saved`` if given."""
     settings = spec.inference
     common = dict(batch_size=settings.batch_size, optimizer=settings.optimizer,
                   learning_rates=settings.learning_rates,
                   iterations_per_epoch=settings.iterations_per_epoch, seed=spec.seed, progress=progress)
-    pretrain_seconds = 0.0
-    if settings.pretrain_epochs:
+
+    def saving(phase: str, pretrain_seconds: float = 0.0) -> list[Callback]:
+        extra = {"format": RUN_STATE_FORMAT, "spec": spec.to_dict(), "phase": phase,
+                 "pretrain_seconds": pretrain_seconds}
+        return [Checkpoint(checkpoint, extra)] if checkpoint is not None else []
+
+    def saved_state(phase: str) -> dict[str, Any] | None:
+        return saved["fit_state"] if saved is not None and saved["phase"] == phase else None
+
+    pretrain_seconds = saved["pretrain_seconds"] if saved is not None else 0.0
+    if settings.pretrain_epochs and (saved is None or saved["phase"] == "pretrain"):
         likelihood_only = SoftWeightSharingModel(
             model.network, prior=model.prior, likelihood=model.likelihood, prior_weight=0.0,
             include_biases=spec.prior.include_biases, shared=spec.prior.shared)
-        pretrain_seconds = fit_map(likelihood_only, data, epochs=settings.pretrain_epochs, **common).seconds
-    result = fit_map(model, data, epochs=settings.epochs, em_every=settings.em_every or None, **common)
-    values = result.values
+        pretrain_seconds = fit_map(likelihood_only, data, epochs=settings.pretrain_epochs,
+                                   callbacks=saving("pretrain"), state_dict=saved_state("pretrain"),
+                                   **common).seconds
+    state = fit_map(model, data, epochs=settings.epochs, em_every=settings.em_every or None,
+                    callbacks=saving("train", pretrain_seconds), state_dict=saved_state("train"), **common)
+    return FitResult(state=state, values=state.values, seconds=state.seconds + pretrain_seconds)
 
+
+def _metrics(spec: Spec, model: SoftWeightSharingModel, data: Dataset, result: FitResult,
+             torch_device: torch.device) -> dict[str, Any]:
+    """The content of ``metrics.json``; regression histories get ARV entries beside the MSE ones."""
     metric = _metric_name(data)
-    for record in result.history:
+    history = result.state.history
+    for record in history:
         if metric == "arv":
             for key in [k for k in record if k.endswith("_mse")]:
                 record[key.removesuffix("_mse") + "_arv"] = record[key] / data.target_variance
-    mixtures = model.mixtures(values)
-    metrics = {
+    mixtures = model.mixtures(result.values)
+    return {
         "model": spec.name,
         "method": spec.inference.method,
         "optimizer": spec.inference.optimizer,
@@ -221,38 +377,39 @@ def _fit_and_save(spec: Spec, out: Path, torch_device: torch.device, *, progress
         "seed": spec.seed,
         "epochs": spec.inference.epochs,
         "pretrain_epochs": spec.inference.pretrain_epochs,
-        "seconds": result.seconds + pretrain_seconds,
-        "train_loss": result.history[-1]["loss"],
-        **_split_metrics(model, values, data),
+        "seconds": result.seconds,
+        "train_loss": history[-1]["loss"],
+        **_split_metrics(model, result.values, data),
         "n_weights": model.n_weights,
         "prior_weight": model.prior_weight,
         "mixture": {group: m.as_dict() for group, m in mixtures.items()}
         if not model.shared else next(iter(mixtures.values())).as_dict(),
-        "history": result.history,
+        "history": history,
         "spec": spec.to_dict(),
     }
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise BayesSWSError(f"cannot create output directory {out}: {error.strerror}") from None
-    _write_atomically(out / "metrics.json", lambda p: Path(p).write_text(json.dumps(metrics, indent=2)))
-    checkpoint = {
+
+
+def _write_artefacts(directory: Path, spec: Spec, model: SoftWeightSharingModel, data: Dataset,
+                     result: FitResult, metrics: dict[str, Any]) -> None:
+    """Write ``metrics.json``, ``checkpoint.pt``, ``weights.png`` and ``history.png`` into ``directory``."""
+    values = result.values
+    write_atomically(directory / "metrics.json", lambda p: Path(p).write_text(json.dumps(metrics, indent=2)))
+    save_tensors(directory / "checkpoint.pt", {
         "format": CHECKPOINT_FORMAT,
         "spec": spec.to_dict(),
         "data": _data_shape(data),
         "values": {k: v.cpu() for k, v in values.items()},
         "network": {k: v.detach().cpu() for k, v in model.network.state_dict().items()},
-        "fit_state": result.state_dict(),
+        "fit_state": result.state.state_dict(),
         "metrics": metrics,
-    }
-    _write_atomically(out / "checkpoint.pt", lambda p: torch.save(checkpoint, p))
+    })
     group = next(iter(model.groups))
-    _write_atomically(out / "weights.png", lambda p: plots.plot_weights(
+    mixtures = model.mixtures(values)
+    write_atomically(directory / "weights.png", lambda p: plots.plot_weights(
         model.group_weights(values, group), mixtures[group], p,
         title=f"{spec.name}: weights and learned mixture"))
-    _write_atomically(out / "history.png", lambda p: plots.plot_history(
-        result.history, p, metric=f"test_{metric}", group=group))
-    return metrics
+    write_atomically(directory / "history.png", lambda p: plots.plot_history(
+        result.state.history, p, metric=f"test_{_metric_name(data)}", group=group))
 
 
 def load_checkpoint(path: str | os.PathLike[str], *, device: str = "cpu") -> FittedModel:
@@ -271,27 +428,47 @@ def load_checkpoint(path: str | os.PathLike[str], *, device: str = "cpu") -> Fit
     """
     path = Path(path)
     torch_device = resolve_device(device)
-    try:
-        checkpoint = torch.load(path, map_location=torch_device, weights_only=True)
-    except FileNotFoundError:
-        raise BayesSWSError(f"checkpoint {path} not found") from None
-    except pickle.UnpicklingError:
-        raise BayesSWSError(f"checkpoint {path} holds more than tensors and plain data (a format-1 "
-                            "bayes-sws checkpoint, or not a bayes-sws file): refused, since loading it "
-                            "could run code") from None
-    except Exception as error:  # torch raises many types for a damaged or foreign file
-        first_line = (str(error).splitlines() or [type(error).__name__])[0]
-        raise BayesSWSError(f"checkpoint {path} cannot be read: {first_line}") from None
-    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
+    checkpoint = _read_tensors(path)
+    if checkpoint.get("format") != CHECKPOINT_FORMAT:
         raise BayesSWSError(f"checkpoint {path} is not a bayes-sws checkpoint of format {CHECKPOINT_FORMAT}")
-    spec = parse_spec(checkpoint["spec"])
-    values = checkpoint["values"]
-    shape = checkpoint["data"]
-    model = build_model(spec, input_shape=tuple(shape["input_shape"]), task=shape["task"],
-                        n_outputs=shape["n_outputs"], device=torch_device)
+    for key, kind in _CHECKPOINT_KEYS.items():
+        if not isinstance(checkpoint.get(key), kind):
+            raise BayesSWSError(f"checkpoint {path}: entry {key!r} is missing or not a {kind.__name__}")
     try:
-        model.network.load_state_dict(checkpoint["network"])
+        spec = parse_spec(checkpoint["spec"])
+    except BayesSWSError as error:
+        raise BayesSWSError(f"checkpoint {path} holds an invalid specification: {error}") from None
+    shape = _checked_data_shape(checkpoint["data"], path)
+    model = build_model(spec, **shape, device=torch_device)
+    values = {name: value.to(torch_device) for name, value in checkpoint["values"].items()
+              if isinstance(value, torch.Tensor)}
+    expected = {name: tuple(value.shape) for name, value in model.initial_values().items()}
+    found = {name: tuple(value.shape) for name, value in values.items()}
+    if found != expected:
+        wrong = sorted(set(expected) ^ set(found) | {k for k in expected if found.get(k, expected[k]) != expected[k]})
+        raise BayesSWSError(f"checkpoint {path} does not match its specification: sites {', '.join(wrong[:3])} "
+                            "are missing, extra or of another shape")
+    network = checkpoint["network"]
+    if not all(isinstance(value, torch.Tensor) for value in network.values()):
+        raise BayesSWSError(f"checkpoint {path}: the network state holds non-tensors")
+    try:
+        model.network.load_state_dict(network)
         model.load_values(values)
-    except (RuntimeError, KeyError) as error:
-        raise BayesSWSError(f"checkpoint {path} does not match its specification: {error}") from None
+    except (RuntimeError, KeyError, ValueError) as error:
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise BayesSWSError(f"checkpoint {path} does not match its specification: {first_line}") from None
     return FittedModel(spec=spec, model=model, values=values, metrics=checkpoint["metrics"])
+
+
+_CHECKPOINT_KEYS = {"spec": dict, "data": dict, "values": dict, "network": dict, "metrics": dict}
+
+
+def _checked_data_shape(shape: dict[str, Any], path: Path) -> dict[str, Any]:
+    """A checkpoint's ``data`` entry as :func:`build_model`'s keywords, checked."""
+    input_shape, task, n_outputs = shape.get("input_shape"), shape.get("task"), shape.get("n_outputs")
+    if not (isinstance(input_shape, list) and 1 <= len(input_shape) <= 3
+            and all(type(d) is int and 1 <= d <= 2**16 for d in input_shape)
+            and task in ("classification", "regression")
+            and type(n_outputs) is int and 1 <= n_outputs <= 2**20):
+        raise BayesSWSError(f"checkpoint {path}: its data shape entry is invalid")
+    return {"input_shape": tuple(input_shape), "task": task, "n_outputs": n_outputs}

@@ -208,21 +208,27 @@ class FitState:
         Raises
         ------
         FitError
-            If the state is of another format or optimiser.
+            If the state is of another format or optimiser, or does not fit this
+            state's model, guide or optimiser (its state is then partly loaded).
         """
-        if state.get("format") != STATE_FORMAT:
-            raise FitError(f"fit state of format {state.get('format')!r}; this version reads {STATE_FORMAT}")
-        if state["optimizer_name"] != self.optimizer_name:
-            raise FitError(f"fit state was made with optimizer {state['optimizer_name']!r}, "
+        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+            found = state.get("format") if isinstance(state, dict) else type(state).__name__
+            raise FitError(f"fit state of format {found!r}; this version reads {STATE_FORMAT}")
+        if state.get("optimizer_name") != self.optimizer_name:
+            raise FitError(f"fit state was made with optimizer {state.get('optimizer_name')!r}, "
                            f"not {self.optimizer_name!r}")
-        self.guide.load_state_dict(state["guide"])
-        self.model.network.load_state_dict(state["network"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.generator.set_state(state["generator"])
-        self.random_states = dict(state["random_states"])
-        self.epoch, self.step = int(state["epoch"]), int(state["step"])
-        self.history = list(state["history"])
-        self.seconds = float(state["seconds"])
+        try:
+            self.guide.load_state_dict(state["guide"])
+            self.model.network.load_state_dict(state["network"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.generator.set_state(state["generator"])
+            self.random_states = dict(state["random_states"])
+            self.epoch, self.step = int(state["epoch"]), int(state["step"])
+            self.history = list(state["history"])
+            self.seconds = float(state["seconds"])
+        except (KeyError, RuntimeError, ValueError, TypeError) as error:
+            first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            raise FitError(f"fit state does not match this model and settings: {first_line}") from None
 
 
 def _cpu(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

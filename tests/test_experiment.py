@@ -1,6 +1,7 @@
 """Tests of bayes_sws.experiment: models built from specifications."""
 
 import pyro
+import pytest
 import torch
 from pyro.infer import MCMC, NUTS, Predictive
 
@@ -50,8 +51,15 @@ def test_a_runs_kernel_choice_does_not_outlive_the_run(tmp_path, monkeypatch):
     from bayes_sws.spec import load_spec
 
     seen = []
-    monkeypatch.setattr(experiment, "_fit_and_save", lambda *a, **k: seen.append(kernels.current_backend()))
-    experiment.run(load_spec("models/digits.toml", overrides=["inference.kernels=torch"]), out_dir=tmp_path)
+
+    def record_and_stop(*args, **kwargs):
+        seen.append(kernels.current_backend())
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(experiment, "_fit", record_and_stop)
+    with pytest.raises(KeyboardInterrupt):
+        experiment.run(load_spec("models/digits.toml", overrides=["inference.kernels=torch"]),
+                       out_dir=tmp_path / "run")
     assert seen == ["torch"]
     assert kernels.current_backend() == "auto"
 
