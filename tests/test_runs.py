@@ -1,0 +1,176 @@
+"""Runs that survive: per-epoch checkpoints, exact resume, all-or-nothing results (bayes_sws.storage)."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from bayes_sws import experiment, fitting, plots
+from bayes_sws.cli import main
+from bayes_sws.errors import BayesSWSError
+from bayes_sws.spec import load_spec
+from bayes_sws.storage import partial_dir, publish, write_atomically
+
+ROOT = Path(__file__).resolve().parents[1]
+DIGITS = str(ROOT / "models" / "digits.toml")
+SMALL = ["network.hidden=[8]", "inference.epochs=3", "inference.pretrain_epochs=2", "inference.batch_size=256",
+         "inference.em_every=3"]
+
+
+def small_spec():
+    return load_spec(DIGITS, overrides=SMALL)
+
+
+def comparable(metrics: dict) -> dict:
+    return {key: value for key, value in metrics.items() if key != "seconds"}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("whole") / "run"
+    return experiment.run(small_spec(), out_dir=out, progress=False)
+
+
+def interrupt_at_step(monkeypatch, calls: int) -> None:
+    """Make the fit loop's ``calls``-th step (counting every phase) raise KeyboardInterrupt, as Ctrl-C would."""
+    original, count = fitting._take_step, [0]
+
+    def step(*args, **kwargs):
+        count[0] += 1
+        if count[0] == calls:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(fitting, "_take_step", step)
+
+
+def test_an_interrupted_and_resumed_run_ends_with_exactly_the_uninterrupted_metrics(
+        tmp_path, monkeypatch, uninterrupted):
+    out = tmp_path / "run"
+    steps_per_epoch = 6  # 1347 training digits in batches of 256
+    interrupt_at_step(monkeypatch, steps_per_epoch + 3)  # mid-way through the second pretraining epoch
+    with pytest.raises(KeyboardInterrupt):
+        experiment.run(small_spec(), out_dir=out, progress=False)
+    state = torch.load(partial_dir(out) / "state.pt", weights_only=True)
+    assert (state["phase"], state["fit_state"]["epoch"]) == ("pretrain", 1) and not out.exists()
+
+    interrupt_at_step(monkeypatch, steps_per_epoch * 2 + 4)  # resumed: the second training epoch
+    with pytest.raises(KeyboardInterrupt):
+        experiment.run(small_spec(), out_dir=out, progress=False, resume=True)
+    state = torch.load(partial_dir(out) / "state.pt", weights_only=True)
+    assert (state["phase"], state["fit_state"]["epoch"]) == ("train", 1)
+
+    monkeypatch.undo()
+    resumed = experiment.run(small_spec(), out_dir=out, progress=False, resume=True)
+    assert comparable(resumed) == comparable(uninterrupted)
+    assert json.loads((out / "metrics.json").read_text())["test_accuracy"] == uninterrupted["test_accuracy"]
+    assert not partial_dir(out).exists()
+
+
+def test_resume_refuses_another_specification_and_a_missing_state(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    with pytest.raises(BayesSWSError, match="nothing to resume"):
+        experiment.run(small_spec(), out_dir=out, progress=False, resume=True)
+    interrupt_at_step(monkeypatch, 8)
+    with pytest.raises(KeyboardInterrupt):
+        experiment.run(small_spec(), out_dir=out, progress=False)
+    other = load_spec(DIGITS, overrides=[*SMALL, "prior.weight=0.5"])
+    with pytest.raises(BayesSWSError, match="another specification"):
+        experiment.run(other, out_dir=out, progress=False, resume=True)
+    with pytest.raises(BayesSWSError, match="unfinished run"):
+        experiment.run(small_spec(), out_dir=out, progress=False)
+
+
+def test_sigterm_stops_a_cli_fit_in_one_line_and_keeps_its_state(tmp_path):
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "bayes_sws.cli", "fit", DIGITS, "--out", str(out), "--quiet",
+               *(f"--set={o}" for o in SMALL), "--set=inference.epochs=400"]
+    process = subprocess.Popen(command, cwd=ROOT, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "PYTHONPATH": str(ROOT)})
+    state = partial_dir(out) / "state.pt"
+    for _ in range(1200):  # wait for the first checkpoint, at most 60 s
+        if state.exists() or process.poll() is not None:
+            break
+        subprocess.run(["sleep", "0.05"])
+    process.send_signal(signal.SIGTERM)
+    _, error = process.communicate(timeout=60)
+    assert process.returncode == 130, error
+    assert error.strip().count("\n") == 0 and "interrupted" in error and "Traceback" not in error
+    assert state.exists() and not out.exists()
+    status = main(["fit", DIGITS, "--out", str(out), "--quiet", "--resume",
+                   *(f"--set={o}" for o in [*SMALL, "inference.epochs=1"])])
+    assert status == 2  # epochs changed: another specification, refused in one line
+
+
+def test_an_existing_run_is_replaced_only_with_force_and_the_cli_says_so(tmp_path, capsys, uninterrupted):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.json").write_text("{}")
+    arguments = ["fit", DIGITS, "--out", str(out), "--quiet", *(f"--set={o}" for o in SMALL)]
+    assert main(arguments) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert (out / "metrics.json").read_text() == "{}"
+    assert main([*arguments, "--force"]) == 0
+    assert "replaced the earlier run" in capsys.readouterr().out
+    assert comparable(json.loads((out / "metrics.json").read_text())) == comparable(uninterrupted)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+@pytest.mark.parametrize("failure", [OSError(errno.ENOSPC, "No space left on device"), KeyboardInterrupt()])
+def test_a_failure_while_writing_leaves_the_old_run_whole_and_no_temporaries(tmp_path, monkeypatch, failure):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.json").write_text("old")
+
+    def fail(*args, **kwargs):
+        raise failure
+
+    monkeypatch.setattr(plots, "plot_history", fail)  # the last artefact: the others are written by then
+    expected = BayesSWSError if isinstance(failure, OSError) else KeyboardInterrupt
+    with pytest.raises(expected, match="No space left" if expected is BayesSWSError else None):
+        experiment.run(small_spec(), out_dir=out, progress=False, force=True)
+    assert [p.name for p in out.iterdir()] == ["metrics.json"] and (out / "metrics.json").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run", "run.partial"]  # the fit's state is kept
+    assert [p.name for p in partial_dir(out).iterdir()] == ["state.pt"]
+
+
+def test_a_read_only_output_place_is_refused_before_fitting(tmp_path, monkeypatch):
+    place = tmp_path / "readonly"
+    place.mkdir()
+    original = Path.mkdir
+
+    def read_only_mkdir(self, *args, **kwargs):  # the tests may run as root, for whom chmod does not bite
+        if place in self.parents:
+            raise OSError(errno.EROFS, "Read-only file system")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", read_only_mkdir)
+    monkeypatch.setattr(experiment, "load_dataset", lambda *a, **k: pytest.fail("fitted before checking"))
+    with pytest.raises(BayesSWSError, match="Read-only file system"):
+        experiment.run(small_spec(), out_dir=place / "run", progress=False)
+    assert list(place.iterdir()) == []
+
+
+def test_publish_and_write_atomically_clean_up_after_a_failure(tmp_path):
+    def half_then_fail(directory: Path) -> None:
+        (directory / "a").write_text("a")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(BayesSWSError, match="No space left"):
+        publish(tmp_path / "run", half_then_fail)
+    with pytest.raises(BayesSWSError, match="No space left"):
+        write_atomically(tmp_path / "file.txt", lambda path: half_then_fail(Path(path).parent))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]  # what the writer itself put there
+
+    publish(tmp_path / "run", lambda d: (d / "x").write_text("1"))
+    publish(tmp_path / "run", lambda d: (d / "y").write_text("2"), force=True)
+    assert [p.name for p in (tmp_path / "run").iterdir()] == ["y"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "run"]
