@@ -426,7 +426,7 @@ def _likely_cause(state: FitState) -> str:
     mixtures = state.model.mixtures(state.values)
     group, scale = min(((g, float(m.scales.min())) for g, m in mixtures.items()), key=lambda item: item[1])
     if not scale > _COLLAPSED_SCALE:
-        return (f"a mixture component of {group} has collapsed (σ = {scale:.3g}): give the precisions "
+        return (f"mixture {group!r} has a collapsed component (σ = {scale:.3g}): give the precisions "
                 "a hyperprior (prior.hyperpriors.precision_gamma) or lower learning_rates.precisions")
     if state.full_batch:
         return "lower the prior weight or start from a pretrained network"
