@@ -253,41 +253,76 @@ def read_idx(path: str | os.PathLike[str]) -> torch.Tensor:
     """
     path = Path(path)
     try:
-        raw = path.read_bytes()
+        if not path.is_file():
+            raise DataError(f"IDX file {path} is not a regular file" if path.exists()
+                            else f"IDX file {path} not found")
+        with path.open("rb") as plain:
+            gzipped = path.suffix == ".gz" or plain.read(2) == b"\x1f\x8b"
+            plain.seek(0)
+            if gzipped:
+                with gzip.GzipFile(fileobj=plain) as unzipped:
+                    return _read_idx_stream(unzipped, path, stored=None)
+            return _read_idx_stream(plain, path, stored=os.fstat(plain.fileno()).st_size)
+    except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
+        raise DataError(f"IDX file {path} is not valid gzip data: {exc}") from exc
     except OSError as exc:
         raise DataError(f"cannot read IDX file {path}: {exc.strerror or exc}") from exc
-    if path.suffix == ".gz" or raw.startswith(b"\x1f\x8b"):
-        try:
-            raw = gzip.decompress(raw)
-        except (OSError, EOFError, zlib.error) as exc:
-            raise DataError(f"IDX file {path} is not valid gzip data: {exc}") from exc
-    if len(raw) < 4:
-        raise DataError(f"IDX file {path} is truncated: {len(raw)} bytes, too short for a header")
-    zero1, zero2, code, ndim = raw[:4]
+
+
+def _read_idx_stream(stream, path: Path, *, stored: int | None) -> torch.Tensor:
+    """Read an IDX array from a binary stream, never more bytes than its header declares (plus one).
+
+    ``stored`` is the file's size when known (a plain file): a size that disagrees
+    with the header is refused before the data are read.
+    """
+    magic = stream.read(4)
+    if len(magic) < 4:
+        raise DataError(f"IDX file {path} is truncated: {len(magic)} bytes, too short for a header")
+    zero1, zero2, code, ndim = magic
     if zero1 or zero2:
         raise DataError(
-            f"IDX file {path} has a bad magic number 0x{raw[:4].hex()} (must start with 0x0000)"
+            f"IDX file {path} has a bad magic number 0x{magic.hex()} (must start with 0x0000)"
         )
     if code not in _IDX_DTYPES:
         raise DataError(f"IDX file {path} has an unknown data type code 0x{code:02x}")
     dtype = _IDX_DTYPES[code]
+    dimensions = stream.read(4 * ndim)
     header_size = 4 + 4 * ndim
-    if len(raw) < header_size:
+    if len(dimensions) < 4 * ndim:
         raise DataError(
-            f"IDX file {path} is truncated: {len(raw)} bytes, too short for a "
+            f"IDX file {path} is truncated: {4 + len(dimensions)} bytes, too short for a "
             f"{ndim}-dimensional header"
         )
-    shape = struct.unpack_from(f">{ndim}I", raw, 4)
+    shape = struct.unpack(f">{ndim}I", dimensions)
     count = math.prod(shape)
-    expected, actual = count * dtype.itemsize, len(raw) - header_size
+    expected = count * dtype.itemsize
+    if expected > physical_memory_bytes():
+        raise DataError(
+            f"IDX file {path} declares shape {shape} of {dtype.name}: {expected / 2**30:.1f} GiB, "
+            f"more than this machine's {physical_memory_bytes() / 2**30:.1f} GiB of memory"
+        )
+    if stored is not None and stored - header_size != expected:
+        data, actual = b"", stored - header_size
+    else:
+        data = stream.read(expected + 1)  # bounded: a decompression bomb stops here
+        actual = len(data)
     if actual != expected:
         problem = "is truncated" if actual < expected else "has trailing bytes"
         raise DataError(
             f"IDX file {path} {problem}: its header declares shape {shape} of {dtype.name} "
-            f"({expected} data bytes) but {actual} data bytes follow"
+            f"({expected} data bytes) but {'more' if actual > expected and stored is None else actual} "
+            "data bytes follow"
         )
-    array = np.frombuffer(raw, dtype=dtype, count=count, offset=header_size)
+    array = np.frombuffer(data, dtype=dtype, count=count)
     return torch.from_numpy(array.reshape(shape).astype(dtype.newbyteorder("=")))
+
+
+def physical_memory_bytes() -> int:
+    """This machine's physical memory in bytes (os.sysconf), or a generous 1 TiB where unknown."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 1 << 40
 
 
 def _idx_paths(directory: Path) -> dict[str, Path | None]:
@@ -318,6 +353,8 @@ def _read_idx_split(images_path: Path, labels_path: Path) -> tuple[torch.Tensor,
         )
     if len(labels) == 0:
         raise DataError(f"{images_path} holds no images")
+    if 0 in images.shape[1:]:
+        raise DataError(f"IDX file {images_path} holds images of {tuple(images.shape[1:])} pixels: none to learn from")
     if labels.min() < 0:
         raise DataError(f"{labels_path} holds negative labels")
     return images.unsqueeze(1).float().div_(255.0), labels.long()
@@ -342,13 +379,15 @@ def load_idx_dataset(directory: str | os.PathLike[str], *, name: str = "idx") ->
     Dataset
         Classification dataset; images are float32 in [0, 1] of shape
         ``(N, 1, rows, cols)``, labels int64 of shape ``(N,)``, and ``n_classes``
-        is the largest label plus one.
+        is the largest label plus one (every class from 0 to it must occur in the
+        training labels).
 
     Raises
     ------
     DataError
         If the directory or a file is missing or corrupt, image and label counts
-        differ, or training and test images differ in size.
+        differ, images have no pixels, labels leave a class out or the test labels
+        hold a class the training labels lack, or training and test images differ in size.
     """
     directory = Path(directory)
     if not directory.is_dir():
@@ -364,7 +403,7 @@ def load_idx_dataset(directory: str | os.PathLike[str], *, name: str = "idx") ->
             f"training images in {directory} are {tuple(train_x.shape[2:])} pixels but "
             f"test images are {tuple(test_x.shape[2:])}"
         )
-    n_classes = int(max(train_y.max(), test_y.max())) + 1
+    n_classes = _checked_class_count(train_y, test_y, directory)
     return Dataset(
         name=name,
         task="classification",
@@ -374,6 +413,24 @@ def load_idx_dataset(directory: str | os.PathLike[str], *, name: str = "idx") ->
         test_y=test_y,
         n_classes=n_classes,
     )
+
+
+def _checked_class_count(train_y: torch.Tensor, test_y: torch.Tensor, directory: Path) -> int:
+    """The number of classes K of integer labels, which must be 0..K-1 with every class in the training labels.
+
+    A stray large label (say one 200 among 0..9) would otherwise make a 201-class network.
+    """
+    n_classes = int(train_y.max()) + 1
+    present = int(torch.unique(train_y).numel())
+    if present != n_classes:
+        raise DataError(
+            f"training labels in {directory} run up to {n_classes - 1} but only {present} of the classes "
+            f"0..{n_classes - 1} occur: labels must be 0..K-1 with every class present (a stray label?)"
+        )
+    if int(test_y.max()) >= n_classes:
+        raise DataError(f"test labels in {directory} include {int(test_y.max())}, a class the training "
+                        f"labels (0..{n_classes - 1}) never show")
+    return n_classes
 
 
 def load_fashion_mnist(directory: str | os.PathLike[str] = FASHION_MNIST_DIR) -> Dataset:

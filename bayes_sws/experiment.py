@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from . import plots
-from .data import Dataset, load_dataset
+from .data import Dataset, load_dataset, physical_memory_bytes
 from .distributed import is_main_process
 from .errors import BayesSWSError, FitError
 from .fitting import Callback, FitState, evaluate
@@ -81,6 +81,7 @@ def build_model(
         Classes, or 1 for regression.
     device : torch.device or str
     """
+    _check_size(spec, input_shape=input_shape, n_outputs=n_outputs, device=torch.device(device))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(spec.seed)
         network = build_network(spec.network.architecture, hidden=spec.network.hidden,
@@ -95,6 +96,40 @@ def build_model(
         include_biases=spec.prior.include_biases,
         shared=spec.prior.shared,
     )
+
+
+_BYTES_PER_PARAMETER = 4 * 8
+"""float32 × (weights, guide point, gradient, two Adam moments, values, evaluation copies: about 8)."""
+_PRIOR_TEMPORARIES = 4 * 4
+"""float32 × 4 temporaries per weight of a chunk (at most 2**16 weights) and mixture component: the prior term."""
+
+
+def _check_size(spec: Spec, *, input_shape: tuple[int, ...], n_outputs: int, device: torch.device) -> None:
+    """Refuse, before allocating, a model whose training would need more memory than the device has.
+
+    The network is built on the ``meta`` device (shapes only) to count its
+    parameters; the estimate is rough (see ``_BYTES_PER_PARAMETER`` and
+    ``_PRIOR_TEMPORARIES``) and errs high only by small factors.
+    """
+    try:
+        with torch.device("meta"):
+            network = build_network(spec.network.architecture, hidden=spec.network.hidden,
+                                    activation=spec.network.activation, input_shape=input_shape,
+                                    n_outputs=n_outputs)
+    except (ValueError, RuntimeError) as error:
+        raise BayesSWSError(f"network {spec.network.architecture} cannot take inputs of shape "
+                            f"{input_shape}: {(str(error).splitlines() or [''])[0]}") from None
+    n_parameters = sum(p.numel() for p in network.parameters())
+    chunk = min(n_parameters, 1 << 16)
+    needed = (n_parameters * _BYTES_PER_PARAMETER
+              + chunk * spec.prior.mixture.n_components * _PRIOR_TEMPORARIES)
+    available = (torch.cuda.get_device_properties(device).total_memory if device.type == "cuda"
+                 else physical_memory_bytes())
+    if needed > available:
+        raise BayesSWSError(
+            f"training this model needs about {needed / 2**30:.1f} GiB ({n_parameters:,} network parameters, "
+            f"{spec.prior.mixture.n_components:,} mixture components, {n_outputs:,} outputs) but the "
+            f"{device.type} device has {available / 2**30:.1f} GiB: make the network or the mixture smaller")
 
 
 def _data_shape(data: Dataset) -> dict[str, Any]:

@@ -64,6 +64,8 @@ BACKENDS = ("auto", "torch", "compile", "native")
 METHODS = ("map",)
 
 _INLINE = {"inline": True}
+_MAX_NAME_LENGTH = 200
+_MAX_SPEC_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -284,12 +286,22 @@ class Spec:
     inference: InferenceSpec = field(default_factory=InferenceSpec)
 
     def __post_init__(self) -> None:
+        _check_name(self.name)
         if not 0 <= self.seed < 2**32:
             raise ValueError(f"seed must lie in [0, 2**32), got {self.seed}")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (the inline mixture flattened into ``prior``), as in the TOML file."""
         return _to_table(self)
+
+
+def _check_name(name: str) -> None:
+    """A run's name becomes a directory name (``runs/<name>``): one plain path component."""
+    if not name or name in (".", "..") or len(name) > _MAX_NAME_LENGTH:
+        raise ValueError(f"name {name!r} must be a plain file name of 1 to {_MAX_NAME_LENGTH} characters")
+    if any(c in "/\\:" or not c.isprintable() for c in name):
+        raise ValueError(f"name {name!r} must be a plain file name: no path separators (/ \\ :), "
+                         "control or NUL characters")
 
 
 def _to_table(obj: Any) -> dict[str, Any]:
@@ -383,6 +395,8 @@ def _parse_value(text: str) -> Any:
         return tomllib.loads(f"value = {text}")["value"]
     except tomllib.TOMLDecodeError:
         return text
+    except RecursionError:
+        raise SpecError(f"override value {text[:40]!r}... is nested too deeply") from None
 
 
 def apply_overrides(table: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -429,12 +443,20 @@ def load_spec(path: str | os.PathLike[str], *, overrides: list[str] = ()) -> Spe
     """
     path = Path(path)
     try:
-        table = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise SpecError(f"specification {path} not found") from None
+        if not path.exists():
+            raise SpecError(f"specification {path} not found")
+        if not path.is_file():  # a FIFO or device would block or never end
+            raise SpecError(f"specification {path} is not a regular file")
+        with path.open("rb") as handle:
+            content = handle.read(_MAX_SPEC_BYTES + 1)
+        if len(content) > _MAX_SPEC_BYTES:
+            raise SpecError(f"specification {path} is larger than {_MAX_SPEC_BYTES // 1024} KiB")
+        table = tomllib.loads(content.decode("utf-8"))
+        table.setdefault("name", path.stem)
+        return parse_spec(apply_overrides(table, list(overrides)))
     except (OSError, UnicodeDecodeError) as error:
         raise SpecError(f"cannot read specification {path}: {error}") from None
     except tomllib.TOMLDecodeError as error:
         raise SpecError(f"specification {path} is not valid TOML: {error}") from None
-    table.setdefault("name", path.stem)
-    return parse_spec(apply_overrides(table, list(overrides)))
+    except RecursionError:
+        raise SpecError(f"specification {path} (or an override) is nested too deeply") from None

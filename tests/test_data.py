@@ -60,9 +60,9 @@ def write_mnist_set(
     rng = np.random.default_rng(seed)
     arrays = {
         STEMS[0]: rng.integers(0, 256, size=(n_train, 4, 3), dtype=np.uint8),
-        STEMS[1]: rng.integers(0, 10, size=n_train, dtype=np.uint8),
+        STEMS[1]: (rng.permutation(n_train) % 3).astype(np.uint8),  # classes 0..2, each present
         STEMS[2]: rng.integers(0, 256, size=(n_test, 4, 3), dtype=np.uint8),
-        STEMS[3]: rng.integers(0, 10, size=n_test, dtype=np.uint8),
+        STEMS[3]: rng.integers(0, 3, size=n_test, dtype=np.uint8),
     }
     for stem, array in arrays.items():
         write_idx(directory / f"{stem}{suffix}", array)
