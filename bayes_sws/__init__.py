@@ -9,25 +9,39 @@ E(w) + λΩ(w) plus the hyperprior terms.
 >>> metrics = sws.run(spec, out_dir="runs/digits")
 """
 
-from .data import Dataset, load_dataset
-from .errors import BayesSWSError, DataError, FitError, SpecError
-from .kernels import set_backend, use_backend
-from .experiment import FittedModel, build_model, load_checkpoint, run
-from .fitting import Callback, Evaluate, FitState, evaluate, fit, library_scope, start_fit
-from .inference import EMUpdate, fit_map, map_guide, map_loss
-from .optim import LearningRates
-from .model import Categorical, Gaussian, SoftWeightSharingModel
-from .nets import build_network
-from .prior import (
-    GaussianMixture,
-    Hyperpriors,
-    MixturePrior,
-    SoftWeightSharingPrior,
-    mixture_log_density,
-    mixture_log_prob_sum,
-    responsibilities,
-)
-from .spec import Spec, load_spec
+import importlib
+from typing import Any
+
+# Public names and the modules they live in: imported on first use, so that the
+# command line starts (and answers Ctrl-C) before torch and Pyro are loaded.
+_EXPORTS = {
+    "data": ("Dataset", "load_dataset"),
+    "errors": ("BayesSWSError", "DataError", "FitError", "SpecError"),
+    "kernels": ("set_backend", "use_backend"),
+    "experiment": ("FittedModel", "build_model", "load_checkpoint", "run"),
+    "fitting": ("Callback", "Evaluate", "FitState", "evaluate", "fit", "library_scope", "start_fit"),
+    "inference": ("EMUpdate", "fit_map", "map_guide", "map_loss"),
+    "optim": ("LearningRates",),
+    "model": ("Categorical", "Gaussian", "SoftWeightSharingModel"),
+    "nets": ("build_network",),
+    "prior": ("GaussianMixture", "Hyperpriors", "MixturePrior", "SoftWeightSharingPrior",
+              "mixture_log_density", "mixture_log_prob_sum", "responsibilities"),
+    "spec": ("Spec", "load_spec"),
+}
+_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _MODULE_OF:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_MODULE_OF[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_MODULE_OF})
+
 
 __version__ = "0.1.0"
 
