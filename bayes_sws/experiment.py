@@ -234,7 +234,10 @@ def run(
     from it to exactly the result of an uninterrupted run. The results are written
     into a temporary directory and published as ``OUT`` by a rename
     (:func:`bayes_sws.storage.publish`); then ``OUT.partial`` is removed. SIGTERM
-    stops a run as Ctrl-C does. Under ``torchrun`` only rank 0 writes.
+    stops a run as Ctrl-C does. Under ``torchrun`` (:mod:`bayes_sws.distributed`)
+    every process trains its share of each batch, and only rank 0 evaluates,
+    checkpoints and writes; to resume, every process reads ``OUT.partial/state.pt``
+    (on several machines: a shared file system).
 
     Parameters
     ----------
@@ -253,7 +256,7 @@ def run(
 
     Returns
     -------
-    dict, the content of ``metrics.json``.
+    dict, the content of ``metrics.json`` (empty on processes other than rank 0).
 
     Raises
     ------
@@ -266,10 +269,9 @@ def run(
     out = Path(out_dir)
     main = is_main_process()
     checkpoint = partial_dir(out) / "state.pt"
-    saved = None
     if main:
         _prepare_output(out, resume=resume, force=force)
-        saved = _load_run_state(checkpoint, spec) if resume else None
+    saved = _load_run_state(checkpoint, spec) if resume else None  # every process continues from it
     try:
         return _fit_and_publish(spec, out, torch_device, checkpoint=checkpoint if main else None, saved=saved,
                     progress=progress and main, force=force)
@@ -291,11 +293,12 @@ def _fit_and_publish(spec: Spec, out: Path, torch_device: torch.device, *, check
             kept = checkpoint is not None and checkpoint.is_file()
             raise FitError(f"{error}; the last good epoch's state is kept in {checkpoint}" if kept
                            else str(error)) from None
+        if checkpoint is None:  # another process than rank 0: evaluation and artefacts are rank 0's
+            return {}
         metrics = _metrics(spec, model, data, result, torch_device)
-        if checkpoint is not None:
-            publish(out, lambda directory: _write_artefacts(directory, spec, model, data, result, metrics),
-                    force=force)
-            shutil.rmtree(checkpoint.parent, ignore_errors=True)
+        publish(out, lambda directory: _write_artefacts(directory, spec, model, data, result, metrics),
+                force=force)
+        shutil.rmtree(checkpoint.parent, ignore_errors=True)
     return metrics
 
 
