@@ -174,3 +174,24 @@ def test_publish_and_write_atomically_clean_up_after_a_failure(tmp_path):
     publish(tmp_path / "run", lambda d: (d / "y").write_text("2"), force=True)
     assert [p.name for p in (tmp_path / "run").iterdir()] == ["y"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "run"]
+
+
+@pytest.mark.parametrize("damage", ["garbage", "not a state", "wrong shapes"])
+def test_a_damaged_run_state_is_refused_in_one_line_on_resume(tmp_path, monkeypatch, damage):
+    out = tmp_path / "run"
+    interrupt_at_step(monkeypatch, 8)
+    with pytest.raises(KeyboardInterrupt):
+        experiment.run(small_spec(), out_dir=out, progress=False)
+    monkeypatch.undo()
+    path = partial_dir(out) / "state.pt"
+    state = torch.load(path, weights_only=True)
+    if damage == "garbage":
+        path.write_bytes(b"PK\x03\x04 not really a zip")
+    elif damage == "not a state":
+        torch.save({**state, "fit_state": {**state["fit_state"], "epoch": "one"}}, path)
+    else:
+        network = {name: torch.zeros(2) for name in state["fit_state"]["network"]}
+        torch.save({**state, "fit_state": {**state["fit_state"], "network": network}}, path)
+    with pytest.raises(BayesSWSError) as raised:
+        experiment.run(small_spec(), out_dir=out, progress=False, resume=True)
+    assert "\n" not in str(raised.value) and not out.exists()
