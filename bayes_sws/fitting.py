@@ -449,22 +449,24 @@ def _checked_loss(state: FitState, loss: torch.Tensor, parameters: list[torch.nn
 def _take_step(state: FitState, index: torch.Tensor, x: torch.Tensor, y: torch.Tensor, n: int) -> float:
     parameters = [p for group in state.optimizer.param_groups for p in group["params"]]
     local = index if state.reduction is None else state.reduction.shard(index)
+    value = math.nan
 
     def closure() -> torch.Tensor:
+        nonlocal value
         state.optimizer.zero_grad(set_to_none=True)
         loss = state.loss(state.model, state.guide, x[local], y[local], data_size=n) if len(local) else None
         if loss is not None:
             loss.backward()
         if state.reduction is not None:
             loss = state.reduction.reduce(loss, parameters, weight=len(local) / len(index))
-        closure.value = _checked_loss(state, loss, parameters)
+        value = _checked_loss(state, loss, parameters)
         return loss
 
     if state.full_batch:
         return float(state.optimizer.step(closure))  # the loss at the point it leaves
     closure()
     state.optimizer.step()
-    return closure.value
+    return value
 
 
 def _describe(record: dict) -> str:
