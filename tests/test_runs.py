@@ -125,7 +125,8 @@ def test_an_existing_run_is_replaced_only_with_force_and_the_cli_says_so(tmp_pat
 
 
 @pytest.mark.parametrize("failure", [OSError(errno.ENOSPC, "No space left on device"), KeyboardInterrupt()])
-def test_a_failure_while_writing_leaves_the_old_run_whole_and_no_temporaries(tmp_path, monkeypatch, failure):
+def test_a_failure_while_writing_leaves_the_old_run_whole_and_no_temporaries(tmp_path, monkeypatch, failure,
+                                                                            uninterrupted):
     out = tmp_path / "run"
     out.mkdir()
     (out / "metrics.json").write_text("old")
@@ -140,6 +141,9 @@ def test_a_failure_while_writing_leaves_the_old_run_whole_and_no_temporaries(tmp
     assert [p.name for p in out.iterdir()] == ["metrics.json"] and (out / "metrics.json").read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run", "run.partial"]  # the fit's state is kept
     assert [p.name for p in partial_dir(out).iterdir()] == ["state.pt"]
+    monkeypatch.undo()
+    resumed = experiment.run(small_spec(), out_dir=out, progress=False, resume=True, force=True)  # no refit
+    assert comparable(resumed) == comparable(uninterrupted) and not partial_dir(out).exists()
 
 
 def test_a_read_only_output_place_is_refused_before_fitting(tmp_path, monkeypatch):
