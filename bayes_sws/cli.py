@@ -53,7 +53,7 @@ def _fit(arguments: argparse.Namespace) -> int:
     spec = load_spec(arguments.spec, overrides=arguments.overrides)
     out = Path(arguments.out or Path("runs") / spec.name)
     with launched(arguments.device) as device:
-        replacing = out.is_dir() and arguments.force
+        replacing = out.is_dir() and any(out.iterdir()) and arguments.force
         metrics = run(spec, out_dir=out, device=device, progress=not arguments.quiet,
                       resume=arguments.resume, force=arguments.force)
         if is_main_process():

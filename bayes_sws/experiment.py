@@ -39,9 +39,10 @@ from .nets import build_network
 from .kernels import use_backend
 from .prior import GaussianMixture, SoftWeightSharingPrior
 from .spec import Spec, parse_spec
-from .storage import Checkpoint, interrupts_as_keyboard, partial_dir, publish, save_tensors, write_atomically
+from .storage import (Checkpoint, interrupts_as_keyboard, lock_directory, partial_dir, publish, save_tensors,
+                      write_atomically)
 
-__all__ = ["CHECKPOINT_FORMAT", "FitResult", "FittedModel", "RUN_STATE_FORMAT", "build_model", "load_checkpoint",
+__all__ = ["ARTEFACTS", "CHECKPOINT_FORMAT", "FitResult", "FittedModel", "RUN_STATE_FORMAT", "build_model", "load_checkpoint",
            "resolve_device", "run"]
 
 CHECKPOINT_FORMAT = 2
@@ -266,19 +267,20 @@ def run(
         to resume, or the output place is not writable.
     """
     torch_device = resolve_device(device)
-    out = Path(out_dir)
+    out = _output_path(out_dir)
     main = is_main_process()
     checkpoint = partial_dir(out) / "state.pt"
-    if main:
-        _prepare_output(out, resume=resume, force=force)
-    saved = _load_run_state(checkpoint, spec) if resume else None  # every process continues from it
+    lock = _prepare_output(out, resume=resume, force=force) if main else None
     try:
+        saved = _load_run_state(checkpoint, spec) if resume else None  # every process continues from it
         return _fit_and_publish(spec, out, torch_device, checkpoint=checkpoint if main else None, saved=saved,
                     progress=progress and main, force=force)
     finally:
         if main:
             with contextlib.suppress(OSError):  # a staging directory that never got a state goes
                 checkpoint.parent.rmdir()
+        if lock is not None:
+            os.close(lock)
 
 
 def _fit_and_publish(spec: Spec, out: Path, torch_device: torch.device, *, checkpoint: Path | None,
@@ -302,26 +304,55 @@ def _fit_and_publish(spec: Spec, out: Path, torch_device: torch.device, *, check
     return metrics
 
 
-def _prepare_output(out: Path, *, resume: bool, force: bool) -> None:
-    """Check the output place before fitting and create the staging directory ``OUT.partial``."""
+def _output_path(out_dir: str | os.PathLike[str]) -> Path:
+    """``out_dir`` made absolute, ``..`` and symbolic links resolved (``OUT.partial`` goes beside the real place)."""
+    out = Path(os.path.realpath(out_dir))
+    if not out.name:
+        raise BayesSWSError(f"output directory {out_dir} is the file system's root: name a directory below it")
+    return out
+
+
+def _prepare_output(out: Path, *, resume: bool, force: bool) -> int | None:
+    """Check the output place before fitting, create the staging directory ``OUT.partial`` and lock it.
+
+    Returns
+    -------
+    int or None, the descriptor holding the lock (see :func:`~bayes_sws.storage.lock_directory`).
+    """
     staging = partial_dir(out)
     if out.exists() and not out.is_dir():
         raise BayesSWSError(f"output path {out} exists and is not a directory")
-    if _holds_files(out) and not force:
-        raise BayesSWSError(f"{out} already holds a run: pass --force to replace it")
+    if _holds_files(out):
+        strangers = sorted(entry.name for entry in out.iterdir() if entry.name not in ARTEFACTS)
+        if strangers:
+            raise BayesSWSError(f"{out} holds files that are not a bayes-sws run ({', '.join(strangers[:3])}): "
+                                "name another output directory (--force replaces only a run)")
+        if not force:
+            raise BayesSWSError(f"{out} already holds a run: pass --force to replace it")
     if resume and not (staging / "state.pt").is_file():
         raise BayesSWSError(f"nothing to resume: {staging / 'state.pt'} does not exist")
-    if staging.exists() and not resume:
-        if not force:
-            raise BayesSWSError(f"{staging} holds an unfinished run: pass --resume to continue it "
-                                "or --force to start again")
-        shutil.rmtree(staging, ignore_errors=True)
     try:
         staging.mkdir(parents=True, exist_ok=True)
         probe = tempfile.TemporaryFile(dir=staging)
         probe.close()
     except OSError as error:
         raise BayesSWSError(f"cannot write in {staging.parent}: {error.strerror or error}") from None
+    lock = lock_directory(staging)
+    try:
+        if (staging / "state.pt").is_file() and not (resume or force):
+            raise BayesSWSError(f"{staging} holds an unfinished run: pass --resume to continue it "
+                                "or --force to start again")
+        if not resume:  # what a run that died left: a discarded state, temporaries
+            for entry in staging.iterdir():
+                if entry.is_dir():
+                    shutil.rmtree(entry)
+                else:
+                    entry.unlink()
+    except BaseException:
+        if lock is not None:
+            os.close(lock)
+        raise
+    return lock
 
 
 def _holds_files(directory: Path) -> bool:
@@ -425,6 +456,10 @@ def _metrics(spec: Spec, model: SoftWeightSharingModel, data: Dataset, result: F
         "history": history,
         "spec": spec.to_dict(),
     }
+
+
+ARTEFACTS = ("metrics.json", "checkpoint.pt", "weights.png", "history.png")
+"""The files of a run directory (:func:`run`); only a directory holding nothing else is replaced (``force``)."""
 
 
 def _write_artefacts(directory: Path, spec: Spec, model: SoftWeightSharingModel, data: Dataset,

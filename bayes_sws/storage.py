@@ -36,7 +36,8 @@ import torch
 from .errors import BayesSWSError
 from .fitting import Callback, FitState
 
-__all__ = ["Checkpoint", "interrupts_as_keyboard", "partial_dir", "publish", "save_tensors", "write_atomically"]
+__all__ = ["Checkpoint", "interrupts_as_keyboard", "lock_directory", "partial_dir", "publish", "save_tensors",
+           "write_atomically"]
 
 
 def _fsync_directory(directory: Path) -> None:
@@ -97,6 +98,34 @@ def partial_dir(out: str | os.PathLike[str]) -> Path:
     return out.with_name(out.name + ".partial")
 
 
+def lock_directory(directory: str | os.PathLike[str]) -> int | None:
+    """Take an exclusive advisory lock (``flock``) on ``directory`` for this process.
+
+    Returns
+    -------
+    int or None
+        The descriptor holding the lock (``os.close`` it to release); ``None`` where
+        the system has no ``flock`` (Windows).
+
+    Raises
+    ------
+    BayesSWSError
+        If another process holds the lock.
+    """
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    handle = os.open(directory, os.O_RDONLY)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(handle)
+        raise BayesSWSError(f"another run is using {directory} now: wait for it to end, "
+                            "or give this run another output directory") from None
+    return handle
+
+
 def publish(out: str | os.PathLike[str], write: Callable[[Path], None], *, force: bool = False) -> None:
     """Write a run's artefacts with ``write(directory)`` into a temporary directory, then rename it to ``out``.
 
@@ -140,7 +169,11 @@ def publish(out: str | os.PathLike[str], write: Callable[[Path], None], *, force
 def _swap(new: Path, out: Path) -> None:
     """Put directory ``new`` in the place of directory ``out``; on failure ``out`` is restored."""
     old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
-    os.replace(out, old)  # onto the empty directory just made
+    try:
+        os.replace(out, old)  # onto the empty directory just made
+    except BaseException:
+        old.rmdir()
+        raise
     try:
         os.rename(new, out)
     except BaseException:

@@ -17,7 +17,7 @@ from bayes_sws import experiment, fitting, plots
 from bayes_sws.cli import main
 from bayes_sws.errors import BayesSWSError
 from bayes_sws.spec import load_spec
-from bayes_sws.storage import partial_dir, publish, write_atomically
+from bayes_sws.storage import lock_directory, partial_dir, publish, write_atomically
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = str(ROOT / "models" / "digits.toml")
@@ -199,3 +199,67 @@ def test_a_damaged_run_state_is_refused_in_one_line_on_resume(tmp_path, monkeypa
     with pytest.raises(BayesSWSError) as raised:
         experiment.run(small_spec(), out_dir=out, progress=False, resume=True)
     assert "\n" not in str(raised.value) and not out.exists()
+
+
+def never_fit(monkeypatch) -> None:
+    monkeypatch.setattr(experiment, "load_dataset", lambda *a, **k: pytest.fail("fitted before checking"))
+
+
+def test_the_root_the_current_directory_and_a_directory_of_other_files_are_refused_before_fitting(
+        tmp_path, monkeypatch):
+    never_fit(monkeypatch)
+    with pytest.raises(BayesSWSError, match="root"):
+        experiment.run(small_spec(), out_dir="/", progress=False)
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "notes.txt").write_text("mine")
+    monkeypatch.chdir(project)
+    for out_dir in (".", "../project", str(project)):
+        with pytest.raises(BayesSWSError, match="not a bayes-sws run.*notes.txt"):
+            experiment.run(small_spec(), out_dir=out_dir, progress=False, force=True)
+    assert [p.name for p in project.iterdir()] == ["notes.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["project"]
+
+
+def test_a_run_whose_staging_directory_another_run_holds_is_refused_before_fitting(tmp_path, monkeypatch):
+    never_fit(monkeypatch)
+    out = tmp_path / "run"
+    partial_dir(out).mkdir()
+    held = lock_directory(partial_dir(out))  # as a concurrent run into the same place holds it
+    try:
+        for resume, force in ((False, False), (False, True)):
+            with pytest.raises(BayesSWSError, match="another run is using"):
+                experiment.run(small_spec(), out_dir=out, progress=False, resume=resume, force=force)
+    finally:
+        os.close(held)
+    assert partial_dir(out).is_dir()
+
+
+def test_a_symlinked_run_directory_is_replaced_through_the_link_and_a_stale_empty_staging_is_taken(
+        tmp_path, uninterrupted):
+    real = tmp_path / "real"
+    real.mkdir()
+    (real / "metrics.json").write_text("old")
+    link = tmp_path / "link"
+    link.symlink_to(real)
+    partial_dir(real).mkdir()  # what a run killed before its first epoch leaves
+    metrics = experiment.run(small_spec(), out_dir=link, progress=False, force=True)
+    assert comparable(metrics) == comparable(uninterrupted)
+    assert link.is_symlink() and sorted(p.name for p in real.iterdir()) == sorted(experiment.ARTEFACTS)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "real"]
+
+
+def test_a_failed_swap_restores_the_old_run_and_leaves_no_temporary(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    publish(out, lambda d: (d / "x").write_text("old"))
+    original = os.replace
+
+    def failing_replace(source, target):
+        if Path(source) == out:
+            raise OSError(errno.EBUSY, "Device or resource busy")
+        return original(source, target)
+
+    monkeypatch.setattr(os, "replace", failing_replace)
+    with pytest.raises(BayesSWSError, match="busy"):
+        publish(out, lambda d: (d / "y").write_text("new"), force=True)
+    assert [p.name for p in out.iterdir()] == ["x"] and sorted(p.name for p in tmp_path.iterdir()) == ["run"]
