@@ -6,7 +6,7 @@
     torchrun --nproc_per_node 2 -m bayes_sws.cli fit models/digits.toml   # data-parallel
 
 Errors in the user's input print one line on stderr and exit with status 2; Ctrl-C
-(or SIGTERM during a fit) prints one line and exits with status 130, at any
+(or SIGTERM) prints one line and exits with status 130, at any
 moment, start-up included: the library is imported inside :func:`main`.
 """
 
@@ -64,24 +64,25 @@ def _fit(arguments: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status."""
-    arguments = _parser().parse_args(argv)
+    from .errors import BayesSWSError, interrupts_as_keyboard
+
     try:
-        from .errors import BayesSWSError
+        with interrupts_as_keyboard():
+            arguments = _parser().parse_args(argv)
+            try:
+                if arguments.command == "check":
+                    from .spec import load_spec
 
-        try:
-            if arguments.command == "check":
-                from .spec import load_spec
-
-                print(json.dumps(load_spec(arguments.spec, overrides=arguments.overrides).to_dict(), indent=2))
-                return 0
-            return _fit(arguments)
-        except BayesSWSError as error:
-            print(f"bayes-sws: error: {error}", file=sys.stderr)
-            return 2
-        except MemoryError:
-            print("bayes-sws: error: out of memory: make the model, the batch or the data smaller",
-                  file=sys.stderr)
-            return 2
+                    print(json.dumps(load_spec(arguments.spec, overrides=arguments.overrides).to_dict(), indent=2))
+                    return 0
+                return _fit(arguments)
+            except BayesSWSError as error:
+                print(f"bayes-sws: error: {error}", file=sys.stderr)
+                return 2
+            except MemoryError:
+                print("bayes-sws: error: out of memory: make the model, the batch or the data smaller",
+                      file=sys.stderr)
+                return 2
     except KeyboardInterrupt:
         print("bayes-sws: interrupted (an unfinished fit keeps its last epoch in OUT.partial/; "
               "continue it with --resume)", file=sys.stderr)

@@ -1,6 +1,15 @@
-"""Exceptions raised for bad user input; the CLI prints them as one line and exits with status 2."""
+"""Exceptions raised for bad user input; the CLI prints them as one line and exits with status 2.
 
-__all__ = ["BayesSWSError", "DataError", "FitError", "SpecError"]
+:func:`interrupts_as_keyboard` makes SIGTERM stop the program as Ctrl-C does (exit 130).
+Standard library only: the CLI uses it before torch is imported.
+"""
+
+import contextlib
+import signal
+import threading
+from collections.abc import Iterator
+
+__all__ = ["BayesSWSError", "DataError", "FitError", "SpecError", "interrupts_as_keyboard"]
 
 
 class BayesSWSError(Exception):
@@ -17,3 +26,20 @@ class DataError(BayesSWSError):
 
 class FitError(BayesSWSError):
     """Fitting failed with the given settings (e.g. the loss diverged)."""
+
+
+@contextlib.contextmanager
+def interrupts_as_keyboard() -> Iterator[None]:
+    """SIGTERM raises ``KeyboardInterrupt`` inside (as SIGINT does), so both stop a run the same way."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

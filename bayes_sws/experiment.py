@@ -31,7 +31,7 @@ import torch
 from . import plots
 from .data import Dataset, load_dataset, physical_memory_bytes
 from .distributed import is_main_process
-from .errors import BayesSWSError, FitError
+from .errors import BayesSWSError, FitError, interrupts_as_keyboard
 from .fitting import Callback, FitState, evaluate
 from .inference import fit_map
 from .model import Categorical, Gaussian, SoftWeightSharingModel
@@ -39,8 +39,7 @@ from .nets import build_network
 from .kernels import use_backend
 from .prior import GaussianMixture, SoftWeightSharingPrior
 from .spec import Spec, parse_spec
-from .storage import (Checkpoint, interrupts_as_keyboard, lock_directory, partial_dir, publish, save_tensors,
-                      write_atomically)
+from .storage import Checkpoint, lock_directory, partial_dir, publish, save_tensors, write_atomically
 
 __all__ = ["ARTEFACTS", "CHECKPOINT_FORMAT", "FitResult", "FittedModel", "RUN_STATE_FORMAT", "build_model", "load_checkpoint",
            "resolve_device", "run"]

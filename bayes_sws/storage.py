@@ -20,13 +20,10 @@ it leaves and re-raises; writing errors become one-line
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
-import signal
 import tempfile
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,8 +33,7 @@ import torch
 from .errors import BayesSWSError
 from .fitting import Callback, FitState
 
-__all__ = ["Checkpoint", "interrupts_as_keyboard", "lock_directory", "partial_dir", "publish", "save_tensors",
-           "write_atomically"]
+__all__ = ["Checkpoint", "lock_directory", "partial_dir", "publish", "save_tensors", "write_atomically"]
 
 
 def _fsync_directory(directory: Path) -> None:
@@ -195,20 +191,3 @@ class Checkpoint(Callback):
     def on_epoch(self, state: FitState, record: dict) -> None:
         if state.reduction is None or state.reduction.is_main:
             save_tensors(self.path, {**self.extra, "fit_state": state.state_dict()})
-
-
-@contextlib.contextmanager
-def interrupts_as_keyboard() -> Iterator[None]:
-    """SIGTERM raises ``KeyboardInterrupt`` inside (as SIGINT does), so both stop a run the same way."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def interrupt(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt(signal.Signals(signum).name)
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bayes_sws import experiment, fitting, plots
+from bayes_sws import cli, experiment, fitting, plots
 from bayes_sws.cli import main
 from bayes_sws.errors import BayesSWSError
 from bayes_sws.spec import load_spec
@@ -263,3 +263,23 @@ def test_a_failed_swap_restores_the_old_run_and_leaves_no_temporary(tmp_path, mo
     with pytest.raises(BayesSWSError, match="busy"):
         publish(out, lambda d: (d / "y").write_text("new"), force=True)
     assert [p.name for p in out.iterdir()] == ["x"] and sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_an_interrupt_at_start_up_is_one_line_and_status_130(signum):
+    program = ("import os, sys; from bayes_sws import cli, spec; "
+               f"spec.load_spec = lambda *a, **k: os.kill(os.getpid(), {int(signum)}); "
+               "sys.exit(cli.main(['check', 'any.toml']))")
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=60,
+                          cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 130, done.stderr
+    assert done.stderr.count("\n") == 1 and "interrupted" in done.stderr
+
+
+def test_an_interrupt_while_parsing_the_command_line_is_status_130(monkeypatch, capsys):
+    class Interrupted:
+        def parse_args(self, argv):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_parser", Interrupted)
+    assert main(["check", "any.toml"]) == 130 and "interrupted" in capsys.readouterr().err
