@@ -14,7 +14,7 @@ from .errors import BayesSWSError, DataError, FitError, SpecError
 from .kernels import set_backend, use_backend
 from .experiment import FittedModel, build_model, load_checkpoint, run
 from .fitting import Callback, Evaluate, FitState, evaluate, fit, library_scope, start_fit
-from .inference import EMUpdate, fit_map, map_guide, map_loss
+from .inference import EMUpdate, PosteriorSamples, fit_map, map_guide, map_loss, sample_guide
 from .optim import LearningRates
 from .model import Categorical, Gaussian, SoftWeightSharingModel
 from .nets import build_network
@@ -47,6 +47,7 @@ __all__ = [
     "Hyperpriors",
     "LearningRates",
     "MixturePrior",
+    "PosteriorSamples",
     "SoftWeightSharingModel",
     "SoftWeightSharingPrior",
     "Spec",
@@ -66,6 +67,7 @@ __all__ = [
     "mixture_log_prob_sum",
     "responsibilities",
     "run",
+    "sample_guide",
     "set_backend",
     "use_backend",
     "start_fit",

@@ -26,7 +26,7 @@ from . import plots
 from .data import Dataset, load_dataset
 from .errors import BayesSWSError
 from .fitting import evaluate
-from .inference import fit_map
+from .inference import PosteriorSamples, fit_map, sample_guide
 from .model import Categorical, Gaussian, SoftWeightSharingModel
 from .nets import build_network
 from .kernels import use_backend
@@ -102,15 +102,43 @@ class FittedModel:
     model : SoftWeightSharingModel
         Its ``network`` holds the fitted weights.
     values : dict
-        Every sample site's fitted value.
+        Every sample site's fitted value (MAP: the point; VI: the guide's median;
+        NUTS: the mean of the draws).
     metrics : dict
         The run's metrics as saved.
+    guide : AutoGuide, optional
+        A variational fit's guide, restored from the checkpoint.
+    posterior : PosteriorSamples, optional
+        A NUTS fit's saved chains.
     """
 
     spec: Spec
     model: SoftWeightSharingModel
     values: dict[str, torch.Tensor]
     metrics: dict[str, Any]
+    guide: torch.nn.Module | None = None
+    posterior: PosteriorSamples | None = None
+
+    def posterior_samples(self, num_draws: int = 100, *, seed: int = 0) -> PosteriorSamples:
+        """The fit's posterior as draws in (chain, draw) layout.
+
+        Parameters
+        ----------
+        num_draws : int
+            Draws from a variational guide; ignored by MAP (one chain of one draw,
+            the point) and NUTS (its saved chains, as sampled).
+        seed : int
+            Seeds the guide's draws (a forked RNG: the caller's is left as it was).
+
+        Returns
+        -------
+        PosteriorSamples, ``samples[site]`` of shape ``(chains, draws, *site_shape)``.
+        """
+        if self.posterior is not None:
+            return self.posterior
+        if self.guide is not None:
+            return sample_guide(self.model, self.guide, num_draws=num_draws, seed=seed)
+        return PosteriorSamples(method="map", samples={name: value[None, None] for name, value in self.values.items()})
 
     @property
     def network(self) -> torch.nn.Module:

@@ -19,15 +19,15 @@ from dataclasses import dataclass, field
 import pyro
 import torch
 from pyro import poutine
-from pyro.infer.autoguide import AutoDelta, init_to_value
+from pyro.infer.autoguide import AutoDelta, AutoGuide, AutoGuideList, init_to_value
 from torch.distributions import transform_to
 
 from .data import Dataset
-from .fitting import Callback, Evaluate, FitState, fit, start_fit
+from .fitting import Callback, Evaluate, FitState, fit, library_scope, start_fit
 from .model import SoftWeightSharingModel
 from .optim import LearningRates
 
-__all__ = ["EMUpdate", "PosteriorSamples", "fit_map", "map_guide", "map_loss", "write_point"]
+__all__ = ["EMUpdate", "PosteriorSamples", "fit_map", "map_guide", "map_loss", "sample_guide", "write_point"]
 
 
 @dataclass
@@ -63,6 +63,61 @@ class PosteriorSamples:
     def flat(self) -> dict[str, torch.Tensor]:
         """The draws with chains and draws merged: ``(chains * draws, *site_shape)``."""
         return {name: value.reshape(-1, *value.shape[2:]) for name, value in self.samples.items()}
+
+
+def _is_point_guide(guide: AutoGuide) -> bool:
+    if isinstance(guide, AutoGuideList):
+        return all(_is_point_guide(part) for part in guide)
+    return isinstance(guide, AutoDelta)
+
+
+def sample_guide(model: SoftWeightSharingModel, guide: AutoGuide, *, num_draws: int, seed: int) -> PosteriorSamples:
+    """Draws of every latent site from a guide, all at once: one chain of ``num_draws``.
+
+    The guide runs once inside a plate of ``num_draws`` (vectorised, no loop over
+    draws), on a forked RNG seeded with ``seed`` (the caller's RNG is left as it was).
+    An ``AutoDelta`` gives its point repeated (method ``"map"``); any other guide,
+    e.g. a variational one, its own draws (method ``"vi"``).
+
+    Parameters
+    ----------
+    model : SoftWeightSharingModel
+        The model the guide was fitted to (its sites name the draws).
+    guide : AutoGuide
+        Already set up (called once, as a fit does).
+    num_draws : int
+    seed : int
+
+    Returns
+    -------
+    PosteriorSamples with ``samples[site]`` of shape ``(1, num_draws, *site_shape)`` and
+    no ``sample_stats``.
+    """
+    if num_draws < 1:
+        raise ValueError(f"num_draws must be at least 1, got {num_draws}")
+    if guide.prototype_trace is None:
+        raise ValueError("the guide has no parameters yet: fit it, or call it once on a batch")
+    sites = {name: site["value"] for name, site in guide.prototype_trace.iter_stochastic_nodes()
+             if not site["infer"].get("is_auxiliary")}
+    shapes = {name: value.shape for name, value in sites.items()}
+    device = next(iter(sites.values())).device
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), library_scope(), torch.no_grad():
+        torch.manual_seed(seed)
+        with pyro.plate("bayes_sws_draws", num_draws, dim=-_max_plate_nesting(guide) - 1):
+            trace = poutine.trace(guide).get_trace()
+    samples = {}
+    for name, shape in shapes.items():
+        value = trace.nodes[name]["value"]
+        lead = value.shape[: value.dim() - len(shape)]
+        samples[name] = value.reshape(lead.numel(), *shape).expand(num_draws, *shape).clone()[None]
+    return PosteriorSamples(method="map" if _is_point_guide(guide) else "vi", samples=samples)
+
+
+def _max_plate_nesting(guide: AutoGuide) -> int:
+    frames = [frame.dim for _, site in guide.prototype_trace.iter_stochastic_nodes()
+              for frame in site["cond_indep_stack"] if frame.vectorized]
+    return max([1, *(-dim for dim in frames)])
 
 
 def map_loss(model: Callable, guide: AutoDelta, *args, **kwargs) -> torch.Tensor:
