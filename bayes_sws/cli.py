@@ -2,6 +2,7 @@
 
     bayes-sws fit models/digits.toml [--out DIR] [--set key=value ...] [--device cpu|cuda]
     bayes-sws check models/digits.toml [--set key=value ...]
+    bayes-sws diagnose RUN_DIR [--draws S] [--seed N] [--quiet]
 
 Errors in the user's input print one line on stderr and exit with status 2.
 """
@@ -32,7 +33,24 @@ def _parser() -> argparse.ArgumentParser:
     fit.add_argument("--out", help="output directory (default: runs/<model name>)")
     fit.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     fit.add_argument("--quiet", action="store_true", help="no progress bar")
+    diagnose = commands.add_parser("diagnose", help="posterior diagnostics and predictive uncertainty of a fitted run")
+    diagnose.add_argument("run_dir", help="a directory written by `bayes-sws fit` (holding checkpoint.pt)")
+    diagnose.add_argument("--draws", type=int, default=100, help="posterior draws of a variational fit (default 100)")
+    diagnose.add_argument("--seed", type=int, default=0, help="seed of the draws (default 0)")
+    diagnose.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
+
+
+def _diagnose(arguments: argparse.Namespace) -> int:
+    from .diagnose import diagnose  # imports arviz: only this command pays for it
+
+    results = diagnose(arguments.run_dir, draws=arguments.draws, seed=arguments.seed, progress=not arguments.quiet)
+    scores = {k: v for k, v in results.items() if isinstance(v, float) and k != "seconds"}
+    scores.update({f"ood_auroc_{k}": v for k, v in results.get("ood_auroc", {}).items()})
+    summary = ", ".join(f"{k}={v:.4g}" for k, v in scores.items())
+    print(f"{results['model']} ({results['method']}, {results['chains']}x{results['draws']} draws): {summary}; "
+          f"diagnostics in {arguments.run_dir}/")
+    return 0
 
 
 def _summary(metrics: dict) -> str:
@@ -44,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status."""
     arguments = _parser().parse_args(argv)
     try:
+        if arguments.command == "diagnose":
+            return _diagnose(arguments)
         spec = load_spec(arguments.spec, overrides=arguments.overrides)
         if arguments.command == "check":
             print(json.dumps(spec.to_dict(), indent=2))

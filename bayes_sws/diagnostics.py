@@ -22,6 +22,7 @@ indices along every dimension, coordinates the true indices).
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import warnings
 from collections.abc import Iterator, Sequence
@@ -255,10 +256,16 @@ def _default_variables(idata: az.InferenceData) -> list[str]:
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
     """Silence ArviZ's warnings about one chain or one draw (a MAP point): R-hat and densities are NaN or flat there."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        warnings.simplefilter("ignore", UserWarning)
-        yield
+    logger = logging.getLogger("arviz")
+    level = logger.level
+    logger.setLevel(logging.ERROR)  # "Shape validation failed" for fewer than 4 draws
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            warnings.simplefilter("ignore", UserWarning)
+            yield
+    finally:
+        logger.setLevel(level)
 
 
 def _numpy(tensor: torch.Tensor) -> np.ndarray:

@@ -180,7 +180,7 @@ def predict(
     x: torch.Tensor,
     y: torch.Tensor | None = None,
     *,
-    chunk_size: int = 1000,
+    chunk_size: int | None = None,
     seed: int | None = None,
     progress: bool = False,
 ) -> ClassificationPredictive | RegressionPredictive:
@@ -195,8 +195,9 @@ def predict(
     x : Tensor ``(B, *input_shape)``
     y : Tensor ``(B,)``, optional
         Targets: the result then holds the per-draw log-likelihood ``(S, B)``.
-    chunk_size : int
+    chunk_size : int, optional
         Inputs per network call; memory grows as S × chunk_size × the widest layer.
+        Defaults to keeping S × chunk_size ≤ 8192 network evaluations.
     seed : int, optional
         Seeds the posterior predictive replicates ``(S, B)``; ``None`` draws none.
     progress : bool
@@ -206,10 +207,11 @@ def predict(
     -------
     ClassificationPredictive or RegressionPredictive, after ``model.likelihood.task``.
     """
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     parameters = {name: draws[name].to(x.device) for name in model.prior_sites}
     n_draws = next(iter(parameters.values())).shape[0]
+    chunk_size = chunk_size or max(1, _EVALUATIONS_PER_CALL // n_draws)
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     generator = None if seed is None else torch.Generator().manual_seed(seed)
     classification = model.likelihood.task == "classification"
     noise_scales = None if classification else _noise_scales(model, draws, n_draws, like=x)
@@ -220,7 +222,9 @@ def predict(
             chunk = slice(start, start + chunk_size)
             targets = None if y is None else y[chunk]
             outputs = model.outputs(parameters, x[chunk])
-            if outputs.shape[0] != n_draws or outputs.dim() < 2:  # a site without a draws dimension
+            if n_draws == 1:  # model.outputs reads a single leading 1 as the data plate's dimension
+                outputs = outputs.unsqueeze(0)
+            if outputs.shape[0] != n_draws:  # a site without a draws dimension
                 raise ValueError(f"draws must be shaped (S, *site_shape); outputs came out {tuple(outputs.shape)}")
             if classification:
                 parts.append(classification_predictive(outputs.log_softmax(-1), targets, generator=generator))
@@ -252,3 +256,4 @@ def _concatenate(parts: list) -> ClassificationPredictive | RegressionPredictive
 
 
 _PER_DRAW = ("log_likelihood", "replicates")
+_EVALUATIONS_PER_CALL = 8192
