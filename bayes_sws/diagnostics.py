@@ -256,13 +256,14 @@ def _default_variables(idata: az.InferenceData) -> list[str]:
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
     """Silence ArviZ's warnings about one chain or one draw (a MAP point): R-hat and densities are NaN or flat there."""
-    logger = logging.getLogger("arviz")
+    logger = getattr(az, "_log", logging.getLogger("arviz"))  # arviz 0.23's own logger, outside logging's registry
     level = logger.level
     logger.setLevel(logging.ERROR)  # "Shape validation failed" for fewer than 4 draws
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
             warnings.simplefilter("ignore", UserWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)  # matplotlib's, about ArviZ's calls
             yield
     finally:
         logger.setLevel(level)
