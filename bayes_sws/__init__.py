@@ -9,7 +9,7 @@ E(w) + λΩ(w) plus the hyperprior terms.
 >>> metrics = sws.run(spec, out_dir="runs/digits")
 """
 
-from .data import Dataset, load_dataset
+from .data import Dataset, load_dataset, load_ood
 from .errors import BayesSWSError, DataError, FitError, SpecError
 from .kernels import set_backend, use_backend
 from .experiment import FittedModel, build_model, load_checkpoint, run
@@ -27,6 +27,7 @@ from .prior import (
     mixture_log_prob_sum,
     responsibilities,
 )
+from .predictive import ClassificationPredictive, RegressionPredictive, predict
 from .spec import Spec, load_spec
 
 __version__ = "0.1.0"
@@ -35,6 +36,7 @@ __all__ = [
     "BayesSWSError",
     "Callback",
     "Categorical",
+    "ClassificationPredictive",
     "DataError",
     "Dataset",
     "EMUpdate",
@@ -48,6 +50,7 @@ __all__ = [
     "LearningRates",
     "MixturePrior",
     "PosteriorSamples",
+    "RegressionPredictive",
     "SoftWeightSharingModel",
     "SoftWeightSharingPrior",
     "Spec",
@@ -60,9 +63,11 @@ __all__ = [
     "library_scope",
     "load_checkpoint",
     "load_dataset",
+    "load_ood",
     "load_spec",
     "map_guide",
     "map_loss",
+    "predict",
     "mixture_log_density",
     "mixture_log_prob_sum",
     "responsibilities",
