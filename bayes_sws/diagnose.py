@@ -8,7 +8,8 @@ from its saved specification, and writes into ``RUN_DIR``
     summary.csv           az.summary of the mixture (and scalar) variables: ESS, R-hat
     trace.png, forest.png, weight_posteriors.png   ArviZ plots
     reliability.png       reliability diagram on the test split (classification)
-    uncertainty.png       predictive entropy, test split against each OOD set (classification)
+    uncertainty.png       predictive entropy, test split against each OOD set (classification):
+                          noise, MNIST digits for Fashion-MNIST, the spec's data.held_out_class
     diagnostics.json      the metrics below
 
 Nothing is written unless everything succeeded: the files are made in a
@@ -28,9 +29,9 @@ from typing import Any
 import torch
 
 from . import diagnostics, metrics, plots
-from .data import Dataset, load_dataset, load_ood
+from .data import Dataset, load_ood
 from .errors import BayesSWSError, DataError
-from .experiment import load_checkpoint
+from .experiment import load_checkpoint, load_run_data
 from .predictive import ClassificationPredictive, predict
 
 __all__ = ["diagnose", "ood_sets"]
@@ -94,8 +95,7 @@ def diagnose(
         raise BayesSWSError(f"--draws must be at least 1, got {draws}")
     fitted = load_checkpoint(run_dir / "checkpoint.pt")
     spec, model = fitted.spec, fitted.model
-    data = load_dataset(spec.data.dataset, path=spec.data.path, seed=spec.seed)
-    data = data.with_validation(spec.data.validation_fraction, seed=spec.seed)
+    data, held_out = load_run_data(spec)
     posterior = fitted.posterior_samples(draws, seed=seed)
     flat = posterior.flat()
     test = predict(model, flat, data.test_x, data.test_y, seed=seed, progress=progress)
@@ -107,7 +107,7 @@ def diagnose(
         calibration = metrics.calibration(test.probabilities, data.test_y)
         entropies = {"test": test.entropy}
         results["ood_auroc"] = {}
-        for name, x in ood_sets(data, seed=seed).items():
+        for name, x in {**ood_sets(data, seed=seed), **held_out}.items():
             entropies[name] = predict(model, flat, x, progress=progress).entropy
             results["ood_auroc"][name] = metrics.ood_auroc(test.entropy, entropies[name])
         results["mean_entropy"] = {name: float(value.mean()) for name, value in entropies.items()}

@@ -33,7 +33,8 @@ from .kernels import use_backend
 from .prior import GaussianMixture, SoftWeightSharingPrior
 from .spec import Spec, parse_spec
 
-__all__ = ["CHECKPOINT_FORMAT", "FittedModel", "build_model", "load_checkpoint", "resolve_device", "run"]
+__all__ = ["CHECKPOINT_FORMAT", "FittedModel", "build_model", "load_checkpoint", "load_run_data", "resolve_device",
+           "run"]
 
 CHECKPOINT_FORMAT = 2
 
@@ -218,9 +219,25 @@ def run(
         return _fit_and_save(spec, out, torch_device, progress=progress)
 
 
-def _fit_and_save(spec: Spec, out: Path, torch_device: torch.device, *, progress: bool) -> dict[str, Any]:
+def load_run_data(spec: Spec) -> tuple[Dataset, dict[str, torch.Tensor]]:
+    """The data a specification fits on, and the inputs it holds out.
+
+    Returns
+    -------
+    (Dataset, dict of str to Tensor)
+        The dataset with its validation split, without ``data.held_out_class``; and
+        ``{"class_<k>": that class's test inputs}`` (empty when no class is held out).
+    """
     data = load_dataset(spec.data.dataset, path=spec.data.path, seed=spec.seed)
-    data = data.with_validation(spec.data.validation_fraction, seed=spec.seed).to(torch_device)
+    held_out = {}
+    if spec.data.held_out_class is not None:
+        data, images = data.hold_out_class(spec.data.held_out_class)
+        held_out[f"class_{spec.data.held_out_class}"] = images
+    return data.with_validation(spec.data.validation_fraction, seed=spec.seed), held_out
+
+
+def _fit_and_save(spec: Spec, out: Path, torch_device: torch.device, *, progress: bool) -> dict[str, Any]:
+    data = load_run_data(spec)[0].to(torch_device)
     model = build_model(spec, **_data_shape(data), device=torch_device)
     settings = spec.inference
     common = dict(batch_size=settings.batch_size, optimizer=settings.optimizer,

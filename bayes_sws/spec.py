@@ -179,17 +179,23 @@ class DataSpec:
     ``validation_fraction`` of the training examples (seeded by the spec's ``seed``;
     the last years for the sunspot series) form a validation split for model
     selection, evaluated every epoch; 0 keeps them all for training.
+    ``held_out_class`` (classification) removes that class from every split: the
+    fit never sees it, and its test images serve ``bayes-sws diagnose`` as an
+    out-of-distribution set.
     """
 
     dataset: str = "digits"
     path: str | None = None
     validation_fraction: float = 0.0
+    held_out_class: int | None = None
 
     def __post_init__(self) -> None:
         if self.dataset not in DATASET_NAMES:
             raise ValueError(f"dataset must be one of {', '.join(DATASET_NAMES)}, got {self.dataset!r}")
         if not 0 <= self.validation_fraction < 1:
             raise ValueError(f"validation_fraction must lie in [0, 1), got {self.validation_fraction}")
+        if self.held_out_class is not None and self.held_out_class < 0:
+            raise ValueError(f"held_out_class must be a class index (>= 0), got {self.held_out_class}")
 
 
 @dataclass(frozen=True)

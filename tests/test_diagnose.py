@@ -17,7 +17,8 @@ FILES = ("idata.nc", "summary.csv", "reliability.png", "uncertainty.png", "trace
 @pytest.fixture(scope="module")
 def map_run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("diagnose") / "run"
-    assert main(["fit", DIGITS, "--out", str(out), "--quiet", "--set", "inference.epochs=3"]) == 0
+    assert main(["fit", DIGITS, "--out", str(out), "--quiet", "--set", "inference.epochs=3",
+                 "--set", "data.held_out_class=9"]) == 0
     return out
 
 
@@ -34,11 +35,22 @@ def test_diagnose_of_a_map_run_writes_every_file_and_the_metrics(map_run, capsys
     assert results["accuracy"] == pytest.approx(fitted["test_accuracy"])
     assert results["nll"] == pytest.approx(fitted["test_nll"], rel=1e-4)
     assert 0 <= results["ece"] <= 1 and 0 <= results["brier"] <= 2
-    assert set(results["ood_auroc"]) == {"noise"} and 0.5 < results["ood_auroc"]["noise"] <= 1
+    assert set(results["ood_auroc"]) == {"noise", "class_9"}
+    assert 0.5 < results["ood_auroc"]["noise"] <= 1 and 0 < results["ood_auroc"]["class_9"] < 1
+    assert set(results["mean_entropy"]) == {"test", "noise", "class_9"}
     assert results["mean_mutual_information"] == 0.0
     assert "loo" not in results  # a single draw has nothing to smooth
     summary = (map_run / "summary.csv").read_text().splitlines()
     assert "r_hat" in summary[0] and any(line.startswith("pi[0]") for line in summary)
+
+
+def test_a_held_out_class_is_left_out_of_the_fit(map_run):
+    import bayes_sws as sws
+
+    spec = sws.load_checkpoint(map_run / "checkpoint.pt").spec
+    data, held_out = sws.experiment.load_run_data(spec)
+    assert 9 not in data.train_y.tolist() and 9 not in data.test_y.tolist()
+    assert len(held_out["class_9"]) == 45  # of the 450 digits in the test split
 
 
 def test_a_failure_midway_writes_nothing(map_run, monkeypatch, capsys):
