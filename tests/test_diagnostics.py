@@ -136,6 +136,9 @@ def test_netcdf_round_trip_preserves_groups_values_dims_and_coords(fitted, tmp_p
             np.testing.assert_array_equal(back[group][name].values, variable.values)
     assert back.posterior["layer_2_out"].values.tolist() == [0, 1, 2]
     assert back.attrs["inference_method"] == "nuts"
+    # loaded into memory: the file can be replaced (here by another fit) under the loaded copy
+    save_inference_data(to_inference_data(fitted[0], _posterior(fitted[0], chains=1, draws=2)), tmp_path / "idata.nc")
+    np.testing.assert_array_equal(back.posterior["mu"].values, idata.posterior["mu"].values)
     with pytest.raises(BayesSWSError, match="not found"):
         load_inference_data(tmp_path / "missing.nc")
 
