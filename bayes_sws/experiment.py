@@ -16,6 +16,7 @@ import json
 import os
 import pickle
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -25,8 +26,8 @@ import torch
 from . import plots
 from .data import Dataset, load_dataset
 from .errors import BayesSWSError
-from .fitting import evaluate
-from .inference import PosteriorSamples, fit_map, sample_guide
+from .fitting import FitState, evaluate, library_scope
+from .inference import PosteriorSamples, fit_map, fit_nuts, fit_vi, sample_guide, vi_guide
 from .model import Categorical, Gaussian, SoftWeightSharingModel
 from .nets import build_network
 from .kernels import use_backend
@@ -250,7 +251,10 @@ def _fit_and_save(spec: Spec, out: Path, torch_device: torch.device, *, progress
             include_biases=spec.prior.include_biases, shared=spec.prior.shared)
         pretrain_seconds = fit_map(likelihood_only, data, epochs=settings.pretrain_epochs, **common).seconds
     result = fit_map(model, data, epochs=settings.epochs, em_every=settings.em_every or None, **common)
-    values = result.values
+    map_history = result.history
+    result, posterior, bayes_seconds = _bayesian_stage(spec, model, data, result, progress=progress)
+    values = result.values if posterior is None else _posterior_mean(posterior)
+    model.load_values(values)
 
     metric = _metric_name(data)
     for record in result.history:
@@ -266,7 +270,7 @@ def _fit_and_save(spec: Spec, out: Path, torch_device: torch.device, *, progress
         "seed": spec.seed,
         "epochs": spec.inference.epochs,
         "pretrain_epochs": spec.inference.pretrain_epochs,
-        "seconds": result.seconds + pretrain_seconds,
+        "seconds": result.seconds + pretrain_seconds + bayes_seconds,
         "train_loss": result.history[-1]["loss"],
         **_split_metrics(model, values, data),
         "n_weights": model.n_weights,
@@ -274,6 +278,8 @@ def _fit_and_save(spec: Spec, out: Path, torch_device: torch.device, *, progress
         "mixture": {group: m.as_dict() for group, m in mixtures.items()}
         if not model.shared else next(iter(mixtures.values())).as_dict(),
         "history": result.history,
+        **({"map_history": map_history} if result.history is not map_history else {}),
+        **({"nuts": _nuts_summary(posterior, bayes_seconds)} if posterior is not None else {}),
         "spec": spec.to_dict(),
     }
     try:
@@ -289,6 +295,8 @@ def _fit_and_save(spec: Spec, out: Path, torch_device: torch.device, *, progress
         "network": {k: v.detach().cpu() for k, v in model.network.state_dict().items()},
         "fit_state": result.state_dict(),
         "metrics": metrics,
+        **({"posterior": {"samples": _cpu(posterior.samples), "sample_stats": _cpu(posterior.sample_stats)}}
+           if posterior is not None else {}),
     }
     _write_atomically(out / "checkpoint.pt", lambda p: torch.save(checkpoint, p))
     group = next(iter(model.groups))
@@ -298,6 +306,57 @@ def _fit_and_save(spec: Spec, out: Path, torch_device: torch.device, *, progress
     _write_atomically(out / "history.png", lambda p: plots.plot_history(
         result.history, p, metric=f"test_{metric}", group=group))
     return metrics
+
+
+def _bayesian_stage(spec: Spec, model: SoftWeightSharingModel, data: Dataset, map_state: FitState, *,
+                    progress: bool) -> tuple[FitState, PosteriorSamples | None, float]:
+    """``method = "vi"`` / ``"nuts"``: continue from the MAP fit. Returns the state, NUTS draws, NUTS seconds."""
+    settings = spec.inference
+    if settings.method == "vi":
+        vi = settings.vi
+        state = fit_vi(model, data, epochs=vi.epochs, batch_size=settings.batch_size,
+                       learning_rates=vi.learning_rates, num_particles=vi.num_particles,
+                       init_values=map_state.values, init_scale=vi.init_scale, mixture_guide=vi.mixture_guide,
+                       local_reparameterization=vi.local_reparameterization, seed=spec.seed, progress=progress)
+        return state, None, 0.0
+    if settings.method == "nuts":
+        nuts = settings.nuts
+        started = time.perf_counter()
+        posterior = fit_nuts(model, data, num_chains=nuts.num_chains, warmup_steps=nuts.warmup,
+                             num_samples=nuts.draws, init_values=map_state.values,
+                             max_tree_depth=nuts.max_tree_depth, target_accept_prob=nuts.target_accept_prob,
+                             seed=spec.seed, progress=progress)
+        return map_state, posterior, time.perf_counter() - started
+    return map_state, None, 0.0
+
+
+def _posterior_mean(posterior: PosteriorSamples) -> dict[str, torch.Tensor]:
+    return {name: value.mean(dim=(0, 1)) for name, value in posterior.samples.items()}
+
+
+def _nuts_summary(posterior: PosteriorSamples, seconds: float) -> dict[str, Any]:
+    stats = posterior.sample_stats
+    return {"chains": posterior.n_chains, "draws": posterior.n_draws, "seconds": seconds,
+            "divergences": int(stats["diverging"].sum()),
+            "mean_acceptance_rate": float(stats["acceptance_rate"].mean())}
+
+
+def _cpu(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {name: value.detach().cpu() for name, value in tensors.items()}
+
+
+def _restored_guide(spec: Spec, model: SoftWeightSharingModel, shape: dict[str, Any],
+                    state: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """A VI run's guide, built as the fit built it and loaded with its saved parameters."""
+    parameter = next(model.network.parameters())
+    x = parameter.new_zeros((1, *shape["input_shape"]))
+    y = (torch.zeros(1, dtype=torch.long, device=x.device) if shape["task"] == "classification"
+         else parameter.new_zeros(1))
+    with library_scope():
+        guide = vi_guide(model, init_scale=spec.inference.vi.init_scale, mixture_guide=spec.inference.vi.mixture_guide)
+        guide(x, y, data_size=1)  # creates its parameters
+        guide.load_state_dict(state)
+    return guide
 
 
 def load_checkpoint(path: str | os.PathLike[str], *, device: str = "cpu") -> FittedModel:
@@ -339,4 +398,14 @@ def load_checkpoint(path: str | os.PathLike[str], *, device: str = "cpu") -> Fit
         model.load_values(values)
     except (RuntimeError, KeyError) as error:
         raise BayesSWSError(f"checkpoint {path} does not match its specification: {error}") from None
-    return FittedModel(spec=spec, model=model, values=values, metrics=checkpoint["metrics"])
+    guide, posterior = None, None
+    try:
+        if spec.inference.method == "vi":
+            guide = _restored_guide(spec, model, shape, checkpoint["fit_state"]["guide"])
+        if spec.inference.method == "nuts":
+            posterior = PosteriorSamples(method="nuts", samples=checkpoint["posterior"]["samples"],
+                                         sample_stats=checkpoint["posterior"]["sample_stats"])
+    except (RuntimeError, KeyError) as error:
+        raise BayesSWSError(f"checkpoint {path} lacks its {spec.inference.method} posterior: {error}") from None
+    return FittedModel(spec=spec, model=model, values=values, metrics=checkpoint["metrics"], guide=guide,
+                       posterior=posterior)

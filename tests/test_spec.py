@@ -43,8 +43,9 @@ def test_loading_every_model_spec_imports_neither_torch_nor_pyro():
         (spec.BACKENDS, kernels.BACKENDS),
         (tuple(f"fit_{method}" for method in spec.METHODS),
          tuple(name for name in inference.__all__ if name.startswith("fit_"))),
+        (spec.MIXTURE_GUIDES, inference.MIXTURE_GUIDES),
     ],
-    ids=["datasets", "architectures", "activations", "backends", "methods"],
+    ids=["datasets", "architectures", "activations", "backends", "methods", "mixture guides"],
 )
 def test_vocabularies_equal_what_the_modules_accept(names, accepted):
     assert names == accepted
