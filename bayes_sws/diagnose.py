@@ -126,7 +126,7 @@ def diagnose(
             results[f"{split}_predictive_sd"] = float(result.variance.sqrt().mean())
     idata = diagnostics.to_inference_data(model, posterior, predictive=test, observed=data.test_y)
     table = diagnostics.summary(idata)
-    if posterior.n_chains * posterior.n_draws > 1:
+    if posterior.n_chains * posterior.n_draws >= diagnostics.LOO_MIN_DRAWS:
         elpd = diagnostics.loo(idata)
         results["loo"] = {"elpd_loo": float(elpd.elpd_loo), "se": float(elpd.se), "p_loo": float(elpd.p_loo),
                           "pareto_k_above_0.7": int((elpd.pareto_k > 0.7).sum()), "warning": bool(elpd.warning)}

@@ -38,6 +38,7 @@ from .model import SoftWeightSharingModel
 from .predictive import ClassificationPredictive, RegressionPredictive
 
 __all__ = [
+    "LOO_MIN_DRAWS",
     "MIXTURE_VARIABLES",
     "load_inference_data",
     "loo",
@@ -52,6 +53,9 @@ __all__ = [
 
 MIXTURE_VARIABLES = ("pi", "mu", "sigma")
 """Posterior variables of the mixture: proportions, means and standard deviations per component."""
+
+LOO_MIN_DRAWS = 21
+"""Fewest draws for PSIS-LOO: ArviZ fits each Pareto tail to the largest ⌈S/5⌉ weights, and needs 5."""
 
 _DIM_SUFFIXES = {2: ("out", "in"), 3: ("out", "in", "k"), 4: ("out", "in", "kh", "kw"),
                  5: ("out", "in", "kd", "kh", "kw")}
@@ -176,13 +180,16 @@ def loo(idata: az.InferenceData):
     Raises
     ------
     BayesSWSError
-        Without a log-likelihood, or with a single draw (a MAP fit: nothing to smooth).
+        Without a log-likelihood, with a single draw (a MAP fit: nothing to smooth), or
+        with fewer than :data:`LOO_MIN_DRAWS` draws (ArviZ then fits no tail: every k is inf).
     """
     if "log_likelihood" not in idata.groups():
         raise BayesSWSError("PSIS-LOO needs a log_likelihood group: build the InferenceData with a predictive")
     n_samples = idata.posterior.sizes["chain"] * idata.posterior.sizes["draw"]
     if n_samples < 2:
         raise BayesSWSError("PSIS-LOO needs posterior draws; this fit has one (a MAP point)")
+    if n_samples < LOO_MIN_DRAWS:
+        raise BayesSWSError(f"PSIS-LOO needs at least {LOO_MIN_DRAWS} draws to fit its Pareto tails, got {n_samples}")
     with warnings.catch_warnings():  # the result's ``warning`` flag and Pareto k values say it
         warnings.simplefilter("ignore", UserWarning)
         return az.loo(idata, pointwise=True)

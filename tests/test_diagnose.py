@@ -80,3 +80,19 @@ def test_a_missing_or_bad_run_dir_is_one_line_and_exit_2(tmp_path, capsys):
     assert main(["diagnose", str(tmp_path), "--draws", "0"]) == 2
     assert "--draws" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]
+
+
+def test_diagnose_of_a_vi_run_has_epistemic_uncertainty_and_loo(tmp_path, capsys):
+    out = tmp_path / "vi"
+    assert main(["fit", DIGITS, "--out", str(out), "--quiet", "--set", "inference.method=vi",
+                 "--set", "inference.epochs=2", "--set", "inference.vi.epochs=2"]) == 0
+    assert main(["diagnose", str(out), "--quiet", "--draws", "25", "--seed", "1"]) == 0
+    results = json.loads((out / "diagnostics.json").read_text())
+    assert (results["method"], results["chains"], results["draws"]) == ("vi", 1, 25)
+    assert results["mean_mutual_information"] > 0  # draws differ, so they disagree somewhere
+    assert results["loo"]["p_loo"] > 0 and results["loo"]["elpd_loo"] < 0
+    from bayes_sws.diagnostics import load_inference_data
+
+    idata = load_inference_data(out / "idata.nc")
+    assert idata.posterior.sizes["draw"] == 25 and float(idata.posterior["mu"].std()) > 0
+    assert idata.log_likelihood["y"].shape == (1, 25, 450)

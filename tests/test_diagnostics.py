@@ -22,7 +22,7 @@ from bayes_sws.errors import BayesSWSError
 from bayes_sws.inference import PosteriorSamples
 from bayes_sws.predictive import predict
 
-CHAINS, DRAWS, N = 2, 8, 12
+CHAINS, DRAWS, N = 2, 12, 12
 
 
 def _model(*, shared: bool = True) -> SoftWeightSharingModel:
@@ -96,7 +96,7 @@ def test_log_likelihood_is_per_draw_per_observation(fitted):
     model, posterior, y, idata = fitted
     draws = posterior.flat()
     x = torch.randn(N, 4, generator=torch.Generator().manual_seed(2))
-    s = 11  # chain 1, draw 3
+    s = DRAWS + 3  # chain 1, draw 3
     logits = torch.func.functional_call(model.network, {k: draws[k][s] for k in model.prior_sites}, (x,))
     expected = torch.distributions.Categorical(logits=logits).log_prob(y).detach()
     assert np.allclose(idata.log_likelihood["y"].values[1, 3], expected.numpy(), atol=1e-5)
@@ -114,7 +114,7 @@ def test_loo_needs_draws_and_a_log_likelihood(fitted):
     model, posterior, _, idata = fitted
     result = loo(idata)
     assert result.n_samples == CHAINS * DRAWS and result.n_data_points == N
-    assert np.isfinite(result.elpd_loo)
+    assert np.isfinite(result.elpd_loo) and np.isfinite(result.pareto_k).all()
     with pytest.raises(BayesSWSError, match="log_likelihood"):
         loo(to_inference_data(model, posterior))
     point = PosteriorSamples("map", {k: v[:1, :1] for k, v in posterior.samples.items()})
@@ -122,6 +122,9 @@ def test_loo_needs_draws_and_a_log_likelihood(fitted):
     single = to_inference_data(model, point, predictive=predict(model, point.flat(), x, torch.zeros(3).long()))
     with pytest.raises(BayesSWSError, match="MAP"):
         loo(single)
+    few = PosteriorSamples("vi", {k: v[:1, :20] for k, v in posterior.samples.items()})
+    with pytest.raises(BayesSWSError, match="at least 21 draws"):
+        loo(to_inference_data(model, few, predictive=predict(model, few.flat(), x, torch.zeros(3).long())))
 
 
 def test_netcdf_round_trip_preserves_groups_values_dims_and_coords(fitted, tmp_path):
