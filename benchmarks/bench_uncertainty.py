@@ -5,7 +5,8 @@ their specifications in ``models/``), one run each with ``--seed``:
 
   plain  a plain torch epoch (Adam on the summed cross-entropy, no prior), for the time ratio
   map    the specification's MAP fit (pretraining, then the mixture prior), ``fit_map``
-  vi     ``fit_vi`` started from the MAP point, for each setting in ``--vi-init-scales``
+  vi     ``fit_vi`` started from the MAP point with the specification's ``[inference.vi]``
+         settings, for each setting in ``--vi-init-scales``
          (the guide's initial weight scales); the one with the lowest validation NLL of
          the S-draw predictive is kept
 
@@ -26,7 +27,7 @@ Full run (hours on 2 CPU cores):
   PYTHONPATH=. .venv/bin/python benchmarks/bench_uncertainty.py --json benchmarks/results/uncertainty.json
 Cut run (minutes):
   PYTHONPATH=. .venv/bin/python benchmarks/bench_uncertainty.py --models lenet-300-100 \\
-      --pretrain-epochs 1 --epochs 1 --vi-epochs 1 --no-sunspots
+      --pretrain-epochs 1 --epochs 1 --vi-epochs 1 --vi-init-scales 0.01 --no-sunspots
 """
 
 from __future__ import annotations
@@ -55,7 +56,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SPECS = {"lenet-300-100": ROOT / "models" / "fashion-lenet-300-100.toml",
          "lenet5": ROOT / "models" / "fashion-lenet5.toml"}
 SUNSPOTS = ROOT / "models" / "sunspots.toml"
-PROPER_HYPERPRIORS = ["prior.hyperpriors.dirichlet=1.0", "prior.hyperpriors.means_scale=1.0"]
+PROPER_HYPERPRIORS = ["prior.hyperpriors.dirichlet=1.0", "prior.hyperpriors.means_scale=1.0",
+                      "prior.hyperpriors.zero_proportion_beta=[1.0, 1.0]"]
 EVALUATION_IMAGES = 512
 
 
@@ -125,11 +127,16 @@ def fashion(name: str, arguments) -> dict:
     model.load_values(map_values)
     network_state = copy.deepcopy(model.network.state_dict())
 
+    vi = settings.vi
+    vi_epochs = arguments.vi_epochs or vi.epochs
     candidates = []
-    for init_scale in arguments.vi_init_scales:
+    for init_scale in arguments.vi_init_scales or [vi.init_scale]:
         vi_model = _fresh_copy(spec, data, network_state, map_values)
-        state = fit_vi(vi_model, view, epochs=arguments.vi_epochs, init_values=map_values, init_scale=init_scale,
-                       num_particles=arguments.particles, **common)
+        state = fit_vi(vi_model, view, epochs=vi_epochs, batch_size=settings.batch_size,
+                       learning_rates=vi.learning_rates, num_particles=arguments.particles or vi.num_particles,
+                       init_values=map_values, init_scale=init_scale, mixture_guide=vi.mixture_guide,
+                       local_reparameterization=vi.local_reparameterization, seed=spec.seed,
+                       progress=arguments.progress)
         posterior = sample_guide(vi_model, state.guide, num_draws=arguments.draws, seed=spec.seed)
         valid = predict(vi_model, posterior.flat(), data.valid_x, data.valid_y)
         valid_nll = metrics.negative_log_likelihood(valid.probabilities, data.valid_y)
@@ -149,12 +156,12 @@ def fashion(name: str, arguments) -> dict:
                 "seconds_per_epoch": map_state.seconds / settings.epochs},
         "vi": {**_scores(vi_model, vi_posterior, data.test_x, data.test_y, ood), "valid_nll": valid_nll,
                "init_scale": init_scale, "draws": arguments.draws,
-               "seconds_per_epoch": vi_state.seconds / arguments.vi_epochs},
+               "seconds_per_epoch": vi_state.seconds / vi_epochs},
     }
     for row in rows.values():
         row["epoch_ratio_to_plain"] = row["seconds_per_epoch"] / plain
     return {"model": name, "seed": spec.seed, "epochs": settings.epochs, "pretrain_epochs": settings.pretrain_epochs,
-            "vi_epochs": arguments.vi_epochs, "plain_seconds_per_epoch": plain, "rows": rows}
+            "vi_epochs": vi_epochs, "plain_seconds_per_epoch": plain, "rows": rows}
 
 
 def _site_kind(site: str, model) -> str:
@@ -176,9 +183,11 @@ def sunspots(arguments) -> dict:
 
     vi_model = _fresh_copy(spec, data, network_state, map_values)
     started = time.perf_counter()
+    vi = settings.vi
     vi_state = fit_vi(vi_model, data, epochs=arguments.sunspots_vi_epochs, batch_size=data.train_x.shape[0],
-                      init_values=map_values, num_particles=arguments.particles, seed=spec.seed,
-                      progress=arguments.progress)
+                      learning_rates=vi.learning_rates, init_values=map_values, init_scale=vi.init_scale,
+                      num_particles=arguments.particles or vi.num_particles, mixture_guide=vi.mixture_guide,
+                      seed=spec.seed, progress=arguments.progress)
     vi_seconds = time.perf_counter() - started
     vi_posterior = sample_guide(vi_model, vi_state.guide, num_draws=arguments.nuts_samples * arguments.nuts_chains,
                                 seed=spec.seed)
@@ -242,10 +251,10 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--epochs", type=int, help="MAP epochs with the prior (default: the specification's)")
     parser.add_argument("--pretrain-epochs", type=int, help="MAP epochs without it (default: the specification's)")
-    parser.add_argument("--vi-epochs", type=int, default=30)
+    parser.add_argument("--vi-epochs", type=int, help="VI epochs (default: the specification's inference.vi.epochs)")
     parser.add_argument("--vi-init-scales", type=float, nargs="+", default=[1e-2, 1e-3],
                         help="candidate initial guide scales, chosen by validation NLL")
-    parser.add_argument("--particles", type=int, default=1, help="ELBO particles per step")
+    parser.add_argument("--particles", type=int, help="ELBO particles per step (default: the specification's)")
     parser.add_argument("--draws", type=int, default=30, help="VI predictive draws (S >= 20)")
     parser.add_argument("--sunspots", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--sunspots-vi-epochs", type=int, default=3000)
