@@ -96,3 +96,17 @@ def test_diagnose_of_a_vi_run_has_epistemic_uncertainty_and_loo(tmp_path, capsys
     idata = load_inference_data(out / "idata.nc")
     assert idata.posterior.sizes["draw"] == 25 and float(idata.posterior["mu"].std()) > 0
     assert idata.log_likelihood["y"].shape == (1, 25, 450)
+
+
+def test_diagnose_of_a_regression_run_reports_arv_and_predictive_spread_per_test_period(tmp_path):
+    out = tmp_path / "sunspots"
+    assert main(["fit", str(ROOT / "models" / "sunspots.toml"), "--out", str(out), "--quiet",
+                 "--set", "inference.epochs=3"]) == 0
+    assert main(["diagnose", str(out), "--quiet"]) == 0
+    results = json.loads((out / "diagnostics.json").read_text())
+    fitted = json.loads((out / "metrics.json").read_text())
+    for period in ("test", "test_1956-1979"):
+        assert results[f"{period}_arv"] == pytest.approx(fitted[f"{period}_arv"], rel=1e-4)
+        assert results[f"{period}_predictive_sd"] > 0  # the learned noise scale, for a MAP point
+    assert not (out / "reliability.png").exists()
+    assert (out / "idata.nc").stat().st_size > 0
