@@ -212,6 +212,8 @@ def predict(
     chunk_size = chunk_size or max(1, _EVALUATIONS_PER_CALL // n_draws)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    if x.shape[0] == 0:
+        raise ValueError("predict needs at least one input")
     generator = None if seed is None else torch.Generator().manual_seed(seed)
     classification = model.likelihood.task == "classification"
     noise_scales = None if classification else _noise_scales(model, draws, n_draws, like=x)
