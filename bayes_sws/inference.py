@@ -538,14 +538,14 @@ def fit_nuts(
     if min(num_chains, warmup_steps, num_samples) < 1:
         raise ValueError("num_chains, warmup_steps and num_samples must be at least 1")
     x, y, n = data.train_x, data.train_y, data.train_x.shape[0]
+    values = {**model.initial_values(), **(init_values or {})}
     with library_scope(), torch.no_grad():
-        prior_trace = poutine.trace(model).get_trace(x[:1], y[:1], data_size=n)
-    improper = [name for name, site in prior_trace.iter_stochastic_nodes()
+        sites = poutine.trace(InitMessenger(init_to_value(values=values))(model)).get_trace(x[:1], y[:1], data_size=n)
+    improper = [name for name, site in sites.iter_stochastic_nodes()
                 if isinstance(site["fn"], pyro.distributions.ImproperUniform)]
     if improper:
         raise BayesSWSError(f"NUTS needs proper priors on every site; flat: {', '.join(improper)} "
                             "(set [prior.hyperpriors], and prior.weight > 0)")
-    values = {**model.initial_values(), **(init_values or {})}
     device = x.device
     chains = []
     for chain in range(num_chains):
