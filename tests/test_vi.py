@@ -10,7 +10,7 @@ import torch
 
 import bayes_linear as linear
 from bayes_sws.experiment import load_checkpoint, run
-from bayes_sws.fitting import library_scope
+from bayes_sws.fitting import Callback, library_scope
 from bayes_sws.inference import fit_map, fit_vi, sample_guide, vi_guide, vi_loss
 from bayes_sws.model import SoftWeightSharingModel
 from bayes_sws.optim import LearningRates
@@ -55,8 +55,8 @@ def test_a_map_checkpoints_posterior_is_one_chain_of_one_draw_the_point(tmp_path
         assert torch.equal(draws.samples[name][0, 0], value)
 
 
-def _linear_fit(prior_weight: float, weight_guide: str):
-    data, model = linear.dataset(), linear.model(prior_weight)
+def _linear_fit(prior_weight: float, weight_guide: str, prior_precision: float = linear.PRIOR_PRECISION):
+    data, model = linear.dataset(), linear.model(prior_weight, prior_precision)
     state = fit_vi(model, data, epochs=800, batch_size=linear.N, learning_rates=RATES, num_particles=32,
                    init_scale=0.1, weight_guide=weight_guide, seed=0, progress=False)
     draws = sample_guide(model, state.guide, num_draws=20000, seed=1)
@@ -91,14 +91,17 @@ def test_mean_field_vi_recovers_the_means_and_understates_the_variances_as_theor
 def test_lambda_under_vi_tempers_the_prior_and_leaves_the_entropy_unscaled():
     # λ multiplies log p(w | mixture) in the ELBO, not log q: the optimal q is ∝ p(D | w) p(w)^λ,
     # precision XᵀX/s² + λp. A λ-scaled KL would give ∝ p(D | w)^(1/λ) p(w), precision XᵀX/(λs²) + p.
-    prior_weight = 0.05
-    data, draws = _linear_fit(prior_weight, "full")
-    mean, covariance, _ = linear.posterior(data, prior_weight)
+    # A strong prior (p = 100, against data precisions XᵀX/s² of 27 to 423) makes λ matter.
+    prior_weight, prior_precision = 0.25, 100.0
+    data, draws = _linear_fit(prior_weight, "full", prior_precision)
+    mean, covariance, _ = linear.posterior(data, prior_weight, prior_precision)
     assert ((draws.mean(0) - mean).abs() / covariance.diagonal().sqrt()).max() < 0.2
     assert (torch.cov(draws.T) - covariance).norm() / covariance.norm() < 0.1
-    x = data.train_x
-    scaled_kl = torch.linalg.inv(x.T @ x / (prior_weight * linear.NOISE**2) + linear.PRIOR_PRECISION * torch.eye(linear.D, dtype=x.dtype))
-    assert (torch.cov(draws.T) - scaled_kl).norm() / scaled_kl.norm() > 1
+    x, eye = data.train_x, torch.eye(linear.D, dtype=data.train_x.dtype)
+    untempered = linear.posterior(data, 1.0, prior_precision)[1]
+    scaled_kl = torch.linalg.inv(x.T @ x / (prior_weight * linear.NOISE**2) + prior_precision * eye)
+    for other in (untempered, scaled_kl):  # the alternatives are far outside the tolerance
+        assert (other - covariance).norm() / covariance.norm() > 0.3
 
 
 def test_the_map_loss_meaning_of_lambda_is_unchanged_by_vi():
@@ -142,7 +145,10 @@ def test_a_resumed_vi_fit_ends_exactly_where_an_uninterrupted_one_does():
     options = dict(batch_size=20, learning_rates=RATES, num_particles=2, init_scale=0.05, seed=3, progress=False)
     whole = fit_vi(toy_model(), data, epochs=4, **options)
     first = fit_vi(toy_model(), data, epochs=2, **options)
-    resumed = fit_vi(toy_model(), data, epochs=4, state_dict=first.state_dict(), **options)
+    epochs_run = []
+    counter = type("Counter", (Callback,), {"on_epoch": lambda self, state, record: epochs_run.append(state.epoch)})
+    resumed = fit_vi(toy_model(), data, epochs=4, state_dict=first.state_dict(), callbacks=[counter()], **options)
+    assert epochs_run == [3, 4]  # continued, not started again
     assert [r["loss"] for r in resumed.history] == [r["loss"] for r in whole.history]
     for name, value in whole.guide.state_dict().items():
         assert torch.equal(resumed.guide.state_dict()[name], value)
@@ -164,3 +170,30 @@ def test_vi_run_end_to_end_on_digits_saves_a_guide_to_draw_from_again(tmp_path):
     assert all(torch.equal(again.samples[name], value) for name, value in draws.samples.items())
     # the draws centre on the saved median
     assert (weights.mean(0) - fitted.values["1.weight"]).abs().mean() < weights.std(0).mean()
+
+
+def test_cli_method_flag_is_inference_method(tmp_path, capsys):
+    from bayes_sws.cli import main
+
+    status = main(["fit", str(ROOT / "models/digits.toml"), "--method", "vi", "--quiet", "--out", str(tmp_path),
+                   "--set", "inference.epochs=1", "--set", "inference.vi.epochs=1"])
+    assert status == 0
+    metrics = (tmp_path / "metrics.json").read_text()
+    assert '"method": "vi"' in metrics and '"map_history"' in metrics
+
+
+def test_in_the_elbo_lambda_scales_the_models_weight_log_density_and_not_the_guides():
+    data, model = toy_dataset(), toy_model(prior_weight=0.25)
+    x, y, n = data.train_x, data.train_y, len(data.train_x)
+    with library_scope(), torch.no_grad():
+        guide = vi_guide(model)
+        guide_trace = pyro.poutine.trace(guide).get_trace(x, y, data_size=n)
+        model_trace = pyro.poutine.trace(pyro.poutine.replay(model, trace=guide_trace)).get_trace(x, y, data_size=n)
+    model_trace.compute_log_prob()
+    guide_trace.compute_log_prob()
+    for name in model.prior_sites:
+        assert model_trace.nodes[name]["scale"] == 0.25 and guide_trace.nodes[name]["scale"] == 1.0
+        site = model_trace.nodes[name]
+        assert torch.allclose(site["log_prob_sum"], 0.25 * site["fn"].log_prob(site["value"]).sum())
+    for name in ("mixture.precisions", "mixture.means"):
+        assert model_trace.nodes[name]["scale"] == 1.0
