@@ -197,3 +197,26 @@ def test_in_the_elbo_lambda_scales_the_models_weight_log_density_and_not_the_gui
         assert torch.allclose(site["log_prob_sum"], 0.25 * site["fn"].log_prob(site["value"]).sum())
     for name in ("mixture.precisions", "mixture.means"):
         assert model_trace.nodes[name]["scale"] == 1.0
+
+
+@pytest.mark.parametrize("layer", ["linear", "conv2d"])
+def test_local_pre_activations_have_the_weight_sampling_mean_and_variance(layer):
+    from torch import nn
+
+    from bayes_sws.local_reparam import local_outputs
+
+    torch.manual_seed(0)
+    network = nn.Sequential(nn.Linear(5, 3)) if layer == "linear" else nn.Sequential(nn.Conv2d(2, 3, 3, padding=1))
+    x = torch.randn(4, 5) if layer == "linear" else torch.randn(4, 2, 5, 5)
+    shape = network[0].weight.shape
+    posterior = {"0.weight": (torch.randn(shape), 0.1 + torch.rand(shape))}
+    draws = 4000
+    local = local_outputs(network, posterior, x, particles=torch.Size([draws]))
+    location, scale = posterior["0.weight"]
+    weights = location + scale * torch.randn(draws, *shape)
+    sampled = torch.func.vmap(lambda w: torch.func.functional_call(network, {"0.weight": w}, (x,)))(weights)
+    assert local.shape == sampled.shape == (draws, *network(x).shape)
+    # means: within 5 standard errors; variances: within 15 % (about 7 standard errors of the ratio)
+    standard_error = (sampled.var(0) / draws).sqrt()
+    assert ((local.mean(0) - sampled.mean(0)).abs() < 5 * standard_error + 1e-6).all()
+    assert torch.allclose(local.var(0), sampled.var(0), rtol=0.15)
