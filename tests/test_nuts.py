@@ -3,15 +3,17 @@ sampler statistics, refusals, and a NUTS run's checkpoint."""
 
 from pathlib import Path
 
-import pyro
 import pytest
 import torch
 from pyro.ops.stats import split_gelman_rubin
+from torch import nn
 
 import bayes_linear as linear
 from bayes_sws.errors import BayesSWSError
 from bayes_sws.experiment import load_checkpoint, run
 from bayes_sws.inference import NUTS_MAX_WEIGHTS, fit_nuts
+from bayes_sws.model import Categorical, SoftWeightSharingModel
+from bayes_sws.prior import SoftWeightSharingPrior
 from bayes_sws.spec import load_spec
 from test_inference import toy_dataset, toy_model
 
@@ -73,20 +75,14 @@ def test_nuts_reports_its_sampler_statistics_per_draw(linear_nuts):
 
 def test_nuts_refuses_networks_above_its_weight_limit_and_flat_hyperpriors():
     data = toy_dataset()
-    big = toy_model()
-    big.prior_sites  # noqa: B018 - the model is fine; only its size is faked below
+    side = int(NUTS_MAX_WEIGHTS ** 0.5) + 1
+    big = SoftWeightSharingModel(nn.Sequential(nn.Linear(4, side), nn.Linear(side, side), nn.Linear(side, 3)),
+                                 prior=SoftWeightSharingPrior(n_components=2), likelihood=Categorical())
+    assert big.n_weights > NUTS_MAX_WEIGHTS
     with pytest.raises(BayesSWSError, match=f"at most {NUTS_MAX_WEIGHTS}"):
-        fit_nuts(_with_weight_count(big, NUTS_MAX_WEIGHTS + 1), data, progress=False)
+        fit_nuts(big, data, progress=False)
     with pytest.raises(BayesSWSError, match="proper priors.*mixture.means"):
         fit_nuts(toy_model(), data, progress=False)  # toy_model's hyperpriors are flat
-
-
-def _with_weight_count(model, count):
-    class Sized(type(model)):
-        n_weights = count
-
-    model.__class__ = Sized
-    return model
 
 
 def test_nuts_run_end_to_end_saves_its_chains_in_the_checkpoint(tmp_path):
