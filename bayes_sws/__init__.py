@@ -2,7 +2,8 @@
 
 A network's weights get a learned mixture-of-Gaussians prior (Nowlan & Hinton
 1992; Bishop, PRML §5.5.7); MAP fitting with Pyro's ``AutoDelta`` minimises
-E(w) + λΩ(w) plus the hyperprior terms.
+E(w) + λΩ(w) plus the hyperprior terms; ``fit_vi`` and ``fit_nuts`` give the
+posterior over the same model (``PosteriorSamples``).
 
 >>> import bayes_sws as sws
 >>> spec = sws.load_spec("models/digits.toml")
@@ -14,7 +15,19 @@ from .errors import BayesSWSError, DataError, FitError, SpecError
 from .kernels import set_backend, use_backend
 from .experiment import FittedModel, build_model, load_checkpoint, run
 from .fitting import Callback, Evaluate, FitState, evaluate, fit, library_scope, start_fit
-from .inference import EMUpdate, PosteriorSamples, fit_map, map_guide, map_loss, sample_guide
+from .inference import (
+    NUTS_MAX_WEIGHTS,
+    EMUpdate,
+    PosteriorSamples,
+    fit_map,
+    fit_nuts,
+    fit_vi,
+    map_guide,
+    map_loss,
+    sample_guide,
+    vi_guide,
+    vi_loss,
+)
 from .optim import LearningRates
 from .model import Categorical, Gaussian, SoftWeightSharingModel
 from .nets import build_network
@@ -49,6 +62,7 @@ __all__ = [
     "Hyperpriors",
     "LearningRates",
     "MixturePrior",
+    "NUTS_MAX_WEIGHTS",
     "PosteriorSamples",
     "RegressionPredictive",
     "SoftWeightSharingModel",
@@ -60,6 +74,8 @@ __all__ = [
     "evaluate",
     "fit",
     "fit_map",
+    "fit_nuts",
+    "fit_vi",
     "library_scope",
     "load_checkpoint",
     "load_dataset",
@@ -75,5 +91,7 @@ __all__ = [
     "sample_guide",
     "set_backend",
     "use_backend",
+    "vi_guide",
+    "vi_loss",
     "start_fit",
 ]

@@ -1,6 +1,6 @@
 """The ``bayes-sws`` command: a thin shell over the Python API.
 
-    bayes-sws fit models/digits.toml [--out DIR] [--set key=value ...] [--device cpu|cuda]
+    bayes-sws fit models/digits.toml [--method map|vi|nuts] [--out DIR] [--set key=value ...] [--device cpu|cuda]
     bayes-sws check models/digits.toml [--set key=value ...]
     bayes-sws diagnose RUN_DIR [--draws S] [--seed N] [--quiet]
 
@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .errors import BayesSWSError
 from .experiment import run
-from .spec import load_spec
+from .spec import METHODS, load_spec
 
 __all__ = ["main"]
 
@@ -30,6 +30,8 @@ def _parser() -> argparse.ArgumentParser:
         command.add_argument("spec", help="a model specification (.toml), e.g. models/digits.toml")
         command.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                              help="override a setting, e.g. --set prior.weight=0.01 (repeatable)")
+    fit.add_argument("--method", choices=METHODS,
+                     help="the same as --set inference.method=METHOD: vi and nuts start from the spec's MAP fit")
     fit.add_argument("--out", help="output directory (default: runs/<model name>)")
     fit.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     fit.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -64,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if arguments.command == "diagnose":
             return _diagnose(arguments)
-        spec = load_spec(arguments.spec, overrides=arguments.overrides)
+        method = [f"inference.method={arguments.method!r}"] if getattr(arguments, "method", None) else []
+        spec = load_spec(arguments.spec, overrides=[*arguments.overrides, *method])
         if arguments.command == "check":
             print(json.dumps(spec.to_dict(), indent=2))
             return 0

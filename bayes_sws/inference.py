@@ -18,6 +18,7 @@ E(w) + λΩ(w) − log p(π, μ, 1/σ²) (docs/objective.md), minimised by
 
 from __future__ import annotations
 
+import contextlib
 import math
 import operator
 from collections.abc import Callable, Sequence
@@ -538,26 +539,40 @@ def fit_nuts(
     if min(num_chains, warmup_steps, num_samples) < 1:
         raise ValueError("num_chains, warmup_steps and num_samples must be at least 1")
     x, y, n = data.train_x, data.train_y, data.train_x.shape[0]
+    values = {**model.initial_values(), **(init_values or {})}
     with library_scope(), torch.no_grad():
-        prior_trace = poutine.trace(model).get_trace(x[:1], y[:1], data_size=n)
-    improper = [name for name, site in prior_trace.iter_stochastic_nodes()
+        sites = poutine.trace(InitMessenger(init_to_value(values=values))(model)).get_trace(x[:1], y[:1], data_size=n)
+    improper = [name for name, site in sites.iter_stochastic_nodes()
                 if isinstance(site["fn"], pyro.distributions.ImproperUniform)]
     if improper:
         raise BayesSWSError(f"NUTS needs proper priors on every site; flat: {', '.join(improper)} "
                             "(set [prior.hyperpriors], and prior.weight > 0)")
-    values = {**model.initial_values(), **(init_values or {})}
     device = x.device
     chains = []
-    for chain in range(num_chains):
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), \
-                pyro.validation_enabled(False):
-            torch.manual_seed(seed + chain)
-            chains.append(_run_chain(model, x, y, values=values, warmup_steps=warmup_steps,
-                                     num_samples=num_samples, max_tree_depth=max_tree_depth,
-                                     target_accept_prob=target_accept_prob, progress=progress))
+    with _frozen(model.network):
+        for chain in range(num_chains):
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), \
+                    pyro.validation_enabled(False):
+                torch.manual_seed(seed + chain)
+                chains.append(_run_chain(model, x, y, values=values, warmup_steps=warmup_steps,
+                                         num_samples=num_samples, max_tree_depth=max_tree_depth,
+                                         target_accept_prob=target_accept_prob, progress=progress))
     samples = {name: torch.stack([c[0][name] for c in chains]) for name in chains[0][0]}
     stats = {name: torch.stack([c[1][name] for c in chains]) for name in chains[0][1]}
     return PosteriorSamples(method="nuts", samples=samples, sample_stats=stats)
+
+
+@contextlib.contextmanager
+def _frozen(network: torch.nn.Module):
+    """The network's own parameters as constants for the duration (NUTS's traced potential takes them as such)."""
+    trainable = [p for p in network.parameters() if p.requires_grad]
+    for parameter in trainable:
+        parameter.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for parameter in trainable:
+            parameter.requires_grad_(True)
 
 
 def _run_chain(model, x, y, *, values, warmup_steps, num_samples, max_tree_depth, target_accept_prob,

@@ -29,19 +29,20 @@ def dataset() -> Dataset:
                    n_classes=None)
 
 
-def model(prior_weight: float = 1.0) -> SoftWeightSharingModel:
+def model(prior_weight: float = 1.0, prior_precision: float = PRIOR_PRECISION) -> SoftWeightSharingModel:
     shape = 1e4
-    prior = SoftWeightSharingPrior(n_components=1, zero_component=True, init_scale=PRIOR_PRECISION ** -0.5,
-                                   hyperpriors=Hyperpriors(precision_gamma=(shape, shape / PRIOR_PRECISION)))
+    prior = SoftWeightSharingPrior(n_components=1, zero_component=True, init_scale=prior_precision ** -0.5,
+                                   hyperpriors=Hyperpriors(precision_gamma=(shape, shape / prior_precision)))
     torch.manual_seed(0)
     return SoftWeightSharingModel(nn.Linear(D, 1, bias=False).to(F64), prior=prior,
                                   likelihood=Gaussian(noise_scale=NOISE), prior_weight=prior_weight)
 
 
-def posterior(data: Dataset, prior_weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def posterior(data: Dataset, prior_weight: float = 1.0, prior_precision: float = PRIOR_PRECISION,
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The analytic posterior mean ``(D,)``, covariance ``(D, D)`` and precision matrix A ``(D, D)``."""
     x, y = data.train_x, data.train_y
-    precision = x.T @ x / NOISE**2 + prior_weight * PRIOR_PRECISION * torch.eye(D, dtype=F64)
+    precision = x.T @ x / NOISE**2 + prior_weight * prior_precision * torch.eye(D, dtype=F64)
     covariance = torch.linalg.inv(precision)
     return covariance @ x.T @ y / NOISE**2, covariance, precision
 
