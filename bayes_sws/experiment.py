@@ -22,6 +22,7 @@ import os
 import pickle
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,8 +33,8 @@ from . import plots
 from .data import Dataset, load_dataset, physical_memory_bytes
 from .distributed import is_main_process
 from .errors import BayesSWSError, FitError, interrupts_as_keyboard
-from .fitting import Callback, FitState, evaluate
-from .inference import fit_map
+from .fitting import Callback, FitState, evaluate, library_scope
+from .inference import PosteriorSamples, fit_map, fit_nuts, fit_vi, vi_guide
 from .model import Categorical, Gaussian, SoftWeightSharingModel
 from .nets import build_network
 from .kernels import use_backend
@@ -41,8 +42,8 @@ from .prior import GaussianMixture, SoftWeightSharingPrior
 from .spec import Spec, parse_spec
 from .storage import Checkpoint, lock_directory, partial_dir, publish, save_tensors, write_atomically
 
-__all__ = ["ARTEFACTS", "CHECKPOINT_FORMAT", "FitResult", "FittedModel", "RUN_STATE_FORMAT", "build_model", "load_checkpoint",
-           "resolve_device", "run"]
+__all__ = ["ARTEFACTS", "CHECKPOINT_FORMAT", "FitResult", "FittedModel", "RUN_STATE_FORMAT", "build_model",
+           "load_checkpoint", "load_run_data", "resolve_device", "run"]
 
 CHECKPOINT_FORMAT = 2
 
@@ -146,15 +147,43 @@ class FittedModel:
     model : SoftWeightSharingModel
         Its ``network`` holds the fitted weights.
     values : dict
-        Every sample site's fitted value.
+        Every sample site's fitted value (MAP: the point; VI: the guide's median;
+        NUTS: the mean of the draws).
     metrics : dict
         The run's metrics as saved.
+    guide : AutoGuide, optional
+        A variational fit's guide, restored from the checkpoint.
+    posterior : PosteriorSamples, optional
+        A NUTS fit's saved chains.
     """
 
     spec: Spec
     model: SoftWeightSharingModel
     values: dict[str, torch.Tensor]
     metrics: dict[str, Any]
+    guide: torch.nn.Module | None = None
+    posterior: PosteriorSamples | None = None
+
+    def posterior_samples(self, num_draws: int = 100, *, seed: int = 0) -> PosteriorSamples:
+        """The fit's posterior as draws in (chain, draw) layout.
+
+        Parameters
+        ----------
+        num_draws : int
+            Draws from a variational guide; ignored by MAP (one chain of one draw,
+            the point) and NUTS (its saved chains, as sampled).
+        seed : int
+            Seeds the guide's draws (a forked RNG: the caller's is left as it was).
+
+        Returns
+        -------
+        PosteriorSamples, ``samples[site]`` of shape ``(chains, draws, *site_shape)``.
+        """
+        if self.posterior is not None:
+            return self.posterior
+        if self.guide is not None:
+            return sample_guide(self.model, self.guide, num_draws=num_draws, seed=seed)
+        return PosteriorSamples(method="map", samples={name: value[None, None] for name, value in self.values.items()})
 
     @property
     def network(self) -> torch.nn.Module:
@@ -210,11 +239,20 @@ class FitResult:
         Every sample site's fitted value.
     seconds : float
         Wall time of the whole fit, pretraining included.
+    map_history : list of dict, optional
+        The MAP stage's history when a VI stage followed it (``state`` is then VI's).
+    posterior : PosteriorSamples, optional
+        NUTS's draws (``values`` is then their mean, ``state`` the MAP fit's).
+    nuts_seconds : float
+        Wall time of the NUTS stage.
     """
 
     state: FitState
     values: dict[str, torch.Tensor]
     seconds: float
+    map_history: list[dict[str, Any]] | None = None
+    posterior: PosteriorSamples | None = None
+    nuts_seconds: float = 0.0
 
 
 def run(
@@ -285,8 +323,7 @@ def run(
 def _fit_and_publish(spec: Spec, out: Path, torch_device: torch.device, *, checkpoint: Path | None,
          saved: dict[str, Any] | None, progress: bool, force: bool) -> dict[str, Any]:
     with use_backend(spec.inference.kernels), interrupts_as_keyboard():  # the kernel choice holds for this run only
-        data = load_dataset(spec.data.dataset, path=spec.data.path, seed=spec.seed)
-        data = data.with_validation(spec.data.validation_fraction, seed=spec.seed).to(torch_device)
+        data = load_run_data(spec)[0].to(torch_device)
         model = build_model(spec, **_data_shape(data), device=torch_device)
         try:
             result = _fit(spec, model, data, checkpoint=checkpoint, saved=saved, progress=progress)
@@ -366,8 +403,11 @@ def _load_run_state(path: Path, spec: Spec) -> dict[str, Any]:
     if content.get("spec") != spec.to_dict():
         raise BayesSWSError(f"{path} is the state of a run of another specification: resume with the "
                             "same specification and settings, or pass --force to start again")
-    if content.get("phase") not in ("pretrain", "train") or not isinstance(content.get("pretrain_seconds"), float):
+    if content.get("phase") not in _PHASES or not isinstance(content.get("pretrain_seconds"), float):
         raise BayesSWSError(f"{path} is damaged: no valid phase")
+    if content["phase"] == "vi" and not (isinstance(content.get("map_seconds"), float)
+                                         and isinstance(content.get("map_history"), list)):
+        raise BayesSWSError(f"{path} is damaged: its VI phase lacks the MAP stage's record")
     _check_fit_state(content.get("fit_state"), path)
     return content
 
@@ -398,17 +438,43 @@ def _read_tensors(path: Path) -> dict[str, Any]:
     return content
 
 
+def load_run_data(spec: Spec) -> tuple[Dataset, dict[str, torch.Tensor]]:
+    """The data a specification fits on, and the inputs it holds out.
+
+    Returns
+    -------
+    (Dataset, dict of str to Tensor)
+        The dataset with its validation split, without ``data.held_out_class``; and
+        ``{"class_<k>": that class's test inputs}`` (empty when no class is held out).
+    """
+    data = load_dataset(spec.data.dataset, path=spec.data.path, seed=spec.seed)
+    held_out = {}
+    if spec.data.held_out_class is not None:
+        data, images = data.hold_out_class(spec.data.held_out_class)
+        held_out[f"class_{spec.data.held_out_class}"] = images
+    return data.with_validation(spec.data.validation_fraction, seed=spec.seed), held_out
+
+
+_PHASES = ("pretrain", "train", "vi")  # the checkpointed phases of a run, in order
+
+
 def _fit(spec: Spec, model: SoftWeightSharingModel, data: Dataset, *, checkpoint: Path | None,
          saved: dict[str, Any] | None, progress: bool) -> FitResult:
-    """Pretrain (likelihood only) and fit, checkpointing every epoch to ``checkpoint``, from ``saved`` if given."""
+    """Pretrain (likelihood only), fit MAP, then VI or NUTS from the MAP point.
+
+    Every epoch of the pretraining, MAP and VI phases is checkpointed to ``checkpoint``;
+    a run continues from ``saved`` (its phase, the seconds and MAP history of the phases
+    before it, and that phase's fit state). NUTS is not checkpointed: an interrupted
+    NUTS stage starts again from the finished MAP fit.
+    """
     settings = spec.inference
     common = dict(batch_size=settings.batch_size, optimizer=settings.optimizer,
                   learning_rates=settings.learning_rates,
                   iterations_per_epoch=settings.iterations_per_epoch, seed=spec.seed, progress=progress)
 
-    def saving(phase: str, pretrain_seconds: float = 0.0) -> list[Callback]:
+    def saving(phase: str, pretrain_seconds: float = 0.0, **earlier: Any) -> list[Callback]:
         extra = {"format": RUN_STATE_FORMAT, "spec": spec.to_dict(), "phase": phase,
-                 "pretrain_seconds": pretrain_seconds}
+                 "pretrain_seconds": pretrain_seconds, **earlier}
         return [Checkpoint(checkpoint, extra)] if checkpoint is not None else []
 
     def saved_state(phase: str) -> dict[str, Any] | None:
@@ -422,9 +488,37 @@ def _fit(spec: Spec, model: SoftWeightSharingModel, data: Dataset, *, checkpoint
         pretrain_seconds = fit_map(likelihood_only, data, epochs=settings.pretrain_epochs,
                                    callbacks=saving("pretrain"), state_dict=saved_state("pretrain"),
                                    **common).seconds
-    state = fit_map(model, data, epochs=settings.epochs, em_every=settings.em_every or None,
-                    callbacks=saving("train", pretrain_seconds), state_dict=saved_state("train"), **common)
-    return FitResult(state=state, values=state.values, seconds=state.seconds + pretrain_seconds)
+    if settings.method == "vi" and saved is not None and saved["phase"] == "vi":
+        map_seconds, map_history = saved["map_seconds"], saved["map_history"]
+    else:
+        state = fit_map(model, data, epochs=settings.epochs, em_every=settings.em_every or None,
+                        callbacks=saving("train", pretrain_seconds), state_dict=saved_state("train"), **common)
+        map_seconds, map_history = state.seconds, state.history
+        if settings.method == "map":
+            return FitResult(state=state, values=state.values, seconds=map_seconds + pretrain_seconds)
+    if settings.method == "vi":
+        vi = settings.vi
+        state = fit_vi(model, data, epochs=vi.epochs, batch_size=settings.batch_size,
+                       learning_rates=vi.learning_rates, num_particles=vi.num_particles,
+                       init_values=None if saved_state("vi") else state.values, init_scale=vi.init_scale,
+                       mixture_guide=vi.mixture_guide, local_reparameterization=vi.local_reparameterization,
+                       callbacks=saving("vi", pretrain_seconds, map_seconds=map_seconds, map_history=map_history),
+                       state_dict=saved_state("vi"), seed=spec.seed, progress=progress)
+        values = state.values
+        model.load_values(values)
+        return FitResult(state=state, values=values, seconds=pretrain_seconds + map_seconds + state.seconds,
+                         map_history=map_history)
+    nuts = settings.nuts
+    started = time.perf_counter()
+    posterior = fit_nuts(model, data, num_chains=nuts.num_chains, warmup_steps=nuts.warmup,
+                         num_samples=nuts.draws, init_values=state.values,
+                         max_tree_depth=nuts.max_tree_depth, target_accept_prob=nuts.target_accept_prob,
+                         seed=spec.seed, progress=progress)
+    nuts_seconds = time.perf_counter() - started
+    values = {name: value.mean(dim=(0, 1)) for name, value in posterior.samples.items()}
+    model.load_values(values)
+    return FitResult(state=state, values=values, seconds=pretrain_seconds + map_seconds + nuts_seconds,
+                     posterior=posterior, nuts_seconds=nuts_seconds)
 
 
 def _metrics(spec: Spec, model: SoftWeightSharingModel, data: Dataset, result: FitResult,
@@ -453,6 +547,8 @@ def _metrics(spec: Spec, model: SoftWeightSharingModel, data: Dataset, result: F
         "mixture": {group: m.as_dict() for group, m in mixtures.items()}
         if not model.shared else next(iter(mixtures.values())).as_dict(),
         "history": history,
+        **({"map_history": result.map_history} if result.map_history is not None else {}),
+        **({"nuts": _nuts_summary(result.posterior, result.nuts_seconds)} if result.posterior is not None else {}),
         "spec": spec.to_dict(),
     }
 
@@ -474,6 +570,9 @@ def _write_artefacts(directory: Path, spec: Spec, model: SoftWeightSharingModel,
         "network": {k: v.detach().cpu() for k, v in model.network.state_dict().items()},
         "fit_state": result.state.state_dict(),
         "metrics": metrics,
+        **({"posterior": {"samples": _cpu(result.posterior.samples),
+                          "sample_stats": _cpu(result.posterior.sample_stats)}}
+           if result.posterior is not None else {}),
     })
     group = next(iter(model.groups))
     mixtures = model.mixtures(values)
@@ -482,6 +581,31 @@ def _write_artefacts(directory: Path, spec: Spec, model: SoftWeightSharingModel,
         title=f"{spec.name}: weights and learned mixture"))
     write_atomically(directory / "history.png", lambda p: plots.plot_history(
         result.state.history, p, metric=f"test_{_metric_name(data)}", group=group))
+
+
+def _nuts_summary(posterior: PosteriorSamples, seconds: float) -> dict[str, Any]:
+    stats = posterior.sample_stats
+    return {"chains": posterior.n_chains, "draws": posterior.n_draws, "seconds": seconds,
+            "divergences": int(stats["diverging"].sum()),
+            "mean_acceptance_rate": float(stats["acceptance_rate"].mean())}
+
+
+def _cpu(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {name: value.detach().cpu() for name, value in tensors.items()}
+
+
+def _restored_guide(spec: Spec, model: SoftWeightSharingModel, shape: dict[str, Any],
+                    state: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """A VI run's guide, built as the fit built it and loaded with its saved parameters."""
+    parameter = next(model.network.parameters())
+    x = parameter.new_zeros((1, *shape["input_shape"]))
+    y = (torch.zeros(1, dtype=torch.long, device=x.device) if shape["task"] == "classification"
+         else parameter.new_zeros(1))
+    with library_scope():
+        guide = vi_guide(model, init_scale=spec.inference.vi.init_scale, mixture_guide=spec.inference.vi.mixture_guide)
+        guide(x, y, data_size=1)  # creates its parameters
+        guide.load_state_dict(state)
+    return guide
 
 
 def load_checkpoint(path: str | os.PathLike[str], *, device: str = "cpu") -> FittedModel:
@@ -529,7 +653,17 @@ def load_checkpoint(path: str | os.PathLike[str], *, device: str = "cpu") -> Fit
     except (RuntimeError, KeyError, ValueError) as error:
         first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise BayesSWSError(f"checkpoint {path} does not match its specification: {first_line}") from None
-    return FittedModel(spec=spec, model=model, values=values, metrics=checkpoint["metrics"])
+    guide, posterior = None, None
+    try:
+        if spec.inference.method == "vi":
+            guide = _restored_guide(spec, model, shape, checkpoint["fit_state"]["guide"])
+        if spec.inference.method == "nuts":
+            posterior = PosteriorSamples(method="nuts", samples=checkpoint["posterior"]["samples"],
+                                         sample_stats=checkpoint["posterior"]["sample_stats"])
+    except (RuntimeError, KeyError, TypeError) as error:
+        raise BayesSWSError(f"checkpoint {path} lacks its {spec.inference.method} posterior: {error}") from None
+    return FittedModel(spec=spec, model=model, values=values, metrics=checkpoint["metrics"], guide=guide,
+                       posterior=posterior)
 
 
 _CHECKPOINT_KEYS = {"spec": dict, "data": dict, "values": dict, "network": dict, "metrics": dict}

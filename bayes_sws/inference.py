@@ -1,4 +1,10 @@
-"""MAP fitting: an ``AutoDelta`` guide and :func:`map_loss` in the one fit loop (:mod:`bayes_sws.fitting`).
+"""Fitting the model: MAP, variational inference and NUTS, all on the one model function.
+
+MAP and VI run in the one fit loop (:mod:`bayes_sws.fitting`); NUTS is Pyro's
+sampler on the same model. Any fit's posterior comes out as
+:class:`PosteriorSamples` (:func:`sample_guide` for a fitted guide, :func:`fit_nuts`).
+
+MAP: an ``AutoDelta`` guide and :func:`map_loss`.
 
 With a Delta guide the ELBO's entropy term is zero, so the loss is exactly
 E(w) + λΩ(w) − log p(π, μ, 1/σ²) (docs/objective.md), minimised by
@@ -12,6 +18,8 @@ E(w) + λΩ(w) − log p(π, μ, 1/σ²) (docs/objective.md), minimised by
 
 from __future__ import annotations
 
+import contextlib
+import math
 import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -19,15 +27,51 @@ from dataclasses import dataclass, field
 import pyro
 import torch
 from pyro import poutine
-from pyro.infer.autoguide import AutoDelta, init_to_value
+from pyro.infer import MCMC, NUTS, Trace_ELBO
+from pyro.infer.autoguide import (
+    AutoDelta,
+    AutoGuide,
+    AutoGuideList,
+    AutoLowRankMultivariateNormal,
+    AutoMultivariateNormal,
+    AutoNormal,
+    init_to_value,
+)
+from pyro.infer.autoguide.initialization import InitMessenger
 from torch.distributions import transform_to
 
 from .data import Dataset
-from .fitting import Callback, Evaluate, FitState, fit, start_fit
+from .fitting import Callback, Evaluate, FitState, fit, library_scope, start_fit
 from .model import SoftWeightSharingModel
+from .errors import BayesSWSError
+from .local_reparam import LocalReparameterizationELBO, check_local_layers
 from .optim import LearningRates
 
-__all__ = ["EMUpdate", "PosteriorSamples", "fit_map", "map_guide", "map_loss", "write_point"]
+__all__ = [
+    "EMUpdate",
+    "MIXTURE_GUIDES",
+    "NUTS_MAX_WEIGHTS",
+    "WEIGHT_GUIDES",
+    "PosteriorSamples",
+    "fit_map",
+    "fit_nuts",
+    "fit_vi",
+    "map_guide",
+    "map_loss",
+    "sample_guide",
+    "vi_guide",
+    "vi_loss",
+    "write_point",
+]
+
+MIXTURE_GUIDES = ("full", "lowrank", "diagonal")
+"""Guides of the mixture sites under VI: full-rank, low-rank (+ diagonal) multivariate normal, or mean-field."""
+
+WEIGHT_GUIDES = ("diagonal", "full")
+"""Guides of the weights under VI: mean-field Normal, or one full-rank normal over all sites (small models)."""
+
+NUTS_MAX_WEIGHTS = 2000
+"""The most prior weights :func:`fit_nuts` accepts: NUTS beyond a few thousand dimensions does not mix here."""
 
 
 @dataclass
@@ -63,6 +107,61 @@ class PosteriorSamples:
     def flat(self) -> dict[str, torch.Tensor]:
         """The draws with chains and draws merged: ``(chains * draws, *site_shape)``."""
         return {name: value.reshape(-1, *value.shape[2:]) for name, value in self.samples.items()}
+
+
+def _is_point_guide(guide: AutoGuide) -> bool:
+    if isinstance(guide, AutoGuideList):
+        return all(_is_point_guide(part) for part in guide)
+    return isinstance(guide, AutoDelta)
+
+
+def sample_guide(model: SoftWeightSharingModel, guide: AutoGuide, *, num_draws: int, seed: int) -> PosteriorSamples:
+    """Draws of every latent site from a guide, all at once: one chain of ``num_draws``.
+
+    The guide runs once inside a plate of ``num_draws`` (vectorised, no loop over
+    draws), on a forked RNG seeded with ``seed`` (the caller's RNG is left as it was).
+    An ``AutoDelta`` gives its point repeated (method ``"map"``); any other guide,
+    e.g. a variational one, its own draws (method ``"vi"``).
+
+    Parameters
+    ----------
+    model : SoftWeightSharingModel
+        The model the guide was fitted to (its sites name the draws).
+    guide : AutoGuide
+        Already set up (called once, as a fit does).
+    num_draws : int
+    seed : int
+
+    Returns
+    -------
+    PosteriorSamples with ``samples[site]`` of shape ``(1, num_draws, *site_shape)`` and
+    no ``sample_stats``.
+    """
+    if num_draws < 1:
+        raise ValueError(f"num_draws must be at least 1, got {num_draws}")
+    if guide.prototype_trace is None:
+        raise ValueError("the guide has no parameters yet: fit it, or call it once on a batch")
+    sites = {name: site["value"] for name, site in guide.prototype_trace.iter_stochastic_nodes()
+             if not site["infer"].get("is_auxiliary")}
+    shapes = {name: value.shape for name, value in sites.items()}
+    device = next(iter(sites.values())).device
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), library_scope(), torch.no_grad():
+        torch.manual_seed(seed)
+        with pyro.plate("bayes_sws_draws", num_draws, dim=-_max_plate_nesting(guide) - 1):
+            trace = poutine.trace(guide).get_trace()
+    samples = {}
+    for name, shape in shapes.items():
+        value = trace.nodes[name]["value"]
+        lead = value.shape[: value.dim() - len(shape)]
+        samples[name] = value.reshape(lead.numel(), *shape).expand(num_draws, *shape).clone()[None]
+    return PosteriorSamples(method="map" if _is_point_guide(guide) else "vi", samples=samples)
+
+
+def _max_plate_nesting(guide: AutoGuide) -> int:
+    frames = [frame.dim for _, site in guide.prototype_trace.iter_stochastic_nodes()
+              for frame in site["cond_indep_stack"] if frame.vectorized]
+    return max([1, *(-dim for dim in frames)])
 
 
 def map_loss(model: Callable, guide: AutoDelta, *args, **kwargs) -> torch.Tensor:
@@ -218,9 +317,287 @@ def fit_map(
                       iterations_per_epoch=iterations_per_epoch, seed=seed)
     if state_dict is not None:
         state.load_state_dict(state_dict)
-    splits = {"valid": (data.valid_x, data.valid_y), "test": (data.test_x, data.test_y)}
-    evaluations = [Evaluate(name, x, y) for name, (x, y) in splits.items() if x is not None and len(x)]
     em = [EMUpdate(em_every)] if em_every else []
-    fit(state, data, epochs=epochs, callbacks=[*em, *evaluations, *callbacks], progress=progress)
+    fit(state, data, epochs=epochs, callbacks=[*em, *_evaluations(data), *callbacks], progress=progress)
     model.load_values(state.values)
     return state
+
+
+# --------------------------------------------------------------------------- variational inference
+
+
+def vi_guide(
+    model: SoftWeightSharingModel,
+    *,
+    init_values: dict[str, torch.Tensor] | None = None,
+    init_scale: float = 1e-2,
+    mixture_guide: str = "full",
+    weight_guide: str = "diagonal",
+) -> AutoGuideList:
+    """The variational family: mean-field Normal weights, a multivariate normal over the mixture sites.
+
+    By default (``weight_guide="diagonal"``) part 0 is an ``AutoNormal`` over the prior
+    sites (the weights) and part 1 a guide over every other latent site (π, μ, 1/σ²,
+    π0, a learned noise scale), all in Pyro's unconstrained coordinates:
+    ``AutoMultivariateNormal`` (``"full"``), ``AutoLowRankMultivariateNormal``
+    (``"lowrank"``) or ``AutoNormal`` (``"diagonal"``). ``weight_guide="full"`` is
+    instead one full-rank ``AutoMultivariateNormal`` over every site jointly, for
+    small models (its covariance has (weights + mixture sites)² entries).
+
+    Parameters
+    ----------
+    model : SoftWeightSharingModel
+    init_values : dict, optional
+        Locations to start from (e.g. a MAP point), some or all sites; the others
+        start at ``model.initial_values()``.
+    init_scale : float
+        Every site's starting standard deviation, in unconstrained coordinates.
+    mixture_guide : {"full", "lowrank", "diagonal"}
+    weight_guide : {"diagonal", "full"}
+
+    Returns
+    -------
+    AutoGuideList
+    """
+    if mixture_guide not in MIXTURE_GUIDES:
+        raise ValueError(f"mixture_guide must be one of {', '.join(MIXTURE_GUIDES)}, got {mixture_guide!r}")
+    if not 0 < init_scale < math.inf:
+        raise ValueError(f"init_scale must be positive and finite, got {init_scale}")
+    if weight_guide not in WEIGHT_GUIDES:
+        raise ValueError(f"weight_guide must be one of {', '.join(WEIGHT_GUIDES)}, got {weight_guide!r}")
+    init = init_to_value(values={**model.initial_values(), **(init_values or {})})
+    # Every site starts at its value, inside the blocks too: flat hyperpriors cannot be sampled.
+    started = InitMessenger(init)(model)
+    guide = AutoGuideList(started)
+    if weight_guide == "full":
+        guide.append(AutoMultivariateNormal(started, init_loc_fn=init, init_scale=init_scale))
+        return guide
+    weights = list(model.prior_sites)
+    mixture_family = {"full": AutoMultivariateNormal, "lowrank": AutoLowRankMultivariateNormal,
+                      "diagonal": AutoNormal}[mixture_guide]
+    guide.append(AutoNormal(poutine.block(started, expose=weights), init_loc_fn=init, init_scale=init_scale))
+    guide.append(mixture_family(poutine.block(started, hide=weights), init_loc_fn=init, init_scale=init_scale))
+    return guide
+
+
+def vi_loss(*, num_particles: int = 1, local_reparameterization: bool = False):
+    """The negative ELBO, ``loss(model, guide, x, y, data_size=N)``, with S vectorised particles.
+
+    The prior term has no closed form against a mixture: it is the Monte Carlo
+    average of λ·log p(w | π, μ, σ) over the S weight draws, as are the likelihood
+    and entropy terms. ``local_reparameterization`` takes the likelihood term from
+    sampled pre-activations (:class:`~bayes_sws.local_reparam.LocalReparameterizationELBO`).
+    """
+    if num_particles < 1:
+        raise ValueError(f"num_particles must be at least 1, got {num_particles}")
+    if local_reparameterization:
+        return LocalReparameterizationELBO(num_particles=num_particles)
+    return Trace_ELBO(num_particles=num_particles, vectorize_particles=True, max_plate_nesting=1).differentiable_loss
+
+
+def fit_vi(
+    model: SoftWeightSharingModel,
+    data: Dataset,
+    *,
+    epochs: int,
+    batch_size: int = 128,
+    learning_rates: LearningRates = LearningRates(),
+    num_particles: int = 1,
+    init_values: dict[str, torch.Tensor] | None = None,
+    init_scale: float = 1e-2,
+    mixture_guide: str = "full",
+    weight_guide: str = "diagonal",
+    local_reparameterization: bool = False,
+    seed: int = 0,
+    callbacks: Sequence[Callback] = (),
+    state_dict: dict | None = None,
+    progress: bool = True,
+) -> FitState:
+    """Fit :func:`vi_guide` to the model's posterior by maximising the ELBO with Adam.
+
+    The objective, per minibatch, is the negative of
+
+        E_q[(N/B) Σ_batch log p(y | x, w)] + E_q[λ log p(w | π, μ, σ) + log p(π, μ, σ)] + H[q]
+
+    with each expectation a Monte Carlo average over ``num_particles`` vectorised
+    draws; λ scales the prior's log-density, not the entropy (docs/objective.md §7).
+
+    Parameters
+    ----------
+    model : SoftWeightSharingModel
+    data : Dataset
+        Each epoch's record gets the validation and test metrics at the guide's median.
+    epochs : int
+    batch_size : int
+    learning_rates : LearningRates
+        Adam's rates: the weights' locations and scales take ``weights``; the
+        ``AutoNormal`` parts of the mixture sites their own group's rate; a
+        multivariate mixture guide (one joint location and scale) takes ``weights`` too.
+    num_particles : int
+        S ≥ 1 draws per step, vectorised.
+    init_values : dict, optional
+        Starting locations, typically a MAP point (``fit_map(...).values``).
+    init_scale : float
+        Starting standard deviation of every site (unconstrained coordinates).
+    mixture_guide : {"full", "lowrank", "diagonal"}
+    weight_guide : {"diagonal", "full"}
+        See :func:`vi_guide`.
+    local_reparameterization : bool
+        The likelihood from sampled pre-activations (Linear and Conv2d layers only;
+        needs ``weight_guide="diagonal"``).
+    seed : int
+    callbacks : sequence of Callback
+    state_dict : dict, optional
+        An earlier VI fit's :meth:`~bayes_sws.fitting.FitState.state_dict`: continue it.
+    progress : bool
+
+    Returns
+    -------
+    FitState; ``state.guide`` is the fitted guide (draw from it with
+    :func:`sample_guide`), ``state.values`` its median, also copied into the network.
+
+    Raises
+    ------
+    FitError
+        If the loss becomes non-finite.
+    """
+    if local_reparameterization:
+        check_local_layers(model.network, model.prior_sites)
+    if local_reparameterization and weight_guide != "diagonal":
+        raise ValueError("local reparameterisation needs the mean-field weight guide (weight_guide='diagonal')")
+    guide = vi_guide(model, init_values=init_values, init_scale=init_scale, mixture_guide=mixture_guide,
+                     weight_guide=weight_guide)
+    loss = vi_loss(num_particles=num_particles, local_reparameterization=local_reparameterization)
+    state = start_fit(model, guide, data, loss=loss, optimizer="adam", learning_rates=learning_rates,
+                      batch_size=batch_size, seed=seed)
+    if state_dict is not None:
+        state.load_state_dict(state_dict)
+    fit(state, data, epochs=epochs, callbacks=[*_evaluations(data), *callbacks], progress=progress)
+    model.load_values(state.values)
+    return state
+
+
+def _evaluations(data: Dataset) -> list[Evaluate]:
+    splits = {"valid": (data.valid_x, data.valid_y), "test": (data.test_x, data.test_y)}
+    return [Evaluate(name, x, y) for name, (x, y) in splits.items() if x is not None and len(x)]
+
+
+# --------------------------------------------------------------------------- NUTS
+
+
+def fit_nuts(
+    model: SoftWeightSharingModel,
+    data: Dataset,
+    *,
+    num_chains: int = 2,
+    warmup_steps: int = 200,
+    num_samples: int = 200,
+    init_values: dict[str, torch.Tensor] | None = None,
+    max_tree_depth: int = 8,
+    target_accept_prob: float = 0.8,
+    seed: int = 0,
+    progress: bool = True,
+) -> PosteriorSamples:
+    """Sample the posterior with NUTS: the same model function, the whole training set, no subsampling.
+
+    The chains run one after another, chain ``c`` seeded with ``seed + c`` (a forked
+    RNG), each from ``init_values`` (a MAP point, say), with step size and a diagonal
+    mass matrix adapted during warm-up. Pass-through parameters (biases without the
+    prior, …) stay fixed at the network's values.
+
+    Parameters
+    ----------
+    model : SoftWeightSharingModel
+        At most :data:`NUTS_MAX_WEIGHTS` weights under the prior; every latent site
+        needs a proper prior (hyperpriors on all mixture sites).
+    data : Dataset
+    num_chains, warmup_steps, num_samples : int
+    init_values : dict, optional
+        Starting values; the others start at ``model.initial_values()``.
+    max_tree_depth : int
+        At most 2**max_tree_depth − 1 leapfrog steps per draw.
+    target_accept_prob : float
+        Step-size adaptation's target.
+    seed : int
+    progress : bool
+
+    Returns
+    -------
+    PosteriorSamples (method ``"nuts"``), ``samples[site]`` ``(num_chains, num_samples, *site_shape)``;
+    ``sample_stats``: ``diverging`` (bool), ``potential_energy``, ``step_size`` and
+    ``acceptance_rate`` (the draw's mean Metropolis acceptance over its tree), each
+    ``(num_chains, num_samples)``. Pyro's NUTS does not expose the tree depth.
+
+    Raises
+    ------
+    BayesSWSError
+        If the network is too large or a site has an improper prior.
+    """
+    if model.n_weights > NUTS_MAX_WEIGHTS:
+        raise BayesSWSError(f"NUTS is for small networks: {model.n_weights} weights under the prior, "
+                            f"at most {NUTS_MAX_WEIGHTS}; use method = \"vi\"")
+    if min(num_chains, warmup_steps, num_samples) < 1:
+        raise ValueError("num_chains, warmup_steps and num_samples must be at least 1")
+    x, y, n = data.train_x, data.train_y, data.train_x.shape[0]
+    values = {**model.initial_values(), **(init_values or {})}
+    with library_scope(), torch.no_grad():
+        sites = poutine.trace(InitMessenger(init_to_value(values=values))(model)).get_trace(x[:1], y[:1], data_size=n)
+    improper = [name for name, site in sites.iter_stochastic_nodes()
+                if isinstance(site["fn"], pyro.distributions.ImproperUniform)]
+    if improper:
+        raise BayesSWSError(f"NUTS needs proper priors on every site; flat: {', '.join(improper)} "
+                            "(set [prior.hyperpriors], and prior.weight > 0)")
+    device = x.device
+    chains = []
+    with _frozen(model.network):
+        for chain in range(num_chains):
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), \
+                    pyro.validation_enabled(False):
+                torch.manual_seed(seed + chain)
+                chains.append(_run_chain(model, x, y, values=values, warmup_steps=warmup_steps,
+                                         num_samples=num_samples, max_tree_depth=max_tree_depth,
+                                         target_accept_prob=target_accept_prob, progress=progress))
+    samples = {name: torch.stack([c[0][name] for c in chains]) for name in chains[0][0]}
+    stats = {name: torch.stack([c[1][name] for c in chains]) for name in chains[0][1]}
+    return PosteriorSamples(method="nuts", samples=samples, sample_stats=stats)
+
+
+@contextlib.contextmanager
+def _frozen(network: torch.nn.Module):
+    """The network's own parameters as constants for the duration (NUTS's traced potential takes them as such)."""
+    trainable = [p for p in network.parameters() if p.requires_grad]
+    for parameter in trainable:
+        parameter.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for parameter in trainable:
+            parameter.requires_grad_(True)
+
+
+def _run_chain(model, x, y, *, values, warmup_steps, num_samples, max_tree_depth, target_accept_prob,
+               progress) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    kernel = NUTS(model, init_strategy=init_to_value(values=values), max_tree_depth=max_tree_depth,
+                  target_accept_prob=target_accept_prob, max_plate_nesting=1, jit_compile=True,
+                  ignore_jit_warnings=True)
+    records: dict[str, list] = {"diverging": [], "potential_energy": [], "step_size": [], "acceptance_rate": []}
+    seen = {"divergences": 0, "mean_accept": 0.0}
+
+    def record(kernel, params, stage, i) -> None:
+        if not stage.startswith("Sample"):
+            return
+        n = i + 1  # the kernel keeps a running mean of acceptance over the drawing phase
+        mean = kernel._mean_accept_prob
+        records["acceptance_rate"].append(n * mean - (n - 1) * seen["mean_accept"])
+        seen["mean_accept"] = mean
+        records["diverging"].append(len(kernel._divergences) > seen["divergences"])
+        seen["divergences"] = len(kernel._divergences)
+        records["potential_energy"].append(float(kernel._potential_energy_last))
+        records["step_size"].append(float(kernel.step_size))
+
+    mcmc = MCMC(kernel, num_samples=num_samples, warmup_steps=warmup_steps, num_chains=1,
+                disable_progbar=not progress, hook_fn=record)
+    mcmc.run(x, y, data_size=x.shape[0])
+    samples = {name: value.detach() for name, value in mcmc.get_samples().items()}
+    stats = {name: torch.tensor(value, device=x.device) for name, value in records.items()}
+    return samples, stats

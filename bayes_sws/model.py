@@ -26,6 +26,7 @@ from torch import nn
 from torch.distributions import constraints
 from torch.nn.utils import stateless
 
+from .local_reparam import active_weight_posterior, local_outputs
 from .prior import GaussianMixture, MixturePrior, SoftWeightSharingPrior
 
 __all__ = [
@@ -282,7 +283,11 @@ class SoftWeightSharingModel:
             for name in self.passthrough:
                 if network_parameters[name].requires_grad:
                     pyro.param(f"{self._scope}.{name}", network_parameters[name])
-        outputs = self.outputs(parameters, x)
+        local = active_weight_posterior()
+        if local is None:
+            outputs = self.outputs(parameters, x)
+        else:  # the likelihood from sampled pre-activations; the weight draws serve the prior only
+            outputs = local_outputs(self.network, local, x, particles=self._particle_shape(parameters))
         batch = x.shape[0]
         observation = self.likelihood.distribution(outputs)
         with pyro.plate("data", data_size or batch, subsample=torch.arange(batch, device=x.device)):
@@ -306,12 +311,10 @@ class SoftWeightSharingModel:
             # this is the context it runs the network in.
             with stateless._reparametrize_module(self.network, parameters, tie_weights=True):
                 return self.network(x)
-        leading = torch.broadcast_shapes(
-            *(parameters[name].shape[: parameters[name].dim() - len(self._shapes[name])] for name in self.prior_sites)
-        )
+        leading = self._leading_shape(parameters)
         if not leading:
             return torch.func.functional_call(self.network, parameters, (x,))
-        particles = leading[:-1] if leading[-1] == 1 else leading
+        particles = self._particle_shape(parameters)
         batched = {name: parameters[name].expand(leading + self._shapes[name]).reshape(-1, *self._shapes[name])
                    for name in self.prior_sites}
 
@@ -320,6 +323,16 @@ class SoftWeightSharingModel:
 
         outputs = torch.func.vmap(network)(batched)
         return outputs.reshape(particles + outputs.shape[1:])
+
+    def _leading_shape(self, parameters: dict[str, torch.Tensor]) -> torch.Size:
+        return torch.broadcast_shapes(
+            *(parameters[name].shape[: parameters[name].dim() - len(self._shapes[name])] for name in self.prior_sites)
+        )
+
+    def _particle_shape(self, parameters: dict[str, torch.Tensor]) -> torch.Size:
+        """The draws the prior sites' leading dimensions stand for (a trailing data-plate 1 dropped)."""
+        leading = self._leading_shape(parameters)
+        return leading[:-1] if leading and leading[-1] == 1 else leading
 
     def _weight_prior(self, mixture: GaussianMixture, shape: torch.Size) -> dist.Distribution:
         if self.prior_weight == 0:

@@ -1,4 +1,5 @@
-"""Figures: the weight histogram under the learned mixture, and the training history.
+"""Figures: the weight histogram under the learned mixture, the training history,
+and the predictive's reliability diagram and entropy histograms.
 
 The functions build :class:`matplotlib.figure.Figure` objects directly, without
 pyplot: importing this module changes no global matplotlib state (the backend
@@ -14,9 +15,10 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
+from .metrics import Calibration
 from .prior import GaussianMixture, mixture_log_density
 
-__all__ = ["plot_history", "plot_weights"]
+__all__ = ["plot_entropy_histograms", "plot_history", "plot_reliability", "plot_weights"]
 
 
 def plot_weights(
@@ -115,4 +117,91 @@ def plot_history(
         axis.set_xlabel("epoch")
     if path is not None:
         figure.savefig(path, dpi=110)
+    return figure
+
+
+def plot_reliability(
+    calibration: Calibration,
+    path: str | os.PathLike[str] | None = None,
+    *,
+    title: str = "",
+) -> Figure:
+    """Reliability diagram: accuracy against confidence per bin, with the bins' counts below.
+
+    Parameters
+    ----------
+    calibration : Calibration
+        From :func:`~bayes_sws.metrics.calibration`.
+    path : path-like, optional
+        Also write the figure there (format from the suffix, e.g. ``.png``).
+    title : str
+        Defaults to one stating the ECE.
+
+    Returns
+    -------
+    Figure
+    """
+    edges = calibration.edges.numpy()
+    widths = np.diff(edges)
+    occupied = calibration.counts.numpy() > 0
+    figure = Figure(figsize=(5, 6), layout="tight")
+    top, bottom = figure.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    top.bar(edges[:-1][occupied], calibration.accuracy.numpy()[occupied], width=widths[occupied],
+            align="edge", color="tab:blue", edgecolor="black", alpha=0.7, label="accuracy")
+    top.bar(edges[:-1][occupied], (calibration.confidence - calibration.accuracy).numpy()[occupied],
+            bottom=calibration.accuracy.numpy()[occupied], width=widths[occupied], align="edge",
+            color="tab:red", alpha=0.3, label="gap to confidence")
+    top.plot([0, 1], [0, 1], color="gray", ls="--", lw=1, label="perfect calibration")
+    top.set_xlim(0, 1)
+    top.set_ylim(0, 1)
+    top.set_ylabel("accuracy")
+    top.legend(loc="upper left")
+    top.set_title(title or f"Reliability (ECE = {calibration.ece:.4f}, {len(widths)} bins)")
+    bottom.bar(edges[:-1], calibration.counts.numpy(), width=widths, align="edge", color="gray")
+    bottom.set_yscale("log")
+    bottom.set_xlabel("confidence (max predictive probability)")
+    bottom.set_ylabel("count")
+    if path is not None:
+        figure.savefig(path, dpi=120)
+    return figure
+
+
+def plot_entropy_histograms(
+    entropies: dict[str, torch.Tensor],
+    path: str | os.PathLike[str] | None = None,
+    *,
+    n_classes: int,
+    title: str = "",
+    bins: int = 40,
+) -> Figure:
+    """Histograms (densities) of the predictive entropy, one per named set of inputs.
+
+    Parameters
+    ----------
+    entropies : dict of str to Tensor ``(B_k,)``
+        E.g. ``{"test (in-distribution)": ..., "mnist": ..., "noise": ...}``, in nats.
+    path : path-like, optional
+        Also write the figure there (format from the suffix, e.g. ``.png``).
+    n_classes : int
+        Sets the axis' upper end, log C (the largest possible entropy).
+    title : str
+    bins : int
+
+    Returns
+    -------
+    Figure
+    """
+    edges = np.linspace(0.0, np.log(n_classes), bins + 1)
+    figure = Figure(figsize=(7, 4), layout="tight")
+    axis = figure.subplots()
+    for name, values in entropies.items():
+        clipped = np.clip(values.detach().double().cpu().numpy(), edges[0], edges[-1])  # rounding past log C
+        axis.hist(clipped, bins=edges, density=True, histtype="stepfilled",
+                  alpha=0.4, label=f"{name} (n={values.numel():,})")
+    axis.set_xlabel("predictive entropy (nats)")
+    axis.set_ylabel("density")
+    axis.set_title(title or "Predictive entropy in and out of distribution")
+    axis.legend(loc="upper center")
+    if path is not None:
+        figure.savefig(path, dpi=120)
     return figure

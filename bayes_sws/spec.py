@@ -43,6 +43,9 @@ __all__ = [
     "DataSpec",
     "Hyperpriors",
     "InferenceSpec",
+    "MIXTURE_GUIDES",
+    "NUTSSpec",
+    "VISpec",
     "LikelihoodSpec",
     "LearningRates",
     "MixtureSpec",
@@ -61,7 +64,8 @@ ARCHITECTURES = ("mlp", "lenet5")
 ACTIVATIONS = ("relu", "tanh", "sigmoid")
 OPTIMIZERS = ("adam", "lbfgs", "cg")
 BACKENDS = ("auto", "torch", "compile", "native")
-METHODS = ("map",)
+METHODS = ("map", "nuts", "vi")
+MIXTURE_GUIDES = ("full", "lowrank", "diagonal")
 
 _INLINE = {"inline": True}
 _MAX_NAME_LENGTH = 200
@@ -181,17 +185,23 @@ class DataSpec:
     ``validation_fraction`` of the training examples (seeded by the spec's ``seed``;
     the last years for the sunspot series) form a validation split for model
     selection, evaluated every epoch; 0 keeps them all for training.
+    ``held_out_class`` (classification) removes that class from every split: the
+    fit never sees it, and its test images serve ``bayes-sws diagnose`` as an
+    out-of-distribution set.
     """
 
     dataset: str = "digits"
     path: str | None = None
     validation_fraction: float = 0.0
+    held_out_class: int | None = None
 
     def __post_init__(self) -> None:
         if self.dataset not in DATASET_NAMES:
             raise ValueError(f"dataset must be one of {', '.join(DATASET_NAMES)}, got {self.dataset!r}")
         if not 0 <= self.validation_fraction < 1:
             raise ValueError(f"validation_fraction must lie in [0, 1), got {self.validation_fraction}")
+        if self.held_out_class is not None and self.held_out_class < 0:
+            raise ValueError(f"held_out_class must be a class index (>= 0), got {self.held_out_class}")
 
 
 @dataclass(frozen=True)
@@ -244,8 +254,60 @@ class PriorSpec:
 
 
 @dataclass(frozen=True)
+class VISpec:
+    """``[inference.vi]``: the variational stage of ``method = "vi"`` (see :func:`~bayes_sws.inference.fit_vi`).
+
+    The MAP fit the ``[inference]`` table describes runs first; VI starts from its
+    point and runs ``epochs`` more epochs with these settings (batch size as for MAP).
+    """
+
+    epochs: int = 20
+    num_particles: int = 1
+    init_scale: float = 1e-2
+    mixture_guide: str = "full"
+    local_reparameterization: bool = False
+    learning_rates: LearningRates = field(default_factory=lambda: LearningRates(
+        weights=1e-3, means=1e-3, precisions=1e-2, pi=1e-2))
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "num_particles"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not 0 < self.init_scale < math.inf:
+            raise ValueError(f"init_scale must be positive, got {self.init_scale}")
+        if self.mixture_guide not in MIXTURE_GUIDES:
+            raise ValueError(f"mixture_guide must be one of {', '.join(MIXTURE_GUIDES)}, got {self.mixture_guide!r}")
+
+
+@dataclass(frozen=True)
+class NUTSSpec:
+    """``[inference.nuts]``: the sampling stage of ``method = "nuts"`` (see :func:`~bayes_sws.inference.fit_nuts`).
+
+    The MAP fit the ``[inference]`` table describes runs first; every chain starts
+    from its point. ``draws`` per chain are kept after ``warmup`` adaptation steps.
+    """
+
+    num_chains: int = 2
+    warmup: int = 200
+    draws: int = 200
+    max_tree_depth: int = 8
+    target_accept_prob: float = 0.8
+
+    def __post_init__(self) -> None:
+        for name in ("num_chains", "warmup", "draws", "max_tree_depth"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not 0 < self.target_accept_prob < 1:
+            raise ValueError(f"target_accept_prob must lie in (0, 1), got {self.target_accept_prob}")
+
+
+@dataclass(frozen=True)
 class InferenceSpec:
-    """``[inference]``: the fitting method and its settings (see :func:`~bayes_sws.inference.fit_map`)."""
+    """``[inference]``: the fitting method and its settings (see :func:`~bayes_sws.inference.fit_map`).
+
+    The settings here describe the MAP fit; ``method = "vi"`` and ``"nuts"`` run that
+    MAP fit first and continue from its point with ``[inference.vi]`` / ``[inference.nuts]``.
+    """
 
     method: str = "map"
     optimizer: str = "adam"
@@ -256,6 +318,8 @@ class InferenceSpec:
     em_every: int = 0
     kernels: str = "auto"
     learning_rates: LearningRates = field(default_factory=LearningRates)
+    vi: VISpec = field(default_factory=VISpec)
+    nuts: NUTSSpec = field(default_factory=NUTSSpec)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:

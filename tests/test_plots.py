@@ -60,3 +60,21 @@ def test_plot_history_draws_three_panels_and_saves_in_the_suffixs_format(tmp_pat
     assert len(figure.axes) == 3 and len(figure.axes[2].lines) == 3
     assert path.stat().st_size > 0
     assert (path.read_bytes().startswith(b"\x89PNG")) == (suffix == ".png")
+
+
+def test_reliability_and_entropy_figures_are_written_without_pyplot(tmp_path):
+    from bayes_sws.metrics import calibration
+    from bayes_sws.plots import plot_entropy_histograms, plot_reliability
+
+    probabilities = torch.softmax(torch.randn(200, 4, generator=torch.Generator().manual_seed(0)), -1)
+    labels = torch.randint(0, 4, (200,), generator=torch.Generator().manual_seed(1))
+    figure = plot_reliability(calibration(probabilities, labels), tmp_path / "reliability.png")
+    assert isinstance(figure, Figure)
+    entropies = {"test": torch.rand(50), "noise": torch.full((30,), 4.0).log()}  # exactly log C included
+    figure = plot_entropy_histograms(entropies, tmp_path / "uncertainty.png", n_classes=4)
+    assert isinstance(figure, Figure)
+    patches = [p for p in figure.axes[0].patches]
+    assert len(patches) == 2  # one filled histogram per set
+    for name in ("reliability.png", "uncertainty.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "matplotlib.pyplot" not in sys.modules or not __import__("matplotlib.pyplot").pyplot.get_fignums()

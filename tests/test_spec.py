@@ -43,8 +43,9 @@ def test_loading_every_model_spec_imports_neither_torch_nor_pyro():
         (spec.BACKENDS, kernels.BACKENDS),
         (tuple(f"fit_{method}" for method in spec.METHODS),
          tuple(name for name in inference.__all__ if name.startswith("fit_"))),
+        (spec.MIXTURE_GUIDES, inference.MIXTURE_GUIDES),
     ],
-    ids=["datasets", "architectures", "activations", "backends", "methods"],
+    ids=["datasets", "architectures", "activations", "backends", "methods", "mixture guides"],
 )
 def test_vocabularies_equal_what_the_modules_accept(names, accepted):
     assert names == accepted
@@ -99,7 +100,11 @@ def test_a_toml_prior_table_becomes_a_mixture_spec_with_hyperpriors():
     ("table", "key"),
     [
         ({"prior": {"pi_zero": 2.0}}, "pi_zero"),
-        ({"inference": {"method": "nuts"}}, "method"),
+        ({"inference": {"method": "laplace"}}, "method"),
+        ({"inference": {"vi": {"num_particles": 0}}}, "num_particles"),
+        ({"inference": {"vi": {"mixture_guide": "wishart"}}}, "mixture_guide"),
+        ({"inference": {"nuts": {"target_accept_prob": 1.5}}}, "target_accept_prob"),
+        ({"inference": {"nuts": {"unknown": 1}}}, "inference.nuts.'unknown'"),
         ({"inference": {"learning_rates": {"means": 0.0}}}, "means"),
     ],
 )
