@@ -58,7 +58,6 @@ def _fit(arguments: argparse.Namespace) -> int:
     from .distributed import is_main_process, launched
     from .experiment import run
     from .spec import load_spec
-    from .storage import partial_dir
 
     method = [f"inference.method={arguments.method!r}"] if arguments.method else []
     spec = load_spec(arguments.spec, overrides=[*arguments.overrides, *method])

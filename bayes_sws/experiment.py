@@ -34,7 +34,7 @@ from .data import Dataset, load_dataset, physical_memory_bytes
 from .distributed import is_main_process
 from .errors import BayesSWSError, FitError, interrupts_as_keyboard
 from .fitting import Callback, FitState, evaluate, library_scope
-from .inference import PosteriorSamples, fit_map, fit_nuts, fit_vi, vi_guide
+from .inference import PosteriorSamples, fit_map, fit_nuts, fit_vi, sample_guide, vi_guide
 from .model import Categorical, Gaussian, SoftWeightSharingModel
 from .nets import build_network
 from .kernels import use_backend
