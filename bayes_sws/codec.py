@@ -474,8 +474,10 @@ def read_compressed(path: str | os.PathLike[str]) -> QuantisedNetwork:
         raise BayesSWSError(f"compressed file {path} not found") from None
     except OSError as error:
         raise BayesSWSError(f"cannot read compressed file {path}: {error.strerror}") from None
-    if len(data) < _HEADER.size or data[:4] != MAGIC:
+    if data[:4] != MAGIC:
         raise BayesSWSError(f"{path} is not a bayes-sws compressed file")
+    if len(data) < _HEADER.size:
+        raise BayesSWSError(f"compressed file {path} is truncated: {len(data)} bytes, shorter than its header")
     _, version, _, payload_size, metadata_size, checksum, declared = _HEADER.unpack_from(data)
     if version != FORMAT_VERSION:
         raise BayesSWSError(f"compressed file {path} has format version {version}; this bayes-sws reads {FORMAT_VERSION}")

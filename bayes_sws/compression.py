@@ -50,7 +50,7 @@ from .inference import fit_map, write_point
 from .kernels import use_backend
 from .model import SoftWeightSharingModel
 from .prior import GaussianMixture, responsibilities
-from .spec import Spec
+from .spec import Spec, parse_spec
 
 __all__ = [
     "CompressionLog",
@@ -61,6 +61,7 @@ __all__ = [
     "finetune_codebooks",
     "kmeans_centres",
     "layer_from_values",
+    "load_compressed_data",
     "magnitude_masks",
     "merge_components",
     "pretrained_model",
@@ -400,6 +401,11 @@ def _layer_kinds(network: nn.Module) -> dict[str, str]:
 def _load_data(spec: Spec, device: torch.device) -> Dataset:
     data = load_dataset(spec.data.dataset, path=spec.data.path, seed=spec.seed)
     return data.with_validation(spec.data.validation_fraction, seed=spec.seed).to(device)
+
+
+def load_compressed_data(quantised: QuantisedNetwork, *, device: str = "cpu") -> Dataset:
+    """The data a compressed file's specification names, split as when it was compressed."""
+    return _load_data(parse_spec(quantised.spec), resolve_device(device))
 
 
 def _splits(data: Dataset) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
