@@ -12,6 +12,7 @@ import torch
 from bayes_sws.cli import main
 from bayes_sws.codec import load_compressed, read_compressed
 from bayes_sws.compression import (
+    KeepPruned,
     accuracy,
     finetune_codebooks,
     kmeans_centres,
@@ -22,6 +23,9 @@ from bayes_sws.compression import (
     quantise_to_components,
 )
 from bayes_sws.data import load_dataset
+from bayes_sws.experiment import build_model
+from bayes_sws.inference import fit_map
+from bayes_sws.spec import load_spec
 from bayes_sws.prior import GaussianMixture
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,6 +62,8 @@ def test_merging_joins_near_duplicate_components_and_quantising_recovers_the_cen
 def test_distinct_components_are_not_merged_and_the_zero_component_keeps_mean_zero() -> None:
     distinct = _mixture([0.0, -0.4, 0.3], [0.01] * 3, [0.6, 0.2, 0.2])
     assert torch.equal(merge_components(distinct, threshold=0.1).means, distinct.means)
+    components, values = quantise_to_components(torch.tensor([0.001, 0.3]), _mixture([0.001, 0.3], [0.01] * 2, [0.5] * 2))
+    assert values.tolist()[0] == 0.0  # the zero component's weights become exact zeros
     near_zero = _mixture([0.0, 0.0005, 0.3], [0.01] * 3, [0.6, 0.2, 0.2])
     merged = merge_components(near_zero, threshold=0.1)
     assert merged.means.tolist()[0] == 0.0 and merged.means.numel() == 2
@@ -84,6 +90,19 @@ def test_magnitude_masks_prune_the_smallest_fraction_of_each_layer() -> None:
     masks = magnitude_masks(weights, fraction=0.9)
     assert masks["a"].sum() == 10 and bool(masks["a"][-10:].all())
     assert masks["b"].tolist() == [False] * 9 + [True]
+
+
+def test_keep_pruned_holds_the_pruned_weights_at_zero_while_the_others_train() -> None:
+    data = load_dataset("digits", seed=0)
+    model = build_model(load_spec(DIGITS, overrides=["prior.weight=0"]), input_shape=data.input_shape,
+                        task=data.task, n_outputs=10)
+    start = {name: p.detach().clone() for name, p in model.network.named_parameters() if name in model.prior_sites}
+    masks = magnitude_masks(start, fraction=0.5)
+    state = fit_map(model, data, epochs=1, batch_size=256, callbacks=[KeepPruned(masks)], progress=False,
+                    init_values={name: value * masks[name] for name, value in start.items()})
+    for name, mask in masks.items():
+        assert float(state.values[name][~mask].abs().max()) == 0.0
+        assert not torch.equal(state.values[name][mask], start[name][mask])
 
 
 def test_codebook_fine_tune_keeps_assignments_and_zeros_and_moves_the_shared_values() -> None:
