@@ -9,6 +9,8 @@ E(w) + λΩ(w) plus the hyperprior terms.
 >>> metrics = sws.run(spec, out_dir="runs/digits")
 """
 
+from .codec import QuantisedLayer, QuantisedNetwork, load_compressed, read_compressed, storage_report, write_compressed
+from .compression import CompressionResult, compress, save_compression, sweep_prior_weight
 from .data import Dataset, load_dataset
 from .errors import BayesSWSError, DataError, FitError, SpecError
 from .kernels import set_backend, use_backend
@@ -34,6 +36,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BayesSWSError",
     "Callback",
+    "CompressionResult",
     "Categorical",
     "DataError",
     "Dataset",
@@ -47,16 +50,20 @@ __all__ = [
     "Hyperpriors",
     "LearningRates",
     "MixturePrior",
+    "QuantisedLayer",
+    "QuantisedNetwork",
     "SoftWeightSharingModel",
     "SoftWeightSharingPrior",
     "Spec",
     "SpecError",
     "build_model",
     "build_network",
+    "compress",
     "evaluate",
     "fit",
     "fit_map",
     "library_scope",
+    "load_compressed",
     "load_checkpoint",
     "load_dataset",
     "load_spec",
@@ -64,9 +71,14 @@ __all__ = [
     "map_loss",
     "mixture_log_density",
     "mixture_log_prob_sum",
+    "read_compressed",
     "responsibilities",
     "run",
+    "save_compression",
     "set_backend",
     "use_backend",
     "start_fit",
+    "storage_report",
+    "sweep_prior_weight",
+    "write_compressed",
 ]
