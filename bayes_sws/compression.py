@@ -372,8 +372,8 @@ class CompressionResult:
     assignments : dict of str to Tensor of int64
         Each weight's component (sws) or codebook index (dc, prune), 0 for zero.
     metrics : dict
-        ``{split}_accuracy_before`` / ``_after`` (pretrained / compressed network) for
-        ``valid`` (when present) and ``test``, ``prior_weight``, ``epochs``, ``seconds``,
+        ``{split}_accuracy_before`` / ``_quantised`` / ``_after`` (pretrained network,
+        quantised before the fine-tune, compressed) for ``valid`` (when present) and ``test``, ``prior_weight``, ``epochs``, ``seconds``,
         ``finetune_epochs``.
     history : list of dict
         The retraining's epoch records.
@@ -543,6 +543,7 @@ def _compress_pretrained(spec: Spec, method: str, model: SoftWeightSharingModel,
             finetune_epochs = settings.finetune_epochs
         assignments = {layer.name: layer.indices for layer in layers}
     _load_layers(network, layers)
+    metrics.update({f"{split}_accuracy_quantised": accuracy(network, x, y) for split, (x, y) in splits.items()})
     if finetune_epochs:
         layers = finetune_codebooks(network, layers, data, epochs=finetune_epochs,
                                     learning_rate=settings.finetune_learning_rate,

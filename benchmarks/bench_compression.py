@@ -88,9 +88,9 @@ def _run(spec_path: Path, seed: int, method: str, arguments: argparse.Namespace,
         wall = time.perf_counter() - started
         report = storage_report(result.quantised, file_bytes=len(encode_compressed(result.quantised)))
         rows.append({"setting": label, "wall_seconds": wall, **result.metrics,
-                     **{k: v for k, v in report.items() if k != "layers"}})
+                     **{k: v for k, v in report.items() if k != "layers"}, "history": result.history})
         print(f"  {spec.name} seed {seed} {method} {label}: valid {rows[-1]['valid_accuracy_before']:.4f} -> "
-              f"{rows[-1]['valid_accuracy_after']:.4f}, non-zero {100 * report['nonzero_fraction']:.2f}%, "
+              f"{rows[-1]['valid_accuracy_after']:.4f} (quantised {rows[-1]['valid_accuracy_quantised']:.4f}), non-zero {100 * report['nonzero_fraction']:.2f}%, "
               f"Han huffman {report['han_huffman_rate']:.1f}x, {wall:.0f} s", flush=True)
     within = [r for r in rows if r["valid_accuracy_before"] - r["valid_accuracy_after"] <= arguments.tolerance]
     chosen = max(within, key=lambda r: r["han_huffman_rate"]) if within else max(
