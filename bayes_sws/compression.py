@@ -57,6 +57,7 @@ __all__ = [
     "CompressionResult",
     "KeepPruned",
     "accuracy",
+    "choose_on_validation",
     "compress",
     "finetune_codebooks",
     "kmeans_centres",
@@ -583,9 +584,7 @@ def sweep_prior_weight(
 ) -> tuple[CompressionResult, list[dict[str, Any]]]:
     """Compress with soft weight-sharing at each τ and pick one on the validation split.
 
-    The pick is the highest Han (Huffman) rate among the runs whose validation accuracy
-    is within ``tolerance`` of the pretrained network's; failing that, the most accurate
-    run. The network is pretrained once and shared by all runs.
+    The pick is :func:`choose_on_validation`'s. The network is pretrained once and shared by all runs.
 
     Returns
     -------
@@ -607,14 +606,31 @@ def sweep_prior_weight(
             swept = replace(spec, prior=replace(spec.prior, weight=float(weight)))
             model, _ = pretrained_model(swept, data, network_state=state, progress=progress)
             results.append(_compress_pretrained(swept, "sws", model, data, 0.0, progress=progress))
-    rates = [storage_report(r.quantised)["han_huffman_rate"] for r in results]
-    valid = [r.metrics["valid_accuracy_after"] for r in results]
-    within = [i for i, r in enumerate(results)
-              if r.metrics["valid_accuracy_before"] - r.metrics["valid_accuracy_after"] <= tolerance]
-    best = max(within, key=lambda i: rates[i]) if within else max(range(len(results)), key=lambda i: valid[i])
-    table = [{"prior_weight": float(w), "valid_accuracy_after": valid[i], "han_huffman_rate": rates[i],
-              "chosen": i == best} for i, w in enumerate(weights)]
+    table = [{"prior_weight": float(w), "valid_accuracy_before": r.metrics["valid_accuracy_before"],
+              "valid_accuracy_after": r.metrics["valid_accuracy_after"],
+              "han_huffman_rate": storage_report(r.quantised)["han_huffman_rate"]} for w, r in zip(weights, results)]
+    best = choose_on_validation(table, tolerance=tolerance)
+    for index, row in enumerate(table):
+        row["chosen"] = index == best
     return results[best], table
+
+
+def choose_on_validation(candidates: Sequence[dict[str, float]], *, tolerance: float) -> int:
+    """Index of the candidate with the highest Han (Huffman) rate among those whose validation
+    accuracy is within ``tolerance`` of the pretrained net's; failing that, the most accurate.
+
+    Parameters
+    ----------
+    candidates : sequence of dict
+        Each with ``valid_accuracy_before``, ``valid_accuracy_after`` and ``han_huffman_rate``.
+    tolerance : float
+        Accuracy loss allowed, as a fraction (0.01 is one point).
+    """
+    within = [i for i, c in enumerate(candidates)
+              if c["valid_accuracy_before"] - c["valid_accuracy_after"] <= tolerance]
+    if within:
+        return max(within, key=lambda i: candidates[i]["han_huffman_rate"])
+    return max(range(len(candidates)), key=lambda i: candidates[i]["valid_accuracy_after"])
 
 
 # --------------------------------------------------------------------------- artefacts

@@ -11,9 +11,10 @@ codebook fine-tune; pruning alone retrains for both):
   ``compression.fc_clusters`` / ``conv_clusters`` centres, zero included);
 * ``prune``: magnitude pruning and retraining at each of ``--prune-fractions``.
 
-Per method the setting is chosen on the validation split: the highest Han (Huffman)
-rate whose validation accuracy is within ``--tolerance`` of the pretrained net's,
-else the most accurate. The chosen setting's test figures go into the table
+Per method the setting is chosen on the validation split
+(:func:`~bayes_sws.compression.choose_on_validation`: the highest Han (Huffman) rate
+whose validation accuracy is within ``--tolerance`` of the pretrained net's, else the
+most accurate). The chosen setting's test figures go into the table
 (test accuracy is computed for every run but never used to choose). Rates, each for
 what it counts (docs in ``bayes_sws/codec.py``): Han's accounting with Huffman codes
 and with fixed-width codes, the real file's bytes against the dense float32 network,
@@ -37,7 +38,7 @@ from pathlib import Path
 import torch
 
 from bayes_sws.codec import encode_compressed, storage_report
-from bayes_sws.compression import compress, pretrained_model
+from bayes_sws.compression import choose_on_validation, compress, pretrained_model
 from bayes_sws.data import load_dataset
 from bayes_sws.spec import load_spec
 
@@ -92,10 +93,7 @@ def _run(spec_path: Path, seed: int, method: str, arguments: argparse.Namespace,
         print(f"  {spec.name} seed {seed} {method} {label}: valid {rows[-1]['valid_accuracy_before']:.4f} -> "
               f"{rows[-1]['valid_accuracy_after']:.4f} (quantised {rows[-1]['valid_accuracy_quantised']:.4f}), non-zero {100 * report['nonzero_fraction']:.2f}%, "
               f"Han huffman {report['han_huffman_rate']:.1f}x, {wall:.0f} s", flush=True)
-    within = [r for r in rows if r["valid_accuracy_before"] - r["valid_accuracy_after"] <= arguments.tolerance]
-    chosen = max(within, key=lambda r: r["han_huffman_rate"]) if within else max(
-        rows, key=lambda r: r["valid_accuracy_after"])
-    return {"chosen": chosen, "all": rows}
+    return {"chosen": rows[choose_on_validation(rows, tolerance=arguments.tolerance)], "all": rows}
 
 
 def _spread(values: list[float], scale: float = 1.0, digits: int = 1) -> str:

@@ -14,6 +14,7 @@ from bayes_sws.codec import load_compressed, read_compressed
 from bayes_sws.compression import (
     KeepPruned,
     accuracy,
+    choose_on_validation,
     finetune_codebooks,
     kmeans_centres,
     layer_from_values,
@@ -83,6 +84,14 @@ def test_a_layer_built_from_values_holds_exactly_those_values(fill: str) -> None
         layer = layer_from_values("w", "fc", values, raw=raw)
         assert torch.equal(layer.weight, values) and float(layer.codebook[0]) == 0.0
         assert layer.n_nonzero == int((values != 0).sum())
+
+
+def test_the_validation_choice_takes_the_highest_rate_within_tolerance_else_the_most_accurate() -> None:
+    def row(after: float, rate: float) -> dict:
+        return {"valid_accuracy_before": 0.90, "valid_accuracy_after": after, "han_huffman_rate": rate}
+
+    assert choose_on_validation([row(0.895, 50), row(0.80, 500), row(0.891, 90), row(0.91, 20)], tolerance=0.01) == 2
+    assert choose_on_validation([row(0.70, 50), row(0.85, 10), row(0.60, 500)], tolerance=0.01) == 1
 
 
 def test_magnitude_masks_prune_the_smallest_fraction_of_each_layer() -> None:
