@@ -31,7 +31,7 @@ from bayes_sws.prior import GaussianMixture
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = str(ROOT / "models" / "digits.toml")
-SHORT = ["--set", "inference.pretrain_epochs=4", "--set", "inference.epochs=4", "--set", "data.validation_fraction=0.2",
+SHORT = ["--set", "inference.pretrain_epochs=2", "--set", "inference.epochs=2", "--set", "data.validation_fraction=0.2",
          "--set", "compression.finetune_epochs=1", "--set", "compression.prune_fraction=0.6"]
 CENTRES = torch.tensor([0.0, -0.4, 0.3])
 
@@ -159,7 +159,7 @@ def test_compress_writes_the_file_its_report_and_the_figure(compressed: Path) ->
         assert key in report
     assert report["weights"] == 64 * 64 + 64 * 10
     assert {"zero_precision", "zero_fraction", "valid_quantised_accuracy"} <= set(report["history"][-1])
-    assert report["epochs"] == 4 + 1
+    assert report["epochs"] == 2 + 1
 
 
 def test_evaluate_reports_the_compressed_networks_accuracy(compressed: Path, capsys) -> None:
@@ -175,7 +175,7 @@ def test_baselines_compress_through_the_same_path(tmp_path: Path, method: str) -
     out = tmp_path / method
     assert main(["compress", DIGITS, "--method", method, "--out", str(out), "--quiet", *SHORT]) == 0
     report = json.loads((out / "compression.json").read_text())
-    assert report["method"] == method and report["epochs"] == 4 + 1
+    assert report["method"] == method and report["epochs"] == 2 + 1
     assert report["nonzero_fraction"] == pytest.approx(0.4, abs=0.01)
     if method == "dc":
         assert all(layer["distinct_values"] <= 32 for layer in report["layers"].values())
