@@ -16,6 +16,9 @@ from typing import Any
 # Public names and the modules they live in: imported on first use, so that the
 # command line starts (and answers Ctrl-C) before torch and Pyro are loaded.
 _EXPORTS = {
+    "codec": ("QuantisedLayer", "QuantisedNetwork", "load_compressed", "read_compressed", "storage_report",
+              "write_compressed"),
+    "compression": ("CompressionResult", "compress", "save_compression", "sweep_prior_weight"),
     "data": ("Dataset", "load_dataset", "load_ood"),
     "errors": ("BayesSWSError", "DataError", "FitError", "SpecError"),
     "kernels": ("set_backend", "use_backend"),
@@ -45,12 +48,34 @@ def __getattr__(name: str) -> Any:
 def __dir__() -> list[str]:
     return sorted({*globals(), *_MODULE_OF})
 
+from .codec import QuantisedLayer, QuantisedNetwork, load_compressed, read_compressed, storage_report, write_compressed
+from .compression import CompressionResult, compress, save_compression, sweep_prior_weight
+from .data import Dataset, load_dataset
+from .errors import BayesSWSError, DataError, FitError, SpecError
+from .kernels import set_backend, use_backend
+from .experiment import FittedModel, build_model, load_checkpoint, run
+from .fitting import Callback, Evaluate, FitState, evaluate, fit, library_scope, start_fit
+from .inference import EMUpdate, fit_map, map_guide, map_loss
+from .optim import LearningRates
+from .model import Categorical, Gaussian, SoftWeightSharingModel
+from .nets import build_network
+from .prior import (
+    GaussianMixture,
+    Hyperpriors,
+    MixturePrior,
+    SoftWeightSharingPrior,
+    mixture_log_density,
+    mixture_log_prob_sum,
+    responsibilities,
+)
+from .spec import Spec, load_spec
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BayesSWSError",
     "Callback",
+    "CompressionResult",
     "Categorical",
     "ClassificationPredictive",
     "DataError",
@@ -68,18 +93,22 @@ __all__ = [
     "NUTS_MAX_WEIGHTS",
     "PosteriorSamples",
     "RegressionPredictive",
+    "QuantisedLayer",
+    "QuantisedNetwork",
     "SoftWeightSharingModel",
     "SoftWeightSharingPrior",
     "Spec",
     "SpecError",
     "build_model",
     "build_network",
+    "compress",
     "evaluate",
     "fit",
     "fit_map",
     "fit_nuts",
     "fit_vi",
     "library_scope",
+    "load_compressed",
     "load_checkpoint",
     "load_dataset",
     "load_ood",
@@ -89,12 +118,17 @@ __all__ = [
     "predict",
     "mixture_log_density",
     "mixture_log_prob_sum",
+    "read_compressed",
     "responsibilities",
     "run",
     "sample_guide",
+    "save_compression",
     "set_backend",
     "use_backend",
     "vi_guide",
     "vi_loss",
     "start_fit",
+    "storage_report",
+    "sweep_prior_weight",
+    "write_compressed",
 ]

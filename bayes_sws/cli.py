@@ -4,6 +4,9 @@
                                      [--device cpu|cuda] [--resume] [--force] [--quiet]
     bayes-sws check models/digits.toml [--set key=value ...]
     bayes-sws diagnose RUN_DIR [--draws S] [--seed N] [--quiet]
+    bayes-sws compress models/fashion-lenet-300-100.toml|RUN_DIR [--method sws|dc|prune] [--out DIR]
+                       [--sweep 0.02,0.05,0.1] [--set key=value ...] [--device cpu|cuda]
+    bayes-sws evaluate runs/compressed/model.sws [--device cpu|cuda]
     torchrun --nproc_per_node 2 -m bayes_sws.cli fit models/digits.toml   # data-parallel
 
 Errors in the user's input print one line on stderr and exit with status 2; Ctrl-C
@@ -46,7 +49,78 @@ def _parser() -> argparse.ArgumentParser:
     diagnose.add_argument("--draws", type=int, default=100, help="posterior draws of a variational fit (default 100)")
     diagnose.add_argument("--seed", type=int, default=0, help="seed of the draws (default 0)")
     diagnose.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_compression_commands(commands)
     return parser
+
+
+def _add_compression_commands(commands: argparse._SubParsersAction) -> None:
+    compress = commands.add_parser("compress", help="compress a network and write the compressed file")
+    compress.add_argument("target", help="a model specification (.toml), or a run directory holding checkpoint.pt "
+                                         "(its network is the pretrained starting point)")
+    compress.add_argument("--method", choices=("sws", "dc", "prune"), help="default: the spec's compression.method")
+    compress.add_argument("--out", help="output directory (default: runs/<model name>-<method>)")
+    compress.add_argument("--sweep", metavar="TAU,TAU,...",
+                          help="soft weight-sharing at each prior weight τ; keep the one chosen on the validation split")
+    compress.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                          help="override a setting (repeatable)")
+    compress.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    compress.add_argument("--quiet", action="store_true", help="no progress bar")
+    evaluate = commands.add_parser("evaluate", help="load a compressed file and report its accuracy")
+    evaluate.add_argument("file", help="a compressed file written by bayes-sws compress")
+    evaluate.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+
+
+def _compress_command(arguments: argparse.Namespace) -> str:
+    from .compression import compress, save_compression, sweep_prior_weight
+    from .errors import BayesSWSError
+    from .experiment import load_checkpoint
+    from .spec import apply_overrides, load_spec, parse_spec
+
+    target = Path(arguments.target)
+    network_state = None
+    if target.is_dir():
+        fitted = load_checkpoint(target / "checkpoint.pt")
+        spec = parse_spec(apply_overrides(fitted.spec.to_dict(), arguments.overrides))
+        network_state = {k: v.detach().clone() for k, v in fitted.network.state_dict().items()}
+    else:
+        spec = load_spec(target, overrides=arguments.overrides)
+    method = arguments.method or spec.compression.method
+    extra = {}
+    if arguments.sweep:
+        if method != "sws":
+            raise BayesSWSError("--sweep picks soft weight-sharing's prior weight: use it with --method sws")
+        try:
+            weights = [float(t) for t in arguments.sweep.split(",")]
+        except ValueError:
+            raise BayesSWSError(f"--sweep takes comma-separated numbers, got {arguments.sweep!r}") from None
+        if not all(w > 0 for w in weights):
+            raise BayesSWSError(f"--sweep prior weights must be positive, got {arguments.sweep!r}")
+        result, table = sweep_prior_weight(spec, weights, network_state=network_state, device=arguments.device,
+                                           progress=not arguments.quiet)
+        extra["sweep"] = table
+    else:
+        result = compress(spec, method=method, network_state=network_state, device=arguments.device,
+                          progress=not arguments.quiet)
+    out = Path(arguments.out or Path("runs") / f"{spec.name}-{method}")
+    report = save_compression(result, out_dir=out, extra=extra)
+    split = "valid" if "valid_accuracy_after" in report else "test"
+    return (f"{spec.name} {method}: {split} accuracy {report[f'{split}_accuracy_before']:.4f} -> "
+            f"{report[f'{split}_accuracy_after']:.4f}, {100 * report['nonzero_fraction']:.2f}% non-zero, "
+            f"Han (Huffman) {report['han_huffman_rate']:.1f}x, file {report['file_bytes']} bytes "
+            f"({report['file_rate']:.1f}x); results in {out}/")
+
+
+def _evaluate_command(arguments: argparse.Namespace) -> str:
+    from .codec import read_compressed
+    from .compression import accuracy, load_compressed_data
+
+    quantised = read_compressed(arguments.file)
+    data = load_compressed_data(quantised, device=arguments.device)
+    network = quantised.to_network(device=data.test_x.device)
+    scores = {"test_accuracy": accuracy(network, data.test_x, data.test_y)}
+    if data.valid_x is not None and len(data.valid_x):
+        scores["valid_accuracy"] = accuracy(network, data.valid_x, data.valid_y)
+    return f"{arguments.file}: " + ", ".join(f"{k}={v:.4f}" for k, v in scores.items())
 
 
 def _summary(metrics: dict) -> str:
@@ -99,6 +173,10 @@ def main(argv: list[str] | None = None) -> int:
                     return 0
                 if arguments.command == "diagnose":
                     return _diagnose(arguments)
+                if arguments.command in ("compress", "evaluate"):
+                    command = _compress_command if arguments.command == "compress" else _evaluate_command
+                    print(command(arguments))
+                    return 0
                 return _fit(arguments)
             except BayesSWSError as error:
                 print(f"bayes-sws: error: {error}", file=sys.stderr)

@@ -18,7 +18,7 @@ from matplotlib.figure import Figure
 from .metrics import Calibration
 from .prior import GaussianMixture, mixture_log_density
 
-__all__ = ["plot_entropy_histograms", "plot_history", "plot_reliability", "plot_weights"]
+__all__ = ["plot_compression", "plot_entropy_histograms", "plot_history", "plot_reliability", "plot_weights"]
 
 
 def plot_weights(
@@ -204,4 +204,54 @@ def plot_entropy_histograms(
     axis.legend(loc="upper center")
     if path is not None:
         figure.savefig(path, dpi=120)
+    return figure
+
+
+def plot_compression(
+    pretrained: torch.Tensor,
+    retrained: torch.Tensor,
+    components: torch.Tensor,
+    quantised: torch.Tensor,
+    path: str | os.PathLike[str] | None = None,
+    *,
+    title: str = "",
+) -> Figure:
+    """Ullrich et al.'s Figure 1: each weight before against after retraining, and the result.
+
+    Left, every weight's pretrained value (x) against its retrained value (y),
+    coloured by the component (or codebook entry) it was assigned to, zero in grey;
+    right, the histogram of the compressed weights (log-scaled counts).
+
+    Parameters
+    ----------
+    pretrained, retrained, components, quantised : Tensor ``(N,)``
+        Each weight's pretrained and retrained value, its component index and its
+        compressed value.
+    path : path-like, optional
+    title : str
+
+    Returns
+    -------
+    Figure
+    """
+    before, after = pretrained.detach().reshape(-1).cpu().numpy(), retrained.detach().reshape(-1).cpu().numpy()
+    labels = components.reshape(-1).cpu().numpy()
+    values = quantised.detach().reshape(-1).cpu().numpy()
+    figure = Figure(figsize=(12, 4.8), layout="tight")
+    left, right = figure.subplots(1, 2)
+    zero = labels == 0
+    left.scatter(before[zero], after[zero], s=1, color="0.6", alpha=0.4, label="zero component", rasterized=True)
+    left.scatter(before[~zero], after[~zero], s=1, c=labels[~zero], cmap="tab20", alpha=0.6, rasterized=True)
+    left.set_xlabel("pretrained weight")
+    left.set_ylabel("retrained weight")
+    left.legend(loc="upper left", markerscale=8)
+    right.hist(values, bins=200, color="tab:blue", alpha=0.7)
+    right.set_yscale("log")
+    right.set_ylim(bottom=0.5)
+    right.set_xlabel("compressed weight value")
+    right.set_ylabel("count per bin (log scale)")
+    right.set_title(f"{int((values != 0).sum()):,} of {values.size:,} non-zero, {len(np.unique(values))} distinct values")
+    figure.suptitle(title or "Weights before and after compression")
+    if path is not None:
+        figure.savefig(path, dpi=110)
     return figure

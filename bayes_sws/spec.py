@@ -37,6 +37,8 @@ __all__ = [
     "ACTIVATIONS",
     "ARCHITECTURES",
     "BACKENDS",
+    "COMPRESSION_METHODS",
+    "CompressionSpec",
     "DATASET_NAMES",
     "METHODS",
     "OPTIMIZERS",
@@ -66,6 +68,7 @@ OPTIMIZERS = ("adam", "lbfgs", "cg")
 BACKENDS = ("auto", "torch", "compile", "native")
 METHODS = ("map", "nuts", "vi")
 MIXTURE_GUIDES = ("full", "lowrank", "diagonal")
+COMPRESSION_METHODS = ("sws", "dc", "prune")
 
 _INLINE = {"inline": True}
 _MAX_NAME_LENGTH = 200
@@ -337,6 +340,44 @@ class InferenceSpec:
 
 
 @dataclass(frozen=True)
+class CompressionSpec:
+    """``[compression]``: ``bayes-sws compress`` settings (see :mod:`bayes_sws.compression`).
+
+    Soft weight-sharing retrains ``inference.epochs`` with the prior at λ = ``prior.weight``
+    (Ullrich's τ), merges components closer than ``merge_threshold`` (KL divergence),
+    quantises, then fine-tunes the codebooks ``finetune_epochs``. Deep Compression (``dc``)
+    prunes the smallest ``prune_fraction`` of each layer's weights by magnitude, retrains
+    ``inference.epochs`` with them held at zero, clusters each layer by k-means
+    (``fc_clusters`` / ``conv_clusters`` centres including zero) and fine-tunes the
+    centres ``finetune_epochs``; ``prune`` prunes and retrains ``inference.epochs +
+    finetune_epochs``, keeping float32 values. Every method gets the same epochs.
+    """
+
+    method: str = "sws"
+    merge_threshold: float = 1e-2
+    finetune_epochs: int = 2
+    finetune_learning_rate: float = 1e-4
+    prune_fraction: float = 0.95
+    fc_clusters: int = 32
+    conv_clusters: int = 256
+
+    def __post_init__(self) -> None:
+        if self.method not in COMPRESSION_METHODS:
+            raise ValueError(f"method must be one of {', '.join(COMPRESSION_METHODS)}, got {self.method!r}")
+        if not self.merge_threshold >= 0:
+            raise ValueError(f"merge_threshold must be non-negative, got {self.merge_threshold}")
+        if self.finetune_epochs < 0:
+            raise ValueError(f"finetune_epochs must be non-negative, got {self.finetune_epochs}")
+        if not self.finetune_learning_rate > 0:
+            raise ValueError(f"finetune_learning_rate must be positive, got {self.finetune_learning_rate}")
+        if not 0 <= self.prune_fraction < 1:
+            raise ValueError(f"prune_fraction must lie in [0, 1), got {self.prune_fraction}")
+        for name in ("fc_clusters", "conv_clusters"):
+            if not 2 <= getattr(self, name) <= 65536:
+                raise ValueError(f"{name} must lie in [2, 65536], got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
 class Spec:
     """A whole model specification."""
 
@@ -348,6 +389,7 @@ class Spec:
     prior: PriorSpec = field(default_factory=PriorSpec)
     likelihood: LikelihoodSpec = field(default_factory=LikelihoodSpec)
     inference: InferenceSpec = field(default_factory=InferenceSpec)
+    compression: CompressionSpec = field(default_factory=CompressionSpec)
 
     def __post_init__(self) -> None:
         _check_name(self.name)
