@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
                       file=sys.stderr)
                 return 2
     except KeyboardInterrupt:
-        print("bayes-sws: interrupted (an unfinished fit keeps its last epoch in OUT.partial/; "
+        print("bayes-sws: interrupted (an unfinished fit keeps its state in OUT.partial/; "
               "continue it with --resume)", file=sys.stderr)
         return 130
 

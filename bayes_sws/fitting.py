@@ -25,6 +25,8 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -157,6 +159,10 @@ class FitState:
         One record per completed epoch (see :func:`fit`).
     seconds : float
         Wall time spent in :func:`fit`.
+    epoch_progress : dict or None
+        Where an interrupted epoch stopped (see :func:`fit`): the batch generator's
+        state at the epoch's start, the steps done, their summed loss and seconds;
+        ``None`` between epochs.
     reduction : GradientReduction or None
         Set by :func:`start_fit` when torch.distributed is initialised with several
         processes (:func:`bayes_sws.distributed.current_reduction`); ``None`` otherwise.
@@ -174,6 +180,7 @@ class FitState:
     step: int = 0
     history: list[dict] = field(default_factory=list)
     seconds: float = 0.0
+    epoch_progress: dict[str, Any] | None = None
     reduction: GradientReduction | None = None
 
     @property
@@ -200,6 +207,7 @@ class FitState:
             "step": self.step,
             "history": self.history,
             "seconds": self.seconds,
+            "epoch_progress": self.epoch_progress,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -226,9 +234,20 @@ class FitState:
             self.epoch, self.step = int(state["epoch"]), int(state["step"])
             self.history = list(state["history"])
             self.seconds = float(state["seconds"])
+            self.epoch_progress = _checked_progress(state.get("epoch_progress"))
         except (KeyError, RuntimeError, ValueError, TypeError) as error:
             first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
             raise FitError(f"fit state does not match this model and settings: {first_line}") from None
+
+
+def _checked_progress(progress: Any) -> dict[str, Any] | None:
+    if progress is None:
+        return None
+    if not (isinstance(progress, dict) and isinstance(progress.get("generator"), torch.Tensor)
+            and type(progress.get("steps")) is int and progress["steps"] >= 0
+            and isinstance(progress.get("total"), float) and isinstance(progress.get("seconds"), float)):
+        raise TypeError("its record of an interrupted epoch is damaged")
+    return dict(progress)
 
 
 def _cpu(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -330,6 +349,9 @@ class Callback:
     def on_epoch(self, state: FitState, record: dict) -> None:
         """After each epoch; add entries to ``record`` (it is ``state.history[-1]``)."""
 
+    def on_interrupt(self, state: FitState) -> None:
+        """When SIGINT or SIGTERM stopped the fit between two steps; ``state`` can continue (e.g. save it)."""
+
 
 class GradientReduction(Protocol):
     """How several processes share one step (:mod:`bayes_sws.distributed`); ``None`` in one process.
@@ -412,9 +434,41 @@ class Evaluate(Callback):
 
 
 def _epoch_batches(state: FitState, n: int, device: torch.device) -> Iterator[torch.Tensor]:
+    """The epoch's batches; an interrupted epoch's again from its start, the ones it took skipped."""
+    if state.epoch_progress is None:
+        state.epoch_progress = {"generator": state.generator.get_state(), "steps": 0, "total": 0.0, "seconds": 0.0}
+    else:
+        state.generator.set_state(state.epoch_progress["generator"])
     if state.full_batch:
-        return iter([torch.arange(n, device=device)])
-    return batches(n, batch_size=state.batch_size, generator=state.generator, device=device)
+        epoch = iter([torch.arange(n, device=device)])
+    else:
+        epoch = batches(n, batch_size=state.batch_size, generator=state.generator, device=device)
+    return itertools.islice(epoch, state.epoch_progress["steps"], None)
+
+
+class _Signals:
+    """SIGINT and SIGTERM, held until the fit is between two steps (a second one stops at once)."""
+
+    def __init__(self) -> None:
+        self.received: str | None = None
+
+    @contextlib.contextmanager
+    def deferred(self) -> Iterator[_Signals]:
+        if threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+
+        def hold(signum: int, frame: object) -> None:
+            if self.received is not None:
+                raise KeyboardInterrupt(signal.Signals(signum).name)
+            self.received = signal.Signals(signum).name
+
+        previous = {number: signal.signal(number, hold) for number in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield self
+        finally:
+            for number, handler in previous.items():
+                signal.signal(number, handler)
 
 
 def _is_main(state: FitState) -> bool:
@@ -511,6 +565,11 @@ def fit(
     FitError
         If the loss becomes non-finite. The state then holds the failed epoch's partial
         progress; continue from a saved :meth:`FitState.state_dict` instead.
+    KeyboardInterrupt
+        On SIGINT or SIGTERM (in the main thread), once the step under way has finished:
+        the state then records its place inside the epoch (``epoch_progress``), each
+        callback's :meth:`Callback.on_interrupt` gets it, and a fit continued from it
+        ends exactly where an uninterrupted one does. A second signal stops at once.
     """
     if epochs < 1:
         raise ValueError(f"epochs must be at least 1, got {epochs}")
@@ -518,35 +577,57 @@ def fit(
     device = x.device
     steps_per_epoch = 1 if state.full_batch else math.ceil(n / state.batch_size)
     step_callbacks = [c for c in callbacks if type(c).on_step is not Callback.on_step]
+    signals = _Signals()
     bar = tqdm(total=max(0, epochs - state.epoch) * steps_per_epoch, disable=not progress or not _is_main(state), unit="step",
                dynamic_ncols=True)
     try:
-        for epoch in range(state.epoch + 1, epochs + 1):
-            started = time.perf_counter()
-            total = 0.0
-            with _own_randomness(device, state.random_states), library_scope():
-                for index in _epoch_batches(state, n, device):
-                    value = _take_step(state, index, x, y, n)
-                    if not math.isfinite(value):  # the full-batch optimisers' final point
-                        raise FitError(f"the loss became {value} at epoch {epoch}, step {state.step + 1}: "
-                                       f"{_likely_cause(state)}")
-                    total += value
-                    state.step += 1
-                    for callback in step_callbacks:
-                        with _own_randomness(device):
-                            callback.on_step(state)
-                    bar.update(1)
-                state.random_states = _random_states(device)
-            state.seconds += time.perf_counter() - started
-            state.epoch = epoch
-            mixtures = state.model.mixtures(state.values)
-            record = {"epoch": epoch, "loss": total / steps_per_epoch / n,
-                      "mixtures": {group: mixture.as_dict() for group, mixture in mixtures.items()}}
-            state.history.append(record)
-            for callback in callbacks:
-                with _own_randomness(device):
-                    callback.on_epoch(state, record)
-            bar.set_postfix_str(_describe(record))
+        with signals.deferred():
+            for epoch in range(state.epoch + 1, epochs + 1):
+                started = time.perf_counter()
+                with _own_randomness(device, state.random_states), library_scope():
+                    for index in _epoch_batches(state, n, device):
+                        value = _take_step(state, index, x, y, n)
+                        if not math.isfinite(value):  # the full-batch optimisers' final point
+                            raise FitError(f"the loss became {value} at epoch {epoch}, step {state.step + 1}: "
+                                           f"{_likely_cause(state)}")
+                        state.epoch_progress["total"] += value
+                        state.epoch_progress["steps"] += 1
+                        state.step += 1
+                        for callback in step_callbacks:
+                            with _own_randomness(device):
+                                callback.on_step(state)
+                        bar.update(1)
+                        if signals.received:
+                            state.random_states = _random_states(device)
+                            break
+                    else:
+                        state.random_states = _random_states(device)
+                elapsed = time.perf_counter() - started
+                if signals.received and state.epoch_progress["steps"] < steps_per_epoch:
+                    state.epoch_progress["seconds"] += elapsed
+                    _stop(state, callbacks, signals.received, device)
+                total = state.epoch_progress["total"]
+                state.seconds += state.epoch_progress["seconds"] + elapsed
+                state.epoch_progress = None
+                state.epoch = epoch
+                mixtures = state.model.mixtures(state.values)
+                record = {"epoch": epoch, "loss": total / steps_per_epoch / n,
+                          "mixtures": {group: mixture.as_dict() for group, mixture in mixtures.items()}}
+                state.history.append(record)
+                for callback in callbacks:
+                    with _own_randomness(device):
+                        callback.on_epoch(state, record)
+                bar.set_postfix_str(_describe(record))
+                if signals.received:
+                    _stop(state, callbacks, signals.received, device)
     finally:
         bar.close()
     return state
+
+
+def _stop(state: FitState, callbacks: Sequence[Callback], signal_name: str, device: torch.device) -> None:
+    """Hand the stopped state to the callbacks (a checkpoint saves it), then stop as Ctrl-C does."""
+    for callback in callbacks:
+        with _own_randomness(device):
+            callback.on_interrupt(state)
+    raise KeyboardInterrupt(signal_name)

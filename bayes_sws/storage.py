@@ -180,7 +180,8 @@ def _swap(new: Path, out: Path) -> None:
 
 @dataclass
 class Checkpoint(Callback):
-    """After every epoch, save ``{**extra, "fit_state": state.state_dict()}`` atomically to ``path``.
+    """After every epoch, and where SIGINT or SIGTERM stops the fit, save
+    ``{**extra, "fit_state": state.state_dict()}`` atomically to ``path``.
 
     Only the main process writes (see :mod:`bayes_sws.distributed`).
     """
@@ -189,5 +190,11 @@ class Checkpoint(Callback):
     extra: dict[str, Any] = field(default_factory=dict)
 
     def on_epoch(self, state: FitState, record: dict) -> None:
+        self.save(state)
+
+    def on_interrupt(self, state: FitState) -> None:
+        self.save(state)
+
+    def save(self, state: FitState) -> None:
         if state.reduction is None or state.reduction.is_main:
             save_tensors(self.path, {**self.extra, "fit_state": state.state_dict()})

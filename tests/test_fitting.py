@@ -2,6 +2,8 @@
 
 import io
 import math
+import os
+import signal
 
 import pyro
 import pytest
@@ -78,6 +80,39 @@ def test_a_variational_fit_resumes_exactly_too(elbo):
     assert resumed.history == whole.history
     for (name, value), other in zip(whole.guide.state_dict().items(), resumed.guide.state_dict().values()):
         assert torch.equal(other, value), name
+
+
+class _SignalAt(Callback):
+    """Sends this process ``signal_number`` after optimiser step ``step``; keeps the state the fit stops with."""
+
+    def __init__(self, step, signal_number):
+        self.step, self.signal_number, self.saved = step, signal_number, None
+
+    def on_step(self, state):
+        if state.step == self.step:
+            os.kill(os.getpid(), self.signal_number)
+
+    def on_interrupt(self, state):
+        self.saved = state.state_dict()
+
+
+@pytest.mark.parametrize("signal_number", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_mid_epoch_stops_after_the_step_with_a_state_that_resumes_exactly(signal_number):
+    data = toy_dataset()
+    kwargs = dict(batch_size=16, learning_rates=FAST_RATES, em_every=2, seed=5, progress=False)
+    whole = fit_map(toy_model(), data, epochs=3, **kwargs)
+    steps_per_epoch = whole.step // 3
+    stopper = _SignalAt(steps_per_epoch + 2, signal_number)  # two steps into the second epoch
+    with pytest.raises(KeyboardInterrupt):
+        fit_map(toy_model(), data, epochs=3, callbacks=[stopper], **kwargs)
+    saved = _saved_and_loaded(stopper.saved)
+    assert (saved["epoch"], saved["step"], saved["epoch_progress"]["steps"]) == (1, steps_per_epoch + 2, 2)
+    resumed = fit_map(toy_model(), data, epochs=3, state_dict=saved, **kwargs)
+    assert (resumed.epoch, resumed.step) == (whole.epoch, whole.step)
+    assert resumed.history == whole.history
+    for name, value in whole.values.items():
+        assert torch.equal(resumed.values[name], value), name
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the fit's handlers are gone
 
 
 def test_fitting_leaves_the_callers_random_state_and_param_store_untouched():

@@ -75,6 +75,30 @@ def test_an_interrupted_and_resumed_run_ends_with_exactly_the_uninterrupted_metr
     assert not partial_dir(out).exists()
 
 
+def test_a_signal_mid_epoch_saves_the_position_in_the_epoch_and_the_resumed_run_matches(
+        tmp_path, monkeypatch, uninterrupted):
+    out = tmp_path / "run"
+    steps_per_epoch = 6
+    original, count = fitting._take_step, [0]
+
+    def step(*args, **kwargs):  # the signal arrives while step 3 of the first training epoch runs
+        value = original(*args, **kwargs)
+        count[0] += 1
+        if count[0] == steps_per_epoch * 2 + 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return value
+
+    monkeypatch.setattr(fitting, "_take_step", step)
+    with pytest.raises(KeyboardInterrupt):
+        experiment.run(small_spec(), out_dir=out, progress=False)
+    state = torch.load(partial_dir(out) / "state.pt", weights_only=True)
+    assert (state["phase"], state["fit_state"]["epoch"], state["fit_state"]["epoch_progress"]["steps"]) == (
+        "train", 0, 3)
+    monkeypatch.undo()
+    resumed = experiment.run(small_spec(), out_dir=out, progress=False, resume=True)
+    assert comparable(resumed) == comparable(uninterrupted)
+
+
 def test_resume_refuses_another_specification_and_a_missing_state(tmp_path, monkeypatch):
     out = tmp_path / "run"
     with pytest.raises(BayesSWSError, match="nothing to resume"):
