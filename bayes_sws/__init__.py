@@ -48,27 +48,6 @@ def __getattr__(name: str) -> Any:
 def __dir__() -> list[str]:
     return sorted({*globals(), *_MODULE_OF})
 
-from .codec import QuantisedLayer, QuantisedNetwork, load_compressed, read_compressed, storage_report, write_compressed
-from .compression import CompressionResult, compress, save_compression, sweep_prior_weight
-from .data import Dataset, load_dataset
-from .errors import BayesSWSError, DataError, FitError, SpecError
-from .kernels import set_backend, use_backend
-from .experiment import FittedModel, build_model, load_checkpoint, run
-from .fitting import Callback, Evaluate, FitState, evaluate, fit, library_scope, start_fit
-from .inference import EMUpdate, fit_map, map_guide, map_loss
-from .optim import LearningRates
-from .model import Categorical, Gaussian, SoftWeightSharingModel
-from .nets import build_network
-from .prior import (
-    GaussianMixture,
-    Hyperpriors,
-    MixturePrior,
-    SoftWeightSharingPrior,
-    mixture_log_density,
-    mixture_log_prob_sum,
-    responsibilities,
-)
-from .spec import Spec, load_spec
 
 __version__ = "0.1.0"
 
