@@ -432,7 +432,8 @@ def fit_vi(
     learning_rates : LearningRates
         Adam's rates: the weights' locations and scales take ``weights``; the
         ``AutoNormal`` parts of the mixture sites their own group's rate; a
-        multivariate mixture guide (one joint location and scale) takes ``weights`` too.
+        multivariate mixture guide (one joint location and scale) the slowest of
+        ``means``, ``precisions`` and ``pi`` (:attr:`LearningRates.mixture`).
     num_particles : int
         S ≥ 1 draws per step, vectorised.
     init_values : dict, optional

@@ -220,3 +220,17 @@ def test_local_pre_activations_have_the_weight_sampling_mean_and_variance(layer)
     standard_error = (sampled.var(0) / draws).sqrt()
     assert ((local.mean(0) - sampled.mean(0)).abs() < 5 * standard_error + 1e-6).all()
     assert torch.allclose(local.var(0), sampled.var(0), rtol=0.15)
+
+
+@pytest.mark.parametrize("mixture_guide", ["full", "lowrank"])
+def test_a_joint_mixture_guide_trains_at_the_slowest_mixture_rate_not_the_weights_rate(mixture_guide):
+    from bayes_sws.fitting import start_fit
+
+    data, model = toy_dataset(), toy_model()
+    rates = LearningRates(weights=0.5, means=0.02, precisions=0.03, pi=0.04)
+    guide = vi_guide(model, mixture_guide=mixture_guide)
+    state = start_fit(model, guide, data, loss=vi_loss(), learning_rates=rates)
+    rate_of = {id(p): group["lr"] for group in state.optimizer.param_groups for p in group["params"]}
+    weights_part, mixture_part = guide[0], guide[1]
+    assert {rate_of[id(p)] for p in weights_part.parameters()} == {0.5}
+    assert {rate_of[id(p)] for p in mixture_part.parameters()} == {0.02}
