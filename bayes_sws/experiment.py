@@ -359,6 +359,11 @@ def _restored_guide(spec: Spec, model: SoftWeightSharingModel, shape: dict[str, 
     return guide
 
 
+def _one_line(error: Exception) -> str:
+    """An exception's message on one line (torch's state-dict errors run to several)."""
+    return " ".join(line.strip() for line in str(error).splitlines() if line.strip()) or type(error).__name__
+
+
 def load_checkpoint(path: str | os.PathLike[str], *, device: str = "cpu") -> FittedModel:
     """Load a run's ``checkpoint.pt`` back into a :class:`FittedModel`.
 
@@ -388,16 +393,18 @@ def load_checkpoint(path: str | os.PathLike[str], *, device: str = "cpu") -> Fit
         raise BayesSWSError(f"checkpoint {path} cannot be read: {first_line}") from None
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
         raise BayesSWSError(f"checkpoint {path} is not a bayes-sws checkpoint of format {CHECKPOINT_FORMAT}")
-    spec = parse_spec(checkpoint["spec"])
-    values = checkpoint["values"]
-    shape = checkpoint["data"]
+    try:
+        spec = parse_spec(checkpoint["spec"])
+        values, shape = checkpoint["values"], checkpoint["data"]
+    except (BayesSWSError, KeyError) as error:  # e.g. written by another bayes-sws version
+        raise BayesSWSError(f"checkpoint {path} does not match this bayes-sws: {_one_line(error)}") from None
     model = build_model(spec, input_shape=tuple(shape["input_shape"]), task=shape["task"],
                         n_outputs=shape["n_outputs"], device=torch_device)
     try:
         model.network.load_state_dict(checkpoint["network"])
         model.load_values(values)
     except (RuntimeError, KeyError) as error:
-        raise BayesSWSError(f"checkpoint {path} does not match its specification: {error}") from None
+        raise BayesSWSError(f"checkpoint {path} does not match its specification: {_one_line(error)}") from None
     guide, posterior = None, None
     try:
         if spec.inference.method == "vi":
@@ -406,6 +413,7 @@ def load_checkpoint(path: str | os.PathLike[str], *, device: str = "cpu") -> Fit
             posterior = PosteriorSamples(method="nuts", samples=checkpoint["posterior"]["samples"],
                                          sample_stats=checkpoint["posterior"]["sample_stats"])
     except (RuntimeError, KeyError) as error:
-        raise BayesSWSError(f"checkpoint {path} lacks its {spec.inference.method} posterior: {error}") from None
+        raise BayesSWSError(f"checkpoint {path} lacks its {spec.inference.method} posterior: "
+                            f"{_one_line(error)}") from None
     return FittedModel(spec=spec, model=model, values=values, metrics=checkpoint["metrics"], guide=guide,
                        posterior=posterior)
