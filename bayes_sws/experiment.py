@@ -172,6 +172,10 @@ def _metric_name(data: Dataset) -> str:
     return "accuracy" if data.task == "classification" else "arv"
 
 
+_METRICS_AT = {"map": "map point", "vi": "guide median", "nuts": "posterior mean"}
+"""Where ``metrics.json``'s split metrics are evaluated: one point, never the posterior predictive (``diagnose``)."""
+
+
 def _split_metrics(model: SoftWeightSharingModel, values: dict, data: Dataset) -> dict[str, float]:
     """Metrics on the validation and test splits; regression reports the average relative variance (ARV)."""
     splits = {"test": (data.test_x, data.test_y), **{f"test_{k}": v for k, v in data.extra_tests.items()}}
@@ -272,6 +276,7 @@ def _fit_and_save(spec: Spec, out: Path, torch_device: torch.device, *, progress
         "pretrain_epochs": spec.inference.pretrain_epochs,
         "seconds": result.seconds + pretrain_seconds + bayes_seconds,
         "train_loss": result.history[-1]["loss"],
+        "metrics_at": _METRICS_AT[spec.inference.method],
         **_split_metrics(model, values, data),
         "n_weights": model.n_weights,
         "prior_weight": model.prior_weight,

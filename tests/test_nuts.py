@@ -91,6 +91,7 @@ def test_nuts_run_end_to_end_saves_its_chains_in_the_checkpoint(tmp_path):
                                 "inference.nuts.max_tree_depth=3"])
     metrics = run(spec, out_dir=tmp_path, progress=False)
     assert metrics["method"] == "nuts" and metrics["nuts"]["chains"] == 2 and metrics["nuts"]["draws"] == 5
+    assert metrics["metrics_at"] == "posterior mean"  # a point's metrics, not the predictive's
     fitted = load_checkpoint(tmp_path / "checkpoint.pt")
     draws = fitted.posterior_samples()
     assert draws.method == "nuts" and (draws.n_chains, draws.n_draws) == (2, 5)
