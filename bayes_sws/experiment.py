@@ -27,7 +27,7 @@ from . import plots
 from .data import Dataset, load_dataset
 from .errors import BayesSWSError
 from .fitting import FitState, evaluate, library_scope
-from .inference import PosteriorSamples, fit_map, fit_nuts, fit_vi, sample_guide, vi_guide
+from .inference import PosteriorSamples, check_nuts, fit_map, fit_nuts, fit_vi, sample_guide, vi_guide
 from .model import Categorical, Gaussian, SoftWeightSharingModel
 from .nets import build_network
 from .kernels import use_backend
@@ -245,6 +245,8 @@ def _fit_and_save(spec: Spec, out: Path, torch_device: torch.device, *, progress
     data = load_run_data(spec)[0].to(torch_device)
     model = build_model(spec, **_data_shape(data), device=torch_device)
     settings = spec.inference
+    if settings.method == "nuts":  # before the MAP fit, which may take long
+        check_nuts(model, data)
     common = dict(batch_size=settings.batch_size, optimizer=settings.optimizer,
                   learning_rates=settings.learning_rates,
                   iterations_per_epoch=settings.iterations_per_epoch, seed=spec.seed, progress=progress)
