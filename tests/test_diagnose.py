@@ -142,3 +142,26 @@ def test_ctrl_c_midway_writes_nothing_and_exits_130(map_run, monkeypatch, capsys
     assert capsys.readouterr().err == "bayes-sws: interrupted\n"
     assert not any((map_run / name).exists() for name in FILES)
     assert not [p for p in map_run.iterdir() if p.name.startswith(".")]
+
+
+def test_ctrl_c_while_the_files_are_moved_in_still_moves_them_all(map_run, monkeypatch):
+    import os
+    import signal
+
+    import bayes_sws.diagnose as diagnose_module
+
+    for name in FILES:
+        (map_run / name).unlink(missing_ok=True)
+    replace = os.replace
+    calls = []
+
+    def replace_then_ctrl_c(source, target):
+        replace(source, target)
+        calls.append(target)
+        if len(calls) == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(diagnose_module.os, "replace", replace_then_ctrl_c)
+    assert main(["diagnose", str(map_run), "--quiet"]) == 130
+    assert all((map_run / name).exists() for name in FILES)  # all of them or (before) none, never some
+    assert not [p for p in map_run.iterdir() if p.name.startswith(".")]
