@@ -125,7 +125,8 @@ def _evaluate_command(arguments: argparse.Namespace) -> str:
 
 def _summary(metrics: dict) -> str:
     scores = {k: v for k, v in metrics.items() if k.startswith("test_") and isinstance(v, float)}
-    return ", ".join(f"{k}={v:.4g}" for k, v in scores.items()) + f", {metrics['seconds']:.1f} s"
+    point = "" if metrics["method"] == "map" else f" (at the {metrics['metrics_at']}; predictive: bayes-sws diagnose)"
+    return ", ".join(f"{k}={v:.4g}" for k, v in scores.items()) + f"{point}, {metrics['seconds']:.1f} s"
 
 
 def _fit(arguments: argparse.Namespace) -> int:

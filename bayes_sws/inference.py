@@ -53,6 +53,7 @@ __all__ = [
     "NUTS_MAX_WEIGHTS",
     "WEIGHT_GUIDES",
     "PosteriorSamples",
+    "check_nuts",
     "fit_map",
     "fit_nuts",
     "fit_vi",
@@ -432,7 +433,8 @@ def fit_vi(
     learning_rates : LearningRates
         Adam's rates: the weights' locations and scales take ``weights``; the
         ``AutoNormal`` parts of the mixture sites their own group's rate; a
-        multivariate mixture guide (one joint location and scale) takes ``weights`` too.
+        multivariate mixture guide (one joint location and scale) the slowest of
+        ``means``, ``precisions`` and ``pi`` (:attr:`LearningRates.mixture`).
     num_particles : int
         S ≥ 1 draws per step, vectorised.
     init_values : dict, optional
@@ -533,20 +535,11 @@ def fit_nuts(
     BayesSWSError
         If the network is too large or a site has an improper prior.
     """
-    if model.n_weights > NUTS_MAX_WEIGHTS:
-        raise BayesSWSError(f"NUTS is for small networks: {model.n_weights} weights under the prior, "
-                            f"at most {NUTS_MAX_WEIGHTS}; use method = \"vi\"")
     if min(num_chains, warmup_steps, num_samples) < 1:
         raise ValueError("num_chains, warmup_steps and num_samples must be at least 1")
-    x, y, n = data.train_x, data.train_y, data.train_x.shape[0]
     values = {**model.initial_values(), **(init_values or {})}
-    with library_scope(), torch.no_grad():
-        sites = poutine.trace(InitMessenger(init_to_value(values=values))(model)).get_trace(x[:1], y[:1], data_size=n)
-    improper = [name for name, site in sites.iter_stochastic_nodes()
-                if isinstance(site["fn"], pyro.distributions.ImproperUniform)]
-    if improper:
-        raise BayesSWSError(f"NUTS needs proper priors on every site; flat: {', '.join(improper)} "
-                            "(set [prior.hyperpriors], and prior.weight > 0)")
+    check_nuts(model, data, init_values=values)
+    x, y = data.train_x, data.train_y
     device = x.device
     chains = []
     with _frozen(model.network):
@@ -560,6 +553,31 @@ def fit_nuts(
     samples = {name: torch.stack([c[0][name] for c in chains]) for name in chains[0][0]}
     stats = {name: torch.stack([c[1][name] for c in chains]) for name in chains[0][1]}
     return PosteriorSamples(method="nuts", samples=samples, sample_stats=stats)
+
+
+def check_nuts(model: SoftWeightSharingModel, data: Dataset, *,
+               init_values: dict[str, torch.Tensor] | None = None) -> None:
+    """Refuse a model NUTS cannot sample: too many weights, or a site with a flat prior.
+
+    :func:`fit_nuts` runs it first; ``run()`` runs it before a NUTS run's MAP fit.
+
+    Raises
+    ------
+    BayesSWSError
+        Naming the limit, or the flat sites.
+    """
+    if model.n_weights > NUTS_MAX_WEIGHTS:
+        raise BayesSWSError(f"NUTS is for small networks: {model.n_weights} weights under the prior, "
+                            f"at most {NUTS_MAX_WEIGHTS}; use method = \"vi\"")
+    x, y, n = data.train_x, data.train_y, data.train_x.shape[0]
+    values = {**model.initial_values(), **(init_values or {})}
+    with library_scope(), torch.no_grad():
+        sites = poutine.trace(InitMessenger(init_to_value(values=values))(model)).get_trace(x[:1], y[:1], data_size=n)
+    improper = [name for name, site in sites.iter_stochastic_nodes()
+                if isinstance(site["fn"], pyro.distributions.ImproperUniform)]
+    if improper:
+        raise BayesSWSError(f"NUTS needs proper priors on every site; flat: {', '.join(improper)} "
+                            "(set [prior.hyperpriors], and prior.weight > 0)")
 
 
 @contextlib.contextmanager

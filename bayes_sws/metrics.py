@@ -3,7 +3,8 @@
 Every function takes predictive probabilities ``(B, C)`` (e.g.
 :attr:`~bayes_sws.predictive.ClassificationPredictive.probabilities`) or
 per-example scores, and returns plain floats (or a small dataclass), so results
-go straight into JSON.
+go straight into JSON. A NaN among the inputs is a ``ValueError``, not a score
+(NaN would otherwise rank, bin or argmax as if it were a number).
 """
 
 from __future__ import annotations
@@ -26,19 +27,27 @@ __all__ = [
 ]
 
 
+def _refuse_nan(name: str, tensor: torch.Tensor) -> None:
+    if torch.isnan(tensor).any():
+        raise ValueError(f"{name} hold NaN: a diverged fit or NaN inputs upstream")
+
+
 def accuracy(probabilities: torch.Tensor, labels: torch.Tensor) -> float:
     """Fraction of inputs whose most probable class is the label (probabilities ``(B, C)``, labels ``(B,)``)."""
+    _refuse_nan("probabilities", probabilities)
     return float((probabilities.argmax(-1) == labels).double().mean())
 
 
 def negative_log_likelihood(probabilities: torch.Tensor, labels: torch.Tensor) -> float:
     """Mean −log p̄(y_b | x_b) over the B inputs, in nats (probability 0 counts as −log of the smallest float)."""
+    _refuse_nan("probabilities", probabilities)
     chosen = probabilities.double().gather(-1, labels.long().unsqueeze(-1)).squeeze(-1)
     return float(-chosen.clamp_min(torch.finfo(torch.float64).tiny).log().mean())
 
 
 def brier_score(probabilities: torch.Tensor, labels: torch.Tensor) -> float:
     """Mean over inputs of Σ_c (p_bc − 1[y_b = c])², in [0, 2]."""
+    _refuse_nan("probabilities", probabilities)
     one_hot = torch.nn.functional.one_hot(labels.long(), probabilities.shape[-1]).double()
     return float((probabilities.double() - one_hot).pow(2).sum(-1).mean())
 
@@ -84,6 +93,7 @@ def calibration(probabilities: torch.Tensor, labels: torch.Tensor, *, n_bins: in
     """
     if n_bins < 1:
         raise ValueError(f"n_bins must be positive, got {n_bins}")
+    _refuse_nan("probabilities", probabilities)
     confidence, predicted = probabilities.double().max(-1)
     correct = (predicted == labels).double()
     bins = (confidence * n_bins).ceil().long().sub(1).clamp(0, n_bins - 1)
@@ -121,6 +131,8 @@ def ood_auroc(in_distribution: torch.Tensor, out_of_distribution: torch.Tensor) 
     """
     negatives = in_distribution.reshape(-1).double().cpu()
     positives = out_of_distribution.reshape(-1).double().cpu()
+    _refuse_nan("in-distribution scores", negatives)
+    _refuse_nan("out-of-distribution scores", positives)
     if negatives.numel() == 0 or positives.numel() == 0:
         raise ValueError("AUROC needs at least one in-distribution and one out-of-distribution score")
     scores = torch.cat([negatives, positives])
@@ -146,9 +158,13 @@ def classification_metrics(probabilities: torch.Tensor, labels: torch.Tensor, *,
 def gaussian_nll(mean: torch.Tensor, variance: torch.Tensor, targets: torch.Tensor) -> float:
     """Mean −log N(y_b | mean_b, variance_b) over B targets, in nats (a moment-matched Gaussian predictive)."""
     mean, variance, targets = mean.double(), variance.double(), targets.double()
+    for name, tensor in (("predictive means", mean), ("predictive variances", variance), ("targets", targets)):
+        _refuse_nan(name, tensor)
     return float((0.5 * (math.log(2 * math.pi) + variance.log() + (targets - mean).pow(2) / variance)).mean())
 
 
 def average_relative_variance(mean: torch.Tensor, targets: torch.Tensor, *, target_variance: float) -> float:
     """ARV: mean squared error of the predictions ``(B,)`` divided by ``target_variance`` (Weigend et al. 1990)."""
+    _refuse_nan("predictions", mean)
+    _refuse_nan("targets", targets)
     return float((mean.double() - targets.double()).pow(2).mean() / target_variance)

@@ -101,7 +101,7 @@ def make_optimizer(name: str, groups: dict[str, list[torch.Tensor]], learning_ra
     ----------
     name : {"adam", "lbfgs", "cg"}
     groups : dict
-        Learning-rate group (a field of :class:`LearningRates`) → parameters.
+        Learning-rate group (a field of :class:`LearningRates`, or its ``mixture``) → parameters.
     learning_rates : LearningRates
         Adam's rates; the full-batch methods need none.
     iterations : int

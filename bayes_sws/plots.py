@@ -150,7 +150,7 @@ def plot_reliability(
             align="edge", color="tab:blue", edgecolor="black", alpha=0.7, label="accuracy")
     top.bar(edges[:-1][occupied], (calibration.confidence - calibration.accuracy).numpy()[occupied],
             bottom=calibration.accuracy.numpy()[occupied], width=widths[occupied], align="edge",
-            color="tab:red", alpha=0.3, label="gap to confidence")
+            fill=False, hatch="//", edgecolor="tab:red", lw=0, label="gap to confidence")  # unfilled: no blend
     top.plot([0, 1], [0, 1], color="gray", ls="--", lw=1, label="perfect calibration")
     top.set_xlim(0, 1)
     top.set_ylim(0, 1)

@@ -206,6 +206,11 @@ def predict(
     Returns
     -------
     ClassificationPredictive or RegressionPredictive, after ``model.likelihood.task``.
+
+    Raises
+    ------
+    ValueError
+        If ``x`` is empty or holds NaN, or the draws are not shaped ``(S, *site_shape)``.
     """
     parameters = {name: draws[name].to(x.device) for name in model.prior_sites}
     n_draws = next(iter(parameters.values())).shape[0]
@@ -214,6 +219,8 @@ def predict(
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     if x.shape[0] == 0:
         raise ValueError("predict needs at least one input")
+    if torch.isnan(x).any():
+        raise ValueError("predict's inputs hold NaN")
     generator = None if seed is None else torch.Generator().manual_seed(seed)
     classification = model.likelihood.task == "classification"
     noise_scales = None if classification else _noise_scales(model, draws, n_draws, like=x)

@@ -180,6 +180,15 @@ class LearningRates:
             if not value > 0:
                 raise ValueError(f"learning rate for {name} must be positive, got {value}")
 
+    @property
+    def mixture(self) -> float:
+        """The rate of a joint variational guide over the mixture sites (full- or low-rank, under VI).
+
+        Its one location and scale cover π, μ and 1/σ² together, so it takes the
+        slowest of their three rates: the step every site it moves can stand.
+        """
+        return min(self.means, self.precisions, self.pi)
+
 
 @dataclass(frozen=True)
 class DataSpec:

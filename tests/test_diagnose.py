@@ -110,3 +110,58 @@ def test_diagnose_of_a_regression_run_reports_arv_and_predictive_spread_per_test
         assert results[f"{period}_predictive_sd"] > 0  # the learned noise scale, for a MAP point
     assert not (out / "reliability.png").exists()
     assert (out / "idata.nc").stat().st_size > 0
+
+
+@pytest.mark.parametrize("change", ["unknown spec key", "method vi without a guide", "other network"])
+def test_a_checkpoint_from_another_version_is_one_line_naming_it(map_run, tmp_path, capsys, change):
+    import torch
+
+    checkpoint = torch.load(map_run / "checkpoint.pt", weights_only=True)
+    if change == "unknown spec key":
+        checkpoint["spec"]["inference"]["future_setting"] = 1
+    elif change == "method vi without a guide":
+        checkpoint["spec"]["inference"]["method"] = "vi"  # its fit_state holds a MAP guide
+    else:
+        checkpoint["spec"]["network"]["hidden"] = [7]
+    torch.save(checkpoint, tmp_path / "checkpoint.pt")
+    assert main(["diagnose", str(tmp_path), "--quiet"]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith(f"bayes-sws: error: checkpoint {tmp_path / 'checkpoint.pt'}") and error.count("\n") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]
+
+
+def test_ctrl_c_midway_writes_nothing_and_exits_130(map_run, monkeypatch, capsys):
+    for name in FILES:
+        (map_run / name).unlink(missing_ok=True)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(plots, "plot_reliability", interrupted)
+    assert main(["diagnose", str(map_run), "--quiet"]) == 130
+    assert capsys.readouterr().err == "bayes-sws: interrupted\n"
+    assert not any((map_run / name).exists() for name in FILES)
+    assert not [p for p in map_run.iterdir() if p.name.startswith(".")]
+
+
+def test_ctrl_c_while_the_files_are_moved_in_still_moves_them_all(map_run, monkeypatch):
+    import os
+    import signal
+
+    import bayes_sws.diagnose as diagnose_module
+
+    for name in FILES:
+        (map_run / name).unlink(missing_ok=True)
+    replace = os.replace
+    calls = []
+
+    def replace_then_ctrl_c(source, target):
+        replace(source, target)
+        calls.append(target)
+        if len(calls) == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(diagnose_module.os, "replace", replace_then_ctrl_c)
+    assert main(["diagnose", str(map_run), "--quiet"]) == 130
+    assert all((map_run / name).exists() for name in FILES)  # all of them or (before) none, never some
+    assert not [p for p in map_run.iterdir() if p.name.startswith(".")]

@@ -175,3 +175,29 @@ def test_plots_are_written_closed_and_leave_the_backend_alone(fitted, tmp_path):
     assert matplotlib.get_backend() == backend
     with pytest.raises(BayesSWSError, match="no variable"):
         plot_weight_posteriors(idata, site="9.weight")
+
+
+def test_importing_the_package_does_not_import_arviz():
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    code = "import sys, bayes_sws; print('arviz' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                            env={**os.environ, "PYTHONPATH": str(root)}, cwd=root)
+    assert result.stdout.split() == ["False"]
+
+
+def test_summaries_and_plots_leave_warnings_filters_and_arviz_logging_as_they_were(fitted, tmp_path):
+    import logging
+    import warnings
+
+    import arviz
+
+    logger = getattr(arviz, "_log", logging.getLogger("arviz"))
+    filters, level = list(warnings.filters), logger.level
+    summary(fitted[3])
+    plot_trace(fitted[3], tmp_path / "trace.png")
+    assert warnings.filters == filters and logger.level == level

@@ -95,3 +95,37 @@ def test_regression_scores():
     expected = -torch.distributions.Normal(mean, variance.sqrt()).log_prob(targets).mean()
     assert gaussian_nll(mean, variance, targets) == pytest.approx(float(expected))
     assert average_relative_variance(mean, targets, target_variance=0.25) == pytest.approx(0.5 / 0.25)
+
+
+NAN = float("nan")
+
+
+@pytest.mark.parametrize("score", [accuracy, negative_log_likelihood, brier_score, classification_metrics])
+def test_a_nan_probability_is_a_one_line_error_not_a_score(score):
+    probabilities = PROBABILITIES.clone()
+    probabilities[1] = NAN
+    with pytest.raises(ValueError, match="NaN") as error:
+        score(probabilities, LABELS)
+    assert "\n" not in str(error.value)
+
+
+def test_calibration_refuses_nan_probabilities():
+    probabilities = PROBABILITIES.clone()
+    probabilities[0, 0] = NAN
+    with pytest.raises(ValueError, match="NaN"):
+        calibration(probabilities, LABELS)
+
+
+@pytest.mark.parametrize("side", ["in", "out"])
+def test_auroc_refuses_nan_scores_instead_of_ranking_them(side):
+    scores = {"in": torch.tensor([0.1, 0.2]), "out": torch.tensor([0.5, 0.7])}
+    scores[side][0] = NAN
+    with pytest.raises(ValueError, match="NaN"):
+        ood_auroc(scores["in"], scores["out"])
+
+
+def test_regression_scores_refuse_nan():
+    with pytest.raises(ValueError, match="NaN"):
+        gaussian_nll(torch.tensor([NAN]), torch.tensor([1.0]), torch.tensor([0.0]))
+    with pytest.raises(ValueError, match="NaN"):
+        average_relative_variance(torch.tensor([0.0]), torch.tensor([NAN]), target_variance=1.0)

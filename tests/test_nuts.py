@@ -91,6 +91,7 @@ def test_nuts_run_end_to_end_saves_its_chains_in_the_checkpoint(tmp_path):
                                 "inference.nuts.max_tree_depth=3"])
     metrics = run(spec, out_dir=tmp_path, progress=False)
     assert metrics["method"] == "nuts" and metrics["nuts"]["chains"] == 2 and metrics["nuts"]["draws"] == 5
+    assert metrics["metrics_at"] == "posterior mean"  # a point's metrics, not the predictive's
     fitted = load_checkpoint(tmp_path / "checkpoint.pt")
     draws = fitted.posterior_samples()
     assert draws.method == "nuts" and (draws.n_chains, draws.n_draws) == (2, 5)
@@ -98,3 +99,17 @@ def test_nuts_run_end_to_end_saves_its_chains_in_the_checkpoint(tmp_path):
     assert draws.sample_stats["diverging"].shape == (2, 5)
     for name, value in fitted.values.items():  # the saved point is the mean of the draws
         assert torch.allclose(draws.samples[name].mean((0, 1)), value)
+
+
+@pytest.mark.parametrize("override", ["network.hidden=[64]", "prior.weight=0"])
+def test_a_nuts_run_refuses_a_too_large_or_improper_model_before_its_map_fit(tmp_path, monkeypatch, override):
+    import bayes_sws.experiment as experiment
+
+    def map_fit_not_expected(*args, **kwargs):
+        raise AssertionError("the MAP fit ran before NUTS refused the model")
+
+    monkeypatch.setattr(experiment, "fit_map", map_fit_not_expected)
+    spec = load_spec(ROOT / "models/digits-nuts.toml", overrides=[override])
+    with pytest.raises(BayesSWSError, match="at most|proper priors"):
+        run(spec, out_dir=tmp_path, progress=False)
+    assert not any(tmp_path.iterdir())

@@ -55,3 +55,13 @@ def test_holding_out_a_class_removes_it_everywhere_and_returns_its_test_images()
         digits.hold_out_class(10)
     with pytest.raises(DataError, match="regression"):
         load_sunspots().hold_out_class(0)
+
+
+@pytest.mark.parametrize("name", ["mnist", "noise"])
+def test_ood_inputs_take_the_datasets_input_dtype(name):
+    import dataclasses
+
+    like = _images_like_fashion_mnist()
+    double = dataclasses.replace(like, train_x=like.train_x.double(), test_x=like.test_x.double())
+    assert load_ood(name, like=like).dtype == torch.float32
+    assert load_ood(name, like=double).dtype == torch.float64

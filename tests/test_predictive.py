@@ -116,3 +116,12 @@ def test_a_learned_noise_scale_must_be_among_the_draws():
     model = _model(Gaussian(), 1)
     with pytest.raises(ValueError, match="noise_scale"):
         predict(model, _draws(model, 2), torch.randn(3, 4))
+
+
+def test_nan_inputs_are_a_one_line_error():
+    model = _model(Categorical(), 3)
+    x = torch.randn(5, 4)
+    x[2, 1] = float("nan")
+    with pytest.raises(ValueError, match="NaN") as error:
+        predict(model, _draws(model, 2), x)
+    assert "\n" not in str(error.value)

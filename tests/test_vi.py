@@ -50,6 +50,7 @@ def test_a_map_checkpoints_posterior_is_one_chain_of_one_draw_the_point(tmp_path
     fitted = load_checkpoint(tmp_path / "checkpoint.pt")
     draws = fitted.posterior_samples(num_draws=50, seed=1)
     assert draws.method == "map" and (draws.n_chains, draws.n_draws) == (1, 1)
+    assert fitted.metrics["metrics_at"] == "map point"
     assert set(draws.samples) == set(fitted.values)
     for name, value in fitted.values.items():
         assert torch.equal(draws.samples[name][0, 0], value)
@@ -160,7 +161,11 @@ def test_vi_run_end_to_end_on_digits_saves_a_guide_to_draw_from_again(tmp_path):
     metrics = run(spec, out_dir=tmp_path, progress=False)
     assert metrics["method"] == "vi" and len(metrics["history"]) == 2 and len(metrics["map_history"]) == 3
     assert metrics["test_accuracy"] > 0.5
+    assert metrics["metrics_at"] == "guide median"  # a point's metrics, not the predictive's
     fitted = load_checkpoint(tmp_path / "checkpoint.pt")
+    saved = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["fit_state"]["guide"]
+    restored = fitted.guide.state_dict()
+    assert set(restored) == set(saved) and all(torch.equal(restored[k], v) for k, v in saved.items())
     draws = fitted.posterior_samples(num_draws=6, seed=0)
     assert draws.method == "vi" and (draws.n_chains, draws.n_draws) == (1, 6)
     weights = draws.samples["1.weight"][0]
@@ -220,3 +225,17 @@ def test_local_pre_activations_have_the_weight_sampling_mean_and_variance(layer)
     standard_error = (sampled.var(0) / draws).sqrt()
     assert ((local.mean(0) - sampled.mean(0)).abs() < 5 * standard_error + 1e-6).all()
     assert torch.allclose(local.var(0), sampled.var(0), rtol=0.15)
+
+
+@pytest.mark.parametrize("mixture_guide", ["full", "lowrank"])
+def test_a_joint_mixture_guide_trains_at_the_slowest_mixture_rate_not_the_weights_rate(mixture_guide):
+    from bayes_sws.fitting import start_fit
+
+    data, model = toy_dataset(), toy_model()
+    rates = LearningRates(weights=0.5, means=0.02, precisions=0.03, pi=0.04)
+    guide = vi_guide(model, mixture_guide=mixture_guide)
+    state = start_fit(model, guide, data, loss=vi_loss(), learning_rates=rates)
+    rate_of = {id(p): group["lr"] for group in state.optimizer.param_groups for p in group["params"]}
+    weights_part, mixture_part = guide[0], guide[1]
+    assert {rate_of[id(p)] for p in weights_part.parameters()} == {0.5}
+    assert {rate_of[id(p)] for p in mixture_part.parameters()} == {0.02}
