@@ -163,9 +163,11 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status."""
     from .errors import BayesSWSError, interrupts_as_keyboard
 
+    command = None
     try:
         with interrupts_as_keyboard():
             arguments = _parser().parse_args(argv)
+            command = arguments.command
             try:
                 if arguments.command == "check":
                     from .spec import load_spec
@@ -187,8 +189,9 @@ def main(argv: list[str] | None = None) -> int:
                       file=sys.stderr)
                 return 2
     except KeyboardInterrupt:
-        print("bayes-sws: interrupted (an unfinished fit keeps its state in OUT.partial/; "
-              "continue it with --resume)", file=sys.stderr)
+        hint = (" (an unfinished fit keeps its state in OUT.partial/; continue it with --resume)"
+                if command == "fit" else "")
+        print(f"bayes-sws: interrupted{hint}", file=sys.stderr)
         return 130
 
 
