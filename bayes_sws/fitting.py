@@ -595,8 +595,9 @@ def fit(
     steps_per_epoch = 1 if state.full_batch else math.ceil(n / state.batch_size)
     step_callbacks = [c for c in callbacks if type(c).on_step is not Callback.on_step]
     signals = _Signals()
-    bar = tqdm(total=max(0, epochs - state.epoch) * steps_per_epoch, disable=not progress or not _is_main(state), unit="step",
-               dynamic_ncols=True)
+    done = state.epoch_progress["steps"] if state.epoch_progress is not None and state.epoch < epochs else 0
+    bar = tqdm(total=max(0, epochs - state.epoch) * steps_per_epoch, initial=done,
+               disable=not progress or not _is_main(state), unit="step", dynamic_ncols=True)
     try:
         with signals.deferred():
             for epoch in range(state.epoch + 1, epochs + 1):

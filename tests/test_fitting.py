@@ -12,6 +12,7 @@ from pyro.infer import Trace_ELBO
 from pyro.infer.autoguide import AutoNormal, init_to_value
 from torch import nn
 
+from bayes_sws import fitting
 from bayes_sws.data import Dataset
 from bayes_sws.fitting import Callback, Evaluate, evaluate, fit, library_scope, parameter_group, start_fit
 from bayes_sws.inference import EMUpdate, fit_map, map_guide, map_loss
@@ -113,6 +114,25 @@ def test_a_signal_mid_epoch_stops_after_the_step_with_a_state_that_resumes_exact
     for name, value in whole.values.items():
         assert torch.equal(resumed.values[name], value), name
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the fit's handlers are gone
+
+
+def test_the_progress_bar_of_a_fit_resumed_mid_epoch_counts_the_steps_done_before(monkeypatch):
+    data = toy_dataset()
+    kwargs = dict(batch_size=16, learning_rates=FAST_RATES, seed=5)
+    steps_per_epoch = fit_map(toy_model(), data, epochs=1, progress=False, **kwargs).step
+    stopper = _SignalAt(steps_per_epoch + 2, signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt):
+        fit_map(toy_model(), data, epochs=3, callbacks=[stopper], progress=False, **kwargs)
+    bars = []
+
+    class Recording(fitting.tqdm):
+        def close(self):
+            bars.append((self.n, self.total))
+            super().close()
+
+    monkeypatch.setattr(fitting, "tqdm", Recording)
+    fit_map(toy_model(), data, epochs=3, state_dict=_saved_and_loaded(stopper.saved), progress=True, **kwargs)
+    assert bars[0] == (2 * steps_per_epoch, 2 * steps_per_epoch)  # the second epoch's first two steps included
 
 
 def test_fitting_leaves_the_callers_random_state_and_param_store_untouched():
