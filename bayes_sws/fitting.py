@@ -480,7 +480,8 @@ class _Signals:
                 raise KeyboardInterrupt(signal.Signals(signum).name)
             self.received = signal.Signals(signum).name
 
-        previous = {number: signal.signal(number, hold) for number in (signal.SIGINT, signal.SIGTERM)}
+        previous = {number: signal.signal(number, hold) for number in (signal.SIGINT, signal.SIGTERM)
+                    if signal.getsignal(number) is not signal.SIG_IGN}  # e.g. `nohup`, `cmd &` in a script
         try:
             yield self
         finally:

@@ -116,6 +116,20 @@ def test_a_signal_mid_epoch_stops_after_the_step_with_a_state_that_resumes_exact
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the fit's handlers are gone
 
 
+def test_a_signal_the_caller_ignores_does_not_stop_the_fit():
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        try:
+            state = fit_map(toy_model(), toy_dataset(), epochs=2, batch_size=16, learning_rates=FAST_RATES, seed=5,
+                            callbacks=[_SignalAt(2, signal.SIGINT)], progress=False)
+        except KeyboardInterrupt:
+            pytest.fail("an ignored SIGINT stopped the fit")
+        assert state.epoch == 2
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def test_the_progress_bar_of_a_fit_resumed_mid_epoch_counts_the_steps_done_before(monkeypatch):
     data = toy_dataset()
     kwargs = dict(batch_size=16, learning_rates=FAST_RATES, seed=5)
