@@ -24,7 +24,7 @@ Run (full protocol):
     PYTHONPATH=. .venv/bin/python benchmarks/bench_compression.py --json benchmarks/results/compression.json
 Cut version (one model, one seed, shorter schedules):
     PYTHONPATH=. .venv/bin/python benchmarks/bench_compression.py --models lenet-300-100 --seeds 0 \\
-        --pretrain-epochs 10 --epochs 20 --finetune-epochs 2 --taus 0.05,0.1
+        --taus 0.05,0.1 --dc-fractions 0.9,0.95 --prune-fractions 0.95
 """
 
 from __future__ import annotations

@@ -181,6 +181,22 @@ def test_baselines_compress_through_the_same_path(tmp_path: Path, method: str) -
         assert all(layer["distinct_values"] <= 32 for layer in report["layers"].values())
 
 
+def test_the_sweep_compresses_at_each_prior_weight_from_one_pretrained_net_and_keeps_the_chosen_one(
+        tmp_path: Path) -> None:
+    out = tmp_path / "sweep"
+    assert main(["compress", DIGITS, "--sweep", "3,0.01", "--out", str(out), "--quiet", *SHORT]) == 0
+    report = json.loads((out / "compression.json").read_text())
+    table = report["sweep"]
+    assert [row["prior_weight"] for row in table] == [3.0, 0.01]
+    assert table[0]["valid_accuracy_before"] == table[1]["valid_accuracy_before"] == report["valid_accuracy_before"]
+    assert table[0]["han_huffman_rate"] != table[1]["han_huffman_rate"]
+    chosen = [row for row in table if row["chosen"]]
+    assert len(chosen) == 1 and table.index(chosen[0]) == choose_on_validation(table, tolerance=0.01)
+    assert report["prior_weight"] == chosen[0]["prior_weight"]
+    assert report["valid_accuracy_after"] == chosen[0]["valid_accuracy_after"]
+    assert report["han_huffman_rate"] == chosen[0]["han_huffman_rate"]
+
+
 def test_bad_input_exits_2_with_one_line(tmp_path: Path, capsys) -> None:
     (tmp_path / "bad.sws").write_bytes(b"BSWS\x01")
     assert main(["evaluate", str(tmp_path / "bad.sws")]) == 2
