@@ -42,7 +42,7 @@ from .prior import GaussianMixture, SoftWeightSharingPrior
 from .spec import Spec, parse_spec
 from .storage import Checkpoint, lock_directory, partial_dir, publish, save_tensors, write_atomically
 
-__all__ = ["ARTEFACTS", "CHECKPOINT_FORMAT", "FitResult", "FittedModel", "RUN_STATE_FORMAT", "build_model",
+__all__ = ["ARTEFACTS", "CHECKPOINT_FORMAT", "DIAGNOSTICS", "FitResult", "FittedModel", "RUN_STATE_FORMAT", "build_model",
            "load_checkpoint", "load_run_data", "resolve_device", "run"]
 
 CHECKPOINT_FORMAT = 2
@@ -363,7 +363,7 @@ def _prepare_output(out: Path, *, resume: bool, force: bool) -> int | None:
     if out.exists() and not out.is_dir():
         raise BayesSWSError(f"output path {out} exists and is not a directory")
     if _holds_files(out):
-        strangers = sorted(entry.name for entry in out.iterdir() if entry.name not in ARTEFACTS)
+        strangers = sorted(entry.name for entry in out.iterdir() if entry.name not in (*ARTEFACTS, *DIAGNOSTICS))
         if strangers:
             raise BayesSWSError(f"{out} holds files that are not a bayes-sws run ({', '.join(strangers[:3])}): "
                                 "name another output directory (--force replaces only a run)")
@@ -561,7 +561,11 @@ def _metrics(spec: Spec, model: SoftWeightSharingModel, data: Dataset, result: F
 
 
 ARTEFACTS = ("metrics.json", "checkpoint.pt", "weights.png", "history.png")
-"""The files of a run directory (:func:`run`); only a directory holding nothing else is replaced (``force``)."""
+"""The files of a run directory (:func:`run`)."""
+DIAGNOSTICS = ("idata.nc", "summary.csv", "diagnostics.json", "reliability.png", "uncertainty.png", "trace.png",
+               "forest.png", "weight_posteriors.png")
+"""The files ``bayes-sws diagnose`` adds to a run directory. Only a directory holding nothing
+but these and :data:`ARTEFACTS` is replaced (``force``)."""
 
 
 def _write_artefacts(directory: Path, spec: Spec, model: SoftWeightSharingModel, data: Dataset,

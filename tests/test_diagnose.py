@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from bayes_sws import plots
+from bayes_sws import experiment, plots
 from bayes_sws.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,6 +28,8 @@ def test_diagnose_of_a_map_run_writes_every_file_and_the_metrics(map_run, capsys
     for name in FILES:
         assert (map_run / name).stat().st_size > 0
     assert not [p for p in map_run.iterdir() if p.name.startswith(".")]  # no staging left behind
+    # a diagnosed run is still a run: `fit --force` may replace it
+    assert sorted(p.name for p in map_run.iterdir()) == sorted((*experiment.ARTEFACTS, *experiment.DIAGNOSTICS))
     results = json.loads((map_run / "diagnostics.json").read_text())
     assert (results["method"], results["chains"], results["draws"]) == ("map", 1, 1)
     fitted = json.loads((map_run / "metrics.json").read_text())
@@ -165,3 +167,12 @@ def test_ctrl_c_while_the_files_are_moved_in_still_moves_them_all(map_run, monke
     assert main(["diagnose", str(map_run), "--quiet"]) == 130
     assert all((map_run / name).exists() for name in FILES)  # all of them or (before) none, never some
     assert not [p for p in map_run.iterdir() if p.name.startswith(".")]
+
+
+def test_fit_force_replaces_a_diagnosed_run(tmp_path):
+    out = str(tmp_path / "run")
+    small = ["--quiet", "--set", "inference.epochs=1", "--set", "network.hidden=[8]"]
+    assert main(["fit", DIGITS, "--out", out, *small]) == 0
+    assert main(["diagnose", out, "--quiet"]) == 0
+    assert main(["fit", DIGITS, "--out", out, "--force", *small]) == 0
+    assert sorted(p.name for p in Path(out).iterdir()) == sorted(experiment.ARTEFACTS)
