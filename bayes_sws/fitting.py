@@ -639,6 +639,8 @@ def fit(
                 bar.set_postfix_str(_describe(record))
                 if signals.received:
                     _stop(state, callbacks, signals.received, device)
+        if signals.received:  # arrived after the last epoch's check, before the handlers were restored
+            _stop(state, callbacks, signals.received, device)
     finally:
         bar.close()
     return state

@@ -1,5 +1,6 @@
 """Tests of bayes_sws.fit: the one fit loop, its resumable state, evaluation, parameter groups."""
 
+import contextlib
 import io
 import math
 import os
@@ -114,6 +115,21 @@ def test_a_signal_mid_epoch_stops_after_the_step_with_a_state_that_resumes_exact
     for name, value in whole.values.items():
         assert torch.equal(resumed.values[name], value), name
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the fit's handlers are gone
+
+
+def test_a_signal_after_the_last_epochs_check_still_stops_the_fit(monkeypatch):
+
+    original = fitting._Signals.deferred
+
+    @contextlib.contextmanager
+    def signalled_late(self):
+        with original(self) as signals:
+            yield signals
+            os.kill(os.getpid(), signal.SIGTERM)  # after the loop, before the handlers are restored
+
+    monkeypatch.setattr(fitting._Signals, "deferred", signalled_late)
+    with pytest.raises(KeyboardInterrupt):
+        fit_map(toy_model(), toy_dataset(), epochs=1, batch_size=16, learning_rates=FAST_RATES, progress=False)
 
 
 def test_a_signal_the_caller_ignores_does_not_stop_the_fit():
