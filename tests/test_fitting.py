@@ -118,7 +118,6 @@ def test_a_signal_mid_epoch_stops_after_the_step_with_a_state_that_resumes_exact
 
 
 def test_a_signal_after_the_last_epochs_check_still_stops_the_fit(monkeypatch):
-
     original = fitting._Signals.deferred
 
     @contextlib.contextmanager
