@@ -47,7 +47,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import BayesSWSError
+from .errors import BayesSWSError, one_line
 from .nets import build_network
 
 __all__ = [
@@ -145,7 +145,7 @@ class QuantisedNetwork:
             network.load_state_dict({k: v.cpu() for k, v in state.items()})
         except RuntimeError as error:
             raise BayesSWSError(f"the quantised layers do not fit the network of the specification: "
-                                f"{str(error).splitlines()[0]}") from None
+                                f"{one_line(error)}") from None
         return network.to(device).eval()
 
 

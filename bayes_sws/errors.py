@@ -9,7 +9,7 @@ import signal
 import threading
 from collections.abc import Iterator
 
-__all__ = ["BayesSWSError", "DataError", "FitError", "SpecError", "interrupts_as_keyboard"]
+__all__ = ["BayesSWSError", "DataError", "FitError", "SpecError", "interrupts_as_keyboard", "one_line"]
 
 
 class BayesSWSError(Exception):
@@ -43,3 +43,8 @@ def interrupts_as_keyboard() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def one_line(error: BaseException) -> str:
+    """An exception's message on one line (torch's state-dict errors run to several), or its type's name."""
+    return " ".join(line.strip() for line in str(error).splitlines() if line.strip()) or type(error).__name__

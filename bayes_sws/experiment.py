@@ -32,7 +32,7 @@ import torch
 from . import plots
 from .data import Dataset, load_dataset, physical_memory_bytes
 from .distributed import is_main_process
-from .errors import BayesSWSError, FitError, interrupts_as_keyboard
+from .errors import BayesSWSError, FitError, interrupts_as_keyboard, one_line
 from .fitting import Callback, FitState, evaluate, library_scope
 from .inference import PosteriorSamples, check_nuts, fit_map, fit_nuts, fit_vi, sample_guide, vi_guide
 from .model import Categorical, Gaussian, SoftWeightSharingModel
@@ -119,7 +119,7 @@ def _check_size(spec: Spec, *, input_shape: tuple[int, ...], n_outputs: int, dev
                                     n_outputs=n_outputs)
     except (ValueError, RuntimeError) as error:
         raise BayesSWSError(f"network {spec.network.architecture} cannot take inputs of shape "
-                            f"{input_shape}: {(str(error).splitlines() or [''])[0]}") from None
+                            f"{input_shape}: {one_line(error)}") from None
     n_parameters = sum(p.numel() for p in network.parameters())
     chunk = min(n_parameters, 1 << 16)
     needed = (n_parameters * _BYTES_PER_PARAMETER
@@ -435,8 +435,7 @@ def _read_tensors(path: Path) -> dict[str, Any]:
                             "bayes-sws checkpoint, or not a bayes-sws file): refused, since loading it "
                             "could run code") from None
     except Exception as error:  # torch raises many types for a damaged or foreign file
-        first_line = (str(error).splitlines() or [type(error).__name__])[0]
-        raise BayesSWSError(f"checkpoint {path} cannot be read: {first_line}") from None
+        raise BayesSWSError(f"checkpoint {path} cannot be read: {one_line(error)}") from None
     if not isinstance(content, dict):
         raise BayesSWSError(f"checkpoint {path} is not a bayes-sws checkpoint")
     return content
@@ -619,11 +618,6 @@ def _restored_guide(spec: Spec, model: SoftWeightSharingModel, shape: dict[str, 
     return guide
 
 
-def _one_line(error: Exception) -> str:
-    """An exception's message on one line (torch's state-dict errors run to several)."""
-    return " ".join(line.strip() for line in str(error).splitlines() if line.strip()) or type(error).__name__
-
-
 def load_checkpoint(path: str | os.PathLike[str], *, device: str = "cpu") -> FittedModel:
     """Load a run's ``checkpoint.pt`` back into a :class:`FittedModel`.
 
@@ -667,7 +661,7 @@ def load_checkpoint(path: str | os.PathLike[str], *, device: str = "cpu") -> Fit
         model.network.load_state_dict(network)
         model.load_values(values)
     except (RuntimeError, KeyError, ValueError) as error:
-        raise BayesSWSError(f"checkpoint {path} does not match its specification: {_one_line(error)}") from None
+        raise BayesSWSError(f"checkpoint {path} does not match its specification: {one_line(error)}") from None
     guide, posterior = None, None
     try:
         if spec.inference.method == "vi":
@@ -677,7 +671,7 @@ def load_checkpoint(path: str | os.PathLike[str], *, device: str = "cpu") -> Fit
                                          sample_stats=checkpoint["posterior"]["sample_stats"])
     except (RuntimeError, KeyError, TypeError) as error:
         raise BayesSWSError(f"checkpoint {path} lacks its {spec.inference.method} posterior: "
-                            f"{_one_line(error)}") from None
+                            f"{one_line(error)}") from None
     return FittedModel(spec=spec, model=model, values=values, metrics=checkpoint["metrics"], guide=guide,
                        posterior=posterior)
 

@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 
 from .data import Dataset, batches
 from .distributed import current_reduction
-from .errors import FitError
+from .errors import FitError, one_line
 from .model import SoftWeightSharingModel
 from .optim import OPTIMIZERS, LearningRates, make_optimizer
 
@@ -253,8 +253,7 @@ class FitState:
             self.seconds = float(state["seconds"])
             self.epoch_progress = _checked_progress(state.get("epoch_progress"))
         except (KeyError, RuntimeError, ValueError, TypeError) as error:
-            first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
-            raise FitError(f"fit state does not match this model and settings: {first_line}") from None
+            raise FitError(f"fit state does not match this model and settings: {one_line(error)}") from None
 
 
 def _checked_progress(progress: Any) -> dict[str, Any] | None:
