@@ -6,9 +6,9 @@ their specifications in ``models/``), one run each with ``--seed``:
   plain  a plain torch epoch (Adam on the summed cross-entropy, no prior), for the time ratio
   map    the specification's MAP fit (pretraining, then the mixture prior), ``fit_map``
   vi     ``fit_vi`` started from the MAP point with the specification's ``[inference.vi]``
-         settings, for each setting in ``--vi-init-scales``
-         (the guide's initial weight scales); the one with the lowest validation NLL of
-         the S-draw predictive is kept
+         settings, for each pair of ``--vi-init-scales`` (the guide's initial weight
+         scales) and ``--vi-weight-rates`` (Adam's rate for the weights' locations and
+         scales); the one with the lowest validation NLL of the S-draw predictive is kept
 
 Settings are chosen on the validation split (the specifications' 10 %); during fitting the
 per-epoch evaluation sees 512 validation images only (it also keeps the epoch clock free of
@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import itertools
 import math
 import statistics
 import sys
@@ -130,19 +131,22 @@ def fashion(name: str, arguments) -> dict:
     vi = settings.vi
     vi_epochs = arguments.vi_epochs or vi.epochs
     candidates = []
-    for init_scale in arguments.vi_init_scales or [vi.init_scale]:
+    settings_grid = itertools.product(arguments.vi_init_scales or [vi.init_scale],
+                                      arguments.vi_weight_rates or [vi.learning_rates.weights])
+    for init_scale, weight_rate in settings_grid:
         vi_model = _fresh_copy(spec, data, network_state, map_values)
+        rates = dataclasses.replace(vi.learning_rates, weights=weight_rate)
         state = fit_vi(vi_model, view, epochs=vi_epochs, batch_size=settings.batch_size,
-                       learning_rates=vi.learning_rates, num_particles=arguments.particles or vi.num_particles,
+                       learning_rates=rates, num_particles=arguments.particles or vi.num_particles,
                        init_values=map_values, init_scale=init_scale, mixture_guide=vi.mixture_guide,
                        local_reparameterization=vi.local_reparameterization, seed=spec.seed,
                        progress=arguments.progress)
         posterior = sample_guide(vi_model, state.guide, num_draws=arguments.draws, seed=spec.seed)
         valid = predict(vi_model, posterior.flat(), data.valid_x, data.valid_y)
         valid_nll = metrics.negative_log_likelihood(valid.probabilities, data.valid_y)
-        print(f"  {name} vi init_scale={init_scale:g}: validation NLL {valid_nll:.4f}")
-        candidates.append((valid_nll, init_scale, vi_model, state, posterior))
-    valid_nll, init_scale, vi_model, vi_state, vi_posterior = min(candidates, key=lambda c: c[0])
+        print(f"  {name} vi init_scale={init_scale:g} weights' rate={weight_rate:g}: validation NLL {valid_nll:.4f}")
+        candidates.append((valid_nll, init_scale, weight_rate, vi_model, state, posterior))
+    valid_nll, init_scale, weight_rate, vi_model, vi_state, vi_posterior = min(candidates, key=lambda c: c[0])
 
     ood = {"noise": sws.load_ood("noise", like=data, seed=spec.seed)}
     try:
@@ -155,7 +159,7 @@ def fashion(name: str, arguments) -> dict:
                 "valid_nll": metrics.negative_log_likelihood(map_valid.probabilities, data.valid_y),
                 "seconds_per_epoch": map_state.seconds / settings.epochs},
         "vi": {**_scores(vi_model, vi_posterior, data.test_x, data.test_y, ood), "valid_nll": valid_nll,
-               "init_scale": init_scale, "draws": arguments.draws,
+               "init_scale": init_scale, "weight_rate": weight_rate, "draws": arguments.draws,
                "seconds_per_epoch": vi_state.seconds / vi_epochs},
     }
     for row in rows.values():
@@ -230,6 +234,8 @@ def _print_fashion(result: dict) -> None:
     print(f"{'method':8}" + "".join(f"{c:>22}" for c in columns))
     for method, row in result["rows"].items():
         print(f"{method:8}" + "".join(f"{row.get(c, math.nan):>22.4f}" for c in columns))
+    vi = result["rows"]["vi"]
+    print(f"VI settings chosen on validation: init_scale={vi['init_scale']:g}, weights' rate={vi['weight_rate']:g}")
 
 
 def _print_sunspots(result: dict) -> None:
@@ -254,6 +260,9 @@ def main() -> None:
     parser.add_argument("--vi-epochs", type=int, help="VI epochs (default: the specification's inference.vi.epochs)")
     parser.add_argument("--vi-init-scales", type=float, nargs="+", default=[1e-2, 1e-3],
                         help="candidate initial guide scales, chosen by validation NLL")
+    parser.add_argument("--vi-weight-rates", type=float, nargs="+",
+                        help="VI learning rates of the weights' locations and scales to choose from on the "
+                             "validation NLL (default: the specification's)")
     parser.add_argument("--particles", type=int, help="ELBO particles per step (default: the specification's)")
     parser.add_argument("--draws", type=int, default=30, help="VI predictive draws (S >= 20)")
     parser.add_argument("--sunspots", action=argparse.BooleanOptionalAction, default=True)
