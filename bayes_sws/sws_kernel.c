@@ -47,7 +47,10 @@
  * fraction u exp(-safety) of it; margin = +inf evaluates every pair (the dense kernel).
  * A block holding a non-finite weight is always dense (NaN rules above unchanged).
  * The bound costs O(J) per block; late in training, with narrow components and most
- * weights near zero, a block needs a few components of J.
+ * weights near zero, a block needs a few components of J. A few outlying weights
+ * widen a block's range: a block that keeps more than SPLIT_COMPONENTS is bounded
+ * again in sub-blocks of SUB_BLOCK weights, used where they drop a quarter of the pairs.
+ * The weights are not reordered (a permutation would cost two more passes over them).
  */
 #include <float.h>
 #include <math.h>
@@ -94,6 +97,8 @@ static inline float exp_f32(float x)
 }
 
 #define BLOCK 256
+#define SUB_BLOCK 64
+#define SPLIT_COMPONENTS 3
 #define MAX_COMPONENTS 64
 #define MAX_PARTS 256 /* the partial sums live on the stack */
 #define MIN_LOG_RATIO (-80) /* exp below this is subnormal in float32 */
@@ -102,111 +107,155 @@ static inline float exp_f32(float x)
 
 #define DEFINE_KERNEL(NAME, REAL, REAL_MAX, REAL_INF, EXP, LOG)                             \
     /* The components of a block that can matter (see SKIPPING above): their count, into */ \
-    /* active[]. A block holding a non-finite weight (bad is NaN) keeps them all. */        \
-    static int NAME##_active(const REAL *wb, int b, REAL bad, const REAL *log_norm,         \
+    /* active[]. A block holding a non-finite weight keeps them all. */                     \
+    static int NAME##_active(const REAL *wb, int b, const REAL *log_norm,                   \
                              const REAL *means, const REAL *precisions, int J,              \
                              double margin, int *active)                                    \
     {                                                                                       \
         int K = 0;                                                                          \
-        if (!(bad == 0) || !(margin < HUGE_VAL)) {                                          \
+        /* min and max by halving: elementwise loops vectorise where a reduction with */    \
+        /* IEEE comparisons would not */                                                    \
+        /* (a sum of w - w here would be reassociated away: bad + w - w = bad) */           \
+        REAL lo[BLOCK], hi[BLOCK];                                                          \
+        int nonfinite = 0;                                                                  \
+        for (int i = 0; i < b; i++) {                                                       \
+            lo[i] = hi[i] = wb[i];                                                          \
+            nonfinite += !(fabs(wb[i]) <= REAL_MAX);                                        \
+        }                                                                                   \
+        if (nonfinite || !(margin < HUGE_VAL)) {                                            \
             for (int j = 0; j < J; j++)                                                     \
                 active[K++] = j;                                                            \
             return K;                                                                       \
         }                                                                                   \
-        REAL lo = wb[0], hi = wb[0];                                                        \
-        for (int i = 1; i < b; i++) {                                                       \
-            lo = wb[i] < lo ? wb[i] : lo;                                                   \
-            hi = wb[i] > hi ? wb[i] : hi;                                                   \
-        }                                                                                   \
-        double best[MAX_COMPONENTS], top_floor = -HUGE_VAL;                                 \
+        int width = SUB_BLOCK;                                                              \
+        while (width < b)                                                                   \
+            width *= 2;                                                                     \
+        for (int i = b; i < width; i++)                                                     \
+            lo[i] = hi[i] = wb[0];                                                          \
+        for (int half = width / 2; half > 0; half /= 2)                                     \
+            for (int i = 0; i < half; i++) {                                                \
+                lo[i] = lo[i + half] < lo[i] ? lo[i + half] : lo[i];                        \
+                hi[i] = hi[i + half] > hi[i] ? hi[i + half] : hi[i];                        \
+            }                                                                               \
+        /* branch-free over the components, so that it vectorises */                        \
+        REAL best[MAX_COMPONENTS], worst[MAX_COMPONENTS];                                   \
         for (int j = 0; j < J; j++) {                                                       \
-            const double below = (double)lo - means[j], above = (double)hi - means[j];      \
-            const double near = below > 0 ? below : (above < 0 ? -above : 0);               \
-            const double far = -below > above ? -below : above;                             \
-            const double p = precisions[j];                                                 \
-            const double worst = log_norm[j] - 0.5 * p * far * far;                         \
-            best[j] = log_norm[j] - 0.5 * p * near * near;                                  \
-            top_floor = worst > top_floor ? worst : top_floor;                              \
+            const REAL below = lo[0] - means[j], above = hi[0] - means[j];                  \
+            const REAL near = (below > 0 ? below : 0) + (above < 0 ? -above : 0);           \
+            const REAL far = -below > above ? -below : above;                               \
+            best[j] = log_norm[j] - (REAL)0.5 * precisions[j] * near * near;                \
+            worst[j] = log_norm[j] - (REAL)0.5 * precisions[j] * far * far;                 \
         }                                                                                   \
-        const double threshold = top_floor - margin;                                        \
+        REAL top_floor = -REAL_INF;                                                         \
+        for (int j = 0; j < J; j++)                                                         \
+            top_floor = worst[j] > top_floor ? worst[j] : top_floor;                        \
+        const REAL threshold = top_floor - (REAL)margin;                                    \
         for (int j = 0; j < J; j++)                                                         \
             if (!(best[j] < threshold)) /* a NaN bound keeps its component */               \
                 active[K++] = j;                                                            \
         return K;                                                                           \
     }                                                                                       \
                                                                                             \
-    /* adds into summary: the value, then sum gamma, sum gamma d, sum gamma d^2 (each J) */ \
+    /* adds one block's terms into summary: the value, then sum gamma, sum gamma d, */      \
+    /* sum gamma d^2 (each J), over the K components in active[] */                         \
+    static void NAME##_block(const REAL *wb, int b, const int *active, int K,               \
+                             const REAL *log_norm, const REAL *means, const REAL *precisions, \
+                             int J, REAL *grad_w, double *summary)                          \
+    {                                                                                       \
+        REAL table[MAX_COMPONENTS][BLOCK];                                                  \
+        REAL top[BLOCK], total[BLOCK], grad[BLOCK];                                         \
+        /* w - w: 0, or NaN for a non-finite weight, poisoning its gradient and the */      \
+        /* block's sums */                                                                  \
+        REAL bad = 0;                                                                       \
+        for (int i = 0; i < b; i++) {                                                       \
+            top[i] = -REAL_MAX;                                                             \
+            total[i] = 0;                                                                   \
+            grad[i] = wb[i] - wb[i];                                                        \
+            bad += grad[i];                                                                 \
+        }                                                                                   \
+        for (int k = 0; k < K; k++) {                                                       \
+            const int j = active[k];                                                        \
+            const REAL mu = means[j], p = precisions[j], ln = log_norm[j];                  \
+            for (int i = 0; i < b; i++) {                                                   \
+                const REAL d = wb[i] - mu;                                                  \
+                const REAL v = ln - (REAL)0.5 * p * d * d;                                  \
+                table[k][i] = v;                                                            \
+                top[i] = v > top[i] ? v : top[i];                                           \
+            }                                                                               \
+        }                                                                                   \
+        /* Clamped in a loop of its own: in the loop calling EXP, GCC would rewrite */      \
+        /* exp(max(x, m)) as x > m ? exp(x) : exp(m), and call exp on the unclamped */      \
+        /* x, whose vector version takes a slow path far below m. */                        \
+        for (int k = 0; k < K; k++) {                                                       \
+            for (int i = 0; i < b; i++) {                                                   \
+                const REAL x = table[k][i] - top[i];                                        \
+                table[k][i] = x > (REAL)MIN_LOG_RATIO ? x : (REAL)MIN_LOG_RATIO;            \
+            }                                                                               \
+            for (int i = 0; i < b; i++) {                                                   \
+                const REAL e = EXP(table[k][i]);                                            \
+                table[k][i] = e;                                                            \
+                total[i] += e;                                                              \
+            }                                                                               \
+        }                                                                                   \
+        REAL block_value = 0;                                                               \
+        for (int i = 0; i < b; i++) {                                                       \
+            block_value += top[i] + LOG(total[i]);                                          \
+            total[i] = (REAL)1 / total[i];                                                  \
+        }                                                                                   \
+        summary[0] += block_value + bad;                                                    \
+        for (int k = 0; k < K; k++) {                                                       \
+            const int j = active[k];                                                        \
+            const REAL mu = means[j], p = precisions[j];                                    \
+            REAL s0 = 0, s1 = 0, s2 = 0;                                                    \
+            for (int i = 0; i < b; i++) {                                                   \
+                const REAL gamma = table[k][i] * total[i];                                  \
+                const REAL d = wb[i] - mu;                                                  \
+                const REAL gamma_d = gamma * d;                                             \
+                grad[i] += gamma_d * p;                                                     \
+                s0 += gamma;                                                                \
+                s1 += gamma_d;                                                              \
+                s2 += gamma_d * d;                                                          \
+            }                                                                               \
+            summary[1 + j] += s0 + bad;                                                     \
+            summary[1 + J + j] += s1 + bad;                                                 \
+            summary[1 + 2 * J + j] += s2 + bad;                                             \
+        }                                                                                   \
+        if (grad_w)                                                                         \
+            for (int i = 0; i < b; i++)                                                     \
+                grad_w[i] = -grad[i];                                                       \
+    }                                                                                       \
+                                                                                            \
+    /* Blocks of BLOCK weights; one whose bound keeps more than SPLIT_COMPONENTS */         \
+    /* components is bounded again in sub-blocks of SUB_BLOCK (a few outlying weights */    \
+    /* widen a block's range) */                                                            \
     static void NAME##_range(const REAL *w, long n, const REAL *log_norm, const REAL *means, \
                              const REAL *precisions, int J, double margin, REAL *grad_w,    \
                              double *summary)                                               \
     {                                                                                       \
-        REAL table[MAX_COMPONENTS][BLOCK];                                                  \
-        REAL top[BLOCK], total[BLOCK], grad[BLOCK];                                         \
         int active[MAX_COMPONENTS];                                                         \
         for (long start = 0; start < n; start += BLOCK) {                                   \
             const int b = (n - start < BLOCK) ? (int)(n - start) : BLOCK;                   \
             const REAL *wb = w + start;                                                     \
-            /* w - w: 0, or NaN for a non-finite weight, poisoning its gradient and the */  \
-            /* block's sums */                                                              \
-            REAL bad = 0;                                                                   \
-            for (int i = 0; i < b; i++) {                                                   \
-                top[i] = -REAL_MAX;                                                         \
-                total[i] = 0;                                                               \
-                grad[i] = wb[i] - wb[i];                                                    \
-                bad += grad[i];                                                             \
-            }                                                                               \
-            const int K = NAME##_active(wb, b, bad, log_norm, means, precisions, J, margin, \
-                                        active);                                            \
-            for (int k = 0; k < K; k++) {                                                   \
-                const int j = active[k];                                                    \
-                const REAL mu = means[j], p = precisions[j], ln = log_norm[j];              \
-                for (int i = 0; i < b; i++) {                                               \
-                    const REAL d = wb[i] - mu;                                              \
-                    const REAL v = ln - (REAL)0.5 * p * d * d;                              \
-                    table[k][i] = v;                                                        \
-                    top[i] = v > top[i] ? v : top[i];                                       \
+            const int K = NAME##_active(wb, b, log_norm, means, precisions, J, margin, active); \
+            int sub_active[BLOCK / SUB_BLOCK][MAX_COMPONENTS], sub_K[BLOCK / SUB_BLOCK];    \
+            long split_cost = 0;                                                            \
+            if (K > SPLIT_COMPONENTS && margin < HUGE_VAL && b == BLOCK)                    \
+                for (int s = 0; s < BLOCK / SUB_BLOCK; s++) {                               \
+                    sub_K[s] = NAME##_active(wb + s * SUB_BLOCK, SUB_BLOCK, log_norm, means, \
+                                             precisions, J, margin, sub_active[s]);         \
+                    split_cost += sub_K[s];                                                 \
                 }                                                                           \
+            /* sub-blocks pay where they drop a quarter of the pairs */                     \
+            if (!(K > SPLIT_COMPONENTS && margin < HUGE_VAL && b == BLOCK)                  \
+                || 4 * split_cost > 3 * (BLOCK / SUB_BLOCK) * K) {                          \
+                NAME##_block(wb, b, active, K, log_norm, means, precisions, J,              \
+                             grad_w ? grad_w + start : NULL, summary);                      \
+                continue;                                                                   \
             }                                                                               \
-            /* Clamped in a loop of its own: in the loop calling EXP, GCC would rewrite */  \
-            /* exp(max(x, m)) as x > m ? exp(x) : exp(m), and call exp on the unclamped */  \
-            /* x, whose vector version takes a slow path far below m. */                    \
-            for (int k = 0; k < K; k++) {                                                   \
-                for (int i = 0; i < b; i++) {                                               \
-                    const REAL x = table[k][i] - top[i];                                    \
-                    table[k][i] = x > (REAL)MIN_LOG_RATIO ? x : (REAL)MIN_LOG_RATIO;        \
-                }                                                                           \
-                for (int i = 0; i < b; i++) {                                               \
-                    const REAL e = EXP(table[k][i]);                                        \
-                    table[k][i] = e;                                                        \
-                    total[i] += e;                                                          \
-                }                                                                           \
-            }                                                                               \
-            REAL block_value = 0;                                                           \
-            for (int i = 0; i < b; i++) {                                                   \
-                block_value += top[i] + LOG(total[i]);                                      \
-                total[i] = (REAL)1 / total[i];                                              \
-            }                                                                               \
-            summary[0] += block_value + bad;                                                \
-            for (int k = 0; k < K; k++) {                                                   \
-                const int j = active[k];                                                    \
-                const REAL mu = means[j], p = precisions[j];                                \
-                REAL s0 = 0, s1 = 0, s2 = 0;                                                \
-                for (int i = 0; i < b; i++) {                                               \
-                    const REAL gamma = table[k][i] * total[i];                              \
-                    const REAL d = wb[i] - mu;                                              \
-                    const REAL gamma_d = gamma * d;                                         \
-                    grad[i] += gamma_d * p;                                                 \
-                    s0 += gamma;                                                            \
-                    s1 += gamma_d;                                                          \
-                    s2 += gamma_d * d;                                                      \
-                }                                                                           \
-                summary[1 + j] += s0 + bad;                                                 \
-                summary[1 + J + j] += s1 + bad;                                             \
-                summary[1 + 2 * J + j] += s2 + bad;                                         \
-            }                                                                               \
-            if (grad_w)                                                                     \
-                for (int i = 0; i < b; i++)                                                 \
-                    grad_w[start + i] = -grad[i];                                           \
+            for (int s = 0; s < BLOCK / SUB_BLOCK; s++)                                     \
+                NAME##_block(wb + s * SUB_BLOCK, SUB_BLOCK, sub_active[s], sub_K[s], log_norm, \
+                             means, precisions, J,                                          \
+                             grad_w ? grad_w + start + s * SUB_BLOCK : NULL, summary);      \
         }                                                                                   \
     }                                                                                       \
                                                                                             \
