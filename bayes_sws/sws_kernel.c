@@ -48,8 +48,9 @@
  * A block holding a non-finite weight is always dense (NaN rules above unchanged).
  * The bound costs O(J) per block; late in training, with narrow components and most
  * weights near zero, a block needs a few components of J. A few outlying weights
- * widen a block's range: a block that keeps more than SPLIT_COMPONENTS is bounded
- * again in sub-blocks of SUB_BLOCK weights, used where they drop a quarter of the pairs.
+ * widen a block's range: a block that keeps more than SPLIT_COMPONENTS (and fewer than
+ * J) is bounded again in sub-blocks of SUB_BLOCK weights, used where they drop a
+ * quarter of the pairs.
  * The weights are not reordered (a permutation would cost two more passes over them).
  */
 #include <float.h>
@@ -239,15 +240,17 @@ static inline float exp_f32(float x)
             const int K = NAME##_active(wb, b, log_norm, means, precisions, J, margin, active); \
             int sub_active[BLOCK / SUB_BLOCK][MAX_COMPONENTS], sub_K[BLOCK / SUB_BLOCK];    \
             long split_cost = 0;                                                            \
-            if (K > SPLIT_COMPONENTS && margin < HUGE_VAL && b == BLOCK)                    \
+            /* (a block that keeps all J, e.g. under broad early-training components, */    \
+            /* is not tried: its sub-blocks would mostly keep all too) */                   \
+            const int try_split = K > SPLIT_COMPONENTS && K < J && margin < HUGE_VAL && b == BLOCK; \
+            if (try_split)                                                                  \
                 for (int s = 0; s < BLOCK / SUB_BLOCK; s++) {                               \
                     sub_K[s] = NAME##_active(wb + s * SUB_BLOCK, SUB_BLOCK, log_norm, means, \
                                              precisions, J, margin, sub_active[s]);         \
                     split_cost += sub_K[s];                                                 \
                 }                                                                           \
             /* sub-blocks pay where they drop a quarter of the pairs */                     \
-            if (!(K > SPLIT_COMPONENTS && margin < HUGE_VAL && b == BLOCK)                  \
-                || 4 * split_cost > 3 * (BLOCK / SUB_BLOCK) * K) {                          \
+            if (!try_split || 4 * split_cost > 3 * (BLOCK / SUB_BLOCK) * K) {               \
                 NAME##_block(wb, b, active, K, log_norm, means, precisions, J,              \
                              grad_w ? grad_w + start : NULL, summary);                      \
                 continue;                                                                   \
