@@ -136,3 +136,33 @@ def test_a_non_finite_weight_poisons_as_in_the_dense_kernel_while_other_blocks_s
 def test_skip_margin_is_the_unit_round_off_in_nats_plus_log_j_plus_the_safety():
     assert kernels.skip_margin(torch.float32, 17) == pytest.approx(24 * math.log(2) + math.log(17) + 5)
     assert kernels.skip_margin(F64, 17) == pytest.approx(53 * math.log(2) + math.log(17) + 5)
+
+
+def _short_map_run(*, dense: bool, steps: int = 60):
+    """Adam on weights and mixture: a data term pulling the weights to targets, minus the prior."""
+    g = torch.Generator().manual_seed(52)
+    start = _ullrich_late(g)
+    targets = _draw(start, 10_000, g) + 0.002 * torch.randn(10_000, generator=g)
+    weights = targets.clone().requires_grad_()
+    logits, means = start.log_proportions.clone().requires_grad_(), start.means.clone().requires_grad_()
+    log_scales = start.scales.log().clone().requires_grad_()
+    optimizer = torch.optim.Adam([weights, logits, means, log_scales], lr=1e-3)
+    losses = []
+    with kernels.use_backend("native"), kernels.use_skipping(not dense):
+        for _ in range(steps):
+            optimizer.zero_grad()
+            mixture = GaussianMixture(torch.log_softmax(logits, 0), means, log_scales.exp())
+            loss = 50.0 * (weights - targets).pow(2).sum() - mixture_log_prob_sum(weights, mixture)
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss.detach()))
+    return losses, GaussianMixture(torch.log_softmax(logits, 0), means, log_scales.exp()).detach()
+
+
+def test_a_short_map_run_ends_at_the_dense_kernels_loss_and_mixture():
+    dense_losses, dense_mixture = _short_map_run(dense=True)
+    losses, mixture = _short_map_run(dense=False)
+    assert dense_losses[-1] < dense_losses[0] - 1.0  # it trains
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(dense_losses), rtol=1e-5, atol=0)
+    for field, dense_field in zip(mixture, dense_mixture):
+        torch.testing.assert_close(field, dense_field, rtol=1e-5, atol=1e-7)
