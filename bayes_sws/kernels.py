@@ -1,7 +1,8 @@
 """The mixture prior's hot loop: value and analytic gradients over a row of weights.
 
-Three backends compute the same quantities for one row of N weights and a
-J-component mixture: the value Σ_i log p(w_i), its gradient with
+Three backends compute the same quantities for one row of N weights (given as one
+or several segments, e.g. the weight tensors of one mixture group, read in place)
+and a J-component mixture: the value Σ_i log p(w_i), its gradient with
 respect to each weight, −Σ_j γ_ij d_ij/σ_j², and with respect to the mixture,
 Σ_i γ_ij (log π_j), Σ_i γ_ij d_ij/σ_j² (μ_j) and Σ_i γ_ij (d_ij²/σ_j² − 1)/σ_j (σ_j),
 with responsibilities γ and d = w − μ.
@@ -24,6 +25,23 @@ the value, the mixture gradients and that weight's gradient NaN; a mean that is 
 or infinite, a scale that is NaN, infinite, zero or negative, or a log-proportion
 that is NaN or +inf makes the value and every gradient NaN. A log-proportion of −inf
 (a component with π = 0) is legitimate and gives finite results.
+
+Skipping, exact to round-off (native backend). For each block of weights in
+[lo, hi] the kernel bounds every component's log-density term
+v_j(w) = log π_j − log σ_j − log(2π)/2 − (w − μ_j)²/(2σ_j²) over the block: best_j
+(at the point of [lo, hi] nearest μ_j) and worst_j (at the end farthest from it).
+Each weight's top term is at least floor = max_j worst_j, so a component with
+best_j < floor − margin has γ_ij < exp(−margin) for every weight of the block and is
+not evaluated; each weight's top component always is. The margin
+(:func:`skip_margin`) is ln(1/u) + ln J + 5 nats, u the dtype's unit round-off
+(2⁻²⁴ float32, 2⁻⁵³ float64): the at most J skipped terms change a weight's density
+by less than u·e⁻⁵ of it, and their terms in the gradients, γ_ij·|d_ij|/σ_j² and
+γ_ij·(d_ij²/σ_j² − 1)/σ_j, stay below round-off while the skipped component's d/σ
+and scale are within e⁵ ≈ 150 of the kept ones' (d/σ is at most about
+√(2·margin) ≈ 7 at the bound). For float32 and J = 17 the margin is 24.5 nats, for
+float64 44.6. Blocks holding a non-finite weight are evaluated densely, so the rules
+above hold unchanged. :func:`use_skipping` turns it off (the dense kernel, for
+tests and benchmarks); the torch backends always evaluate every pair.
 """
 
 from __future__ import annotations
@@ -38,7 +56,7 @@ import os
 import subprocess
 import tempfile
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -46,7 +64,8 @@ import torch
 
 from .errors import BayesSWSError
 
-__all__ = ["BACKENDS", "backend", "current_backend", "native_available", "set_backend", "use_backend"]
+__all__ = ["BACKENDS", "backend", "current_backend", "native_available", "set_backend", "skip_margin", "skipping",
+           "use_backend", "use_skipping"]
 
 BACKENDS = ("auto", "torch", "compile", "native")
 HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
@@ -57,6 +76,8 @@ _SOURCE = Path(__file__).with_name("sws_kernel.c")
 _MAX_NATIVE_COMPONENTS = 64
 _MIN_WEIGHTS_PER_THREAD = 1 << 13
 _MAX_NATIVE_PARTS = 256  # MAX_PARTS in sws_kernel.c
+# Nats beyond ln(1/u) + ln J in the skipping bound (see the module's docstring).
+_SKIP_SAFETY = 5.0
 
 
 # --------------------------------------------------------------------------- torch
@@ -121,25 +142,28 @@ class _ChunkedTorch(NamedTuple):
     cpu_chunk: int
     cuda_chunk: int
 
-    def _chunk_size(self, weights: torch.Tensor, chunk_size: int | None) -> int:
-        default = self.cuda_chunk if weights.is_cuda else self.cpu_chunk
-        return max(1, min(chunk_size or default, weights.numel()))
+    def _chunks(self, segments: Sequence[torch.Tensor], chunk_size: int | None) -> int:
+        default = self.cuda_chunk if segments[0].is_cuda else self.cpu_chunk
+        return max(1, min(chunk_size or default, max(t.numel() for t in segments)))
 
-    def value_and_grads(self, weights, mixture, grad_out, summary_out, *, chunk_size=None) -> None:
-        size = self._chunk_size(weights, chunk_size)
+    def value_and_grads(self, segments, mixture, grad_outs, summary_out, *, chunk_size=None) -> None:
+        size = self._chunks(segments, chunk_size)
+        pieces = [(chunk, chunk_grad) for weights, grad_out in zip(segments, grad_outs)
+                  for chunk, chunk_grad in zip(weights.split(size), grad_out.split(size))]
         # Chunk results are copied into buffers allocated up front: keeping per-chunk
         # tensors alive between the chunks' large temporaries fragments the heap.
-        summaries = weights.new_empty(-(-weights.numel() // size), 1 + 3 * mixture[0].numel())
-        for chunk, chunk_grad, chunk_summary in zip(weights.split(size), grad_out.split(size), summaries):
+        summaries = segments[0].new_empty(len(pieces), 1 + 3 * mixture[0].numel())
+        for (chunk, chunk_grad), chunk_summary in zip(pieces, summaries):
             grad, summary = self.grad_kernel(chunk, *mixture)
             chunk_grad.copy_(grad)
             chunk_summary.copy_(summary)
         summary_out.copy_(_mixture_gradients(summaries.sum(0), mixture[2]))
 
-    def value(self, weights, mixture, *, chunk_size=None) -> torch.Tensor:
-        size = self._chunk_size(weights, chunk_size)
-        values = weights.new_empty(-(-weights.numel() // size))
-        for chunk, slot in zip(weights.split(size), values):
+    def value(self, segments, mixture, *, chunk_size=None) -> torch.Tensor:
+        size = self._chunks(segments, chunk_size)
+        chunks = [chunk for weights in segments for chunk in weights.split(size)]
+        values = segments[0].new_empty(len(chunks))
+        for chunk, slot in zip(chunks, values):
             slot.copy_(self.value_kernel(chunk, *mixture))
         return values.sum()
 
@@ -157,6 +181,55 @@ def _compiled() -> _ChunkedTorch:
         cpu_chunk=1 << 16,
         cuda_chunk=1 << 20,
     )
+
+
+# --------------------------------------------------------------------------- skipping
+
+_SKIPPING: contextvars.ContextVar[bool] = contextvars.ContextVar("bayes_sws_kernel_skipping", default=True)
+
+
+def skip_margin(dtype: torch.dtype, components: int) -> float:
+    """The native kernel's skipping margin in nats: ln(1/u) + ln J + 5, u the unit round-off of ``dtype``.
+
+    Parameters
+    ----------
+    dtype : torch.dtype
+        The weights' floating-point type.
+    components : int
+        J, the mixture's number of components.
+
+    Returns
+    -------
+    float
+        A component whose best log-density over a block of weights lies more than this
+        under the block's floor is skipped for that block (see the module's docstring).
+    """
+    unit_round_off = torch.finfo(dtype).eps / 2
+    return -math.log(unit_round_off) + math.log(components) + _SKIP_SAFETY
+
+
+def skipping() -> bool:
+    """Whether the native kernel skips components that cannot matter (the default), here."""
+    return _SKIPPING.get()
+
+
+@contextlib.contextmanager
+def use_skipping(enabled: bool) -> Iterator[None]:
+    """Let the native kernel skip components (``True``, the default) or evaluate every pair, in this block.
+
+    Both give the same value and gradients to round-off; the dense form is there to
+    check that, and to time it. A context variable, like :func:`use_backend`.
+
+    Parameters
+    ----------
+    enabled : bool
+        ``False`` evaluates every (weight, component) pair.
+    """
+    token = _SKIPPING.set(bool(enabled))
+    try:
+        yield
+    finally:
+        _SKIPPING.reset(token)
 
 
 # --------------------------------------------------------------------------- native
@@ -186,8 +259,8 @@ class _Native:
         self._functions = {}
         for dtype, name in ((torch.float32, "sws_mixture_f32"), (torch.float64, "sws_mixture_f64")):
             function = getattr(library, name)
-            function.argtypes = [pointer, ctypes.c_long, pointer, pointer, pointer, ctypes.c_int,
-                                 pointer, pointer, ctypes.c_int]
+            function.argtypes = [ctypes.c_int, pointer, pointer, pointer, pointer, pointer, pointer, ctypes.c_int,
+                                 ctypes.c_double, pointer, ctypes.c_int]
             function.restype = ctypes.c_int
             self._functions[dtype] = function
         self.openmp = bool(library.sws_openmp())
@@ -196,23 +269,27 @@ class _Native:
         return (weights.device.type == "cpu" and weights.dtype in self._functions
                 and components <= _MAX_NATIVE_COMPONENTS)
 
-    def value_and_grads(self, weights, mixture, grad_out, summary_out, *, chunk_size=None) -> None:
+    def value_and_grads(self, segments, mixture, grad_outs, summary_out, *, chunk_size=None) -> None:
         # Every tensor is contiguous and of the weights' dtype (mixture_log_prob_sum sees to it);
-        # grad_out None skips the weight gradient.
+        # grad_outs None skips the weight gradients. The segments are read in place.
         log_proportions, means, scales = mixture
-        n = weights.numel()
+        count, components = len(segments), log_proportions.numel()
+        n = sum(t.numel() for t in segments)
         threads = min(torch.get_num_threads(), _MAX_NATIVE_PARTS) if self.openmp else 1
         parts = max(1, min(threads, n // _MIN_WEIGHTS_PER_THREAD))
-        status = self._functions[weights.dtype](
-            weights.data_ptr(), n, log_proportions.data_ptr(), means.data_ptr(), scales.data_ptr(),
-            log_proportions.numel(), None if grad_out is None else grad_out.data_ptr(), summary_out.data_ptr(),
-            parts)
+        pointers = (ctypes.c_void_p * count)(*(t.data_ptr() for t in segments))
+        lengths = (ctypes.c_long * count)(*(t.numel() for t in segments))
+        grads = None if grad_outs is None else (ctypes.c_void_p * count)(*(g.data_ptr() for g in grad_outs))
+        margin = skip_margin(segments[0].dtype, components) if skipping() else math.inf
+        status = self._functions[segments[0].dtype](
+            count, pointers, lengths, grads, log_proportions.data_ptr(), means.data_ptr(), scales.data_ptr(),
+            components, margin, summary_out.data_ptr(), parts)
         if status:
             raise RuntimeError("the native mixture kernel rejected its arguments")
 
-    def value(self, weights, mixture, *, chunk_size=None) -> torch.Tensor:
-        summary = weights.new_empty(1 + 3 * mixture[0].numel())
-        self.value_and_grads(weights, mixture, None, summary)
+    def value(self, segments, mixture, *, chunk_size=None) -> torch.Tensor:
+        summary = segments[0].new_empty(1 + 3 * mixture[0].numel())
+        self.value_and_grads(segments, mixture, None, summary)
         return summary[0]
 
 

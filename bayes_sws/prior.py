@@ -183,21 +183,17 @@ def _reference_log_prob_sum(weights: torch.Tensor, mixture: GaussianMixture, eve
 
 
 class _Rows(NamedTuple):
-    """The broadcast rows one kernel call each: row r pairs ``weights[weight_index[r]]`` with ``mixture[r]``."""
+    """The broadcast rows, one kernel call each: row r pairs the weights' row ``weight_index[r]`` with ``mixture[r]``."""
 
     batch_shape: torch.Size  # of the result; R = batch_shape.numel() rows
-    weights: torch.Tensor  # (R_w, E), the weights' own rows (a view)
     weight_index: Sequence[int]  # (R,)
     mixture: tuple[torch.Tensor, ...]  # three (R, J), contiguous
 
 
-def _broadcast_rows(weights: torch.Tensor, mixture: GaussianMixture, event_dim: int) -> _Rows:
-    split = weights.dim() - event_dim
-    weight_batch, event_shape = weights.shape[:split], weights.shape[split:]
+def _broadcast_rows(weight_batch: torch.Size, mixture: GaussianMixture) -> _Rows:
     components = mixture.means.shape[-1]
-    if not weight_batch and all(t.dim() == 1 for t in mixture):  # one tensor, one mixture: the common case
-        return _Rows(weight_batch, weights.view(1, event_shape.numel()), range(1),
-                     tuple(t.view(1, components) for t in mixture))
+    if not weight_batch and all(t.dim() == 1 for t in mixture):  # one row, one mixture: the common case
+        return _Rows(weight_batch, range(1), tuple(t.view(1, components) for t in mixture))
     try:
         batch_shape = _broadcast_shapes(weight_batch, mixture.batch_shape)
     except RuntimeError as error:
@@ -210,14 +206,27 @@ def _broadcast_rows(weights: torch.Tensor, mixture: GaussianMixture, event_dim: 
         weight_index = torch.arange(weight_batch.numel()).reshape(weight_batch).expand(batch_shape).reshape(rows).tolist()
     return _Rows(
         batch_shape,
-        weights.view(weight_batch.numel(), event_shape.numel()),
         weight_index,
         tuple(t.expand(*batch_shape, components).reshape(rows, components).contiguous() for t in mixture),
     )
 
 
+def _event_shape(weights: torch.Tensor, event_dim: int) -> torch.Size:
+    return weights.shape[weights.dim() - event_dim :]
+
+
+def _weight_rows(weights: Sequence[torch.Tensor], event_dims: Sequence[int]) -> list[torch.Tensor]:
+    """Each tensor as ``(R_w, E_k)``: its rows of flattened event dimensions (views)."""
+    return [t.view(t.shape[: t.dim() - k].numel(), _event_shape(t, k).numel()) for t, k in zip(weights, event_dims)]
+
+
+def _reference_group_log_prob_sum(weights: Sequence[torch.Tensor], mixture: GaussianMixture,
+                                  event_dims: Sequence[int]) -> torch.Tensor:
+    return sum(_reference_log_prob_sum(t, mixture, k) for t, k in zip(weights, event_dims))
+
+
 class _FusedLogProbSum(torch.autograd.Function):
-    """Sums of log p(w) over the last ``event_dim`` dimensions, gradients computed in the same pass.
+    """Sums of log p(w) over each tensor's event dimensions, gradients computed in the same pass.
 
     The output is a sum, so the first-order backward pass only rescales the
     gradients that the forward pass accumulated: nothing of size N×J is ever
@@ -227,47 +236,69 @@ class _FusedLogProbSum(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, weights, log_proportions, means, scales, event_dim, chunk_size):
-        rows = _broadcast_rows(weights, GaussianMixture(log_proportions, means, scales), event_dim)
+    def forward(ctx, event_dims, chunk_size, log_proportions, means, scales, *weights):
+        weight_batch = weights[0].shape[: weights[0].dim() - event_dims[0]]
+        rows = _broadcast_rows(weight_batch, GaussianMixture(log_proportions, means, scales))
         components = means.shape[-1]
-        row_functions = kernels.backend(weights, components)
-        event_shape = weights.shape[weights.dim() - event_dim :]
-        # Shaped like the (broadcast) weights rather than a view of a flattened tensor,
-        # so that autograd can add the network's gradient into it in place.
-        grad_weights = weights.new_empty(rows.batch_shape + event_shape)
+        row_functions = kernels.backend(weights[0], components)
+        # Shaped like the (broadcast) weights rather than views of one flattened tensor,
+        # so that autograd can add the network's gradient into each in place.
+        grad_weights = [t.new_empty(rows.batch_shape + _event_shape(t, k)) for t, k in zip(weights, event_dims)]
         # per row: the value, then its gradients with respect to log π, μ and σ (each J)
-        summaries = weights.new_empty(rows.batch_shape.numel(), 1 + 3 * components)
-        for index, row_grad, row_summary, *row_mixture in zip(
-            rows.weight_index, grad_weights.view(len(summaries), rows.weights.shape[1]), summaries, *rows.mixture
-        ):
-            row_functions.value_and_grads(rows.weights[index], row_mixture, row_grad, row_summary,
-                                          chunk_size=chunk_size)
-        ctx.save_for_backward(weights, log_proportions, means, scales, grad_weights, summaries)
-        ctx.event_dim = event_dim
+        summaries = weights[0].new_empty(rows.batch_shape.numel(), 1 + 3 * components)
+        weight_rows = _weight_rows(weights, event_dims)
+        grad_rows = [g.view(len(summaries), t.shape[1]) for g, t in zip(grad_weights, weight_rows)]
+        for row, (index, row_summary, *row_mixture) in enumerate(zip(rows.weight_index, summaries, *rows.mixture)):
+            row_functions.value_and_grads([t[index] for t in weight_rows], row_mixture,
+                                          [g[row] for g in grad_rows], row_summary, chunk_size=chunk_size)
+        ctx.save_for_backward(log_proportions, means, scales, *weights, *grad_weights, summaries)
+        ctx.event_dims = event_dims
         return summaries[:, 0].view(rows.batch_shape)
 
     @staticmethod
     def backward(ctx, grad_values):
-        *inputs, grad_weights, summaries = ctx.saved_tensors
-        needed = ctx.needs_input_grad[:4]
+        saved = ctx.saved_tensors
+        count = len(ctx.event_dims)
+        mixture, weights, grad_weights, summaries = saved[:3], saved[3 : 3 + count], saved[3 + count : -1], saved[-1]
+        inputs = (*mixture, *weights)
+        needed = ctx.needs_input_grad[2:]
         if torch.is_grad_enabled():
-            value = _reference_log_prob_sum(inputs[0], GaussianMixture(*inputs[1:]), ctx.event_dim)
+            value = _reference_group_log_prob_sum(weights, GaussianMixture(*mixture), ctx.event_dims)
             wanted = [t for t, need in zip(inputs, needed) if need]
             grads = iter(torch.autograd.grad(value, wanted, grad_values, create_graph=True))
-            return (*(next(grads) if need else None for need in needed), None, None)
-        scale = grad_values.reshape(grad_values.shape + (1,) * ctx.event_dim)
+            return (None, None, *(next(grads) if need else None for need in needed))
         per_row = grad_values.reshape(-1, 1) * summaries[:, 1:]
-        grad_mixture = per_row.view(*grad_values.shape, 3, inputs[2].shape[-1]).unbind(-2)
-        grads = (grad_weights * scale, *grad_mixture)
-        return (*(g.sum_to_size(t.shape) if need else None for g, t, need in zip(grads, inputs, needed)),
-                None, None)
+        grad_mixture = per_row.view(*grad_values.shape, 3, mixture[1].shape[-1]).unbind(-2)
+        grad_tensors = [g * grad_values.reshape(grad_values.shape + (1,) * k)
+                        for g, k in zip(grad_weights, ctx.event_dims)]
+        grads = (*grad_mixture, *grad_tensors)
+        return (None, None,
+                *(g.sum_to_size(t.shape) if need else None for g, t, need in zip(grads, inputs, needed)))
+
+
+def _checked_group(weights: torch.Tensor | Sequence[torch.Tensor],
+                   event_dim: int | Sequence[int]) -> tuple[list[torch.Tensor], tuple[int, ...]]:
+    """The weight tensors as a list and one event_dim per tensor; ``ValueError`` for bad shapes."""
+    tensors = [weights] if isinstance(weights, torch.Tensor) else list(weights)
+    if not tensors or not all(isinstance(t, torch.Tensor) for t in tensors):
+        raise ValueError("weights must be a tensor or a non-empty sequence of tensors")
+    event_dims = (event_dim,) * len(tensors) if isinstance(event_dim, int) else tuple(event_dim)
+    if len(event_dims) != len(tensors):
+        raise ValueError(f"event_dim gives {len(event_dims)} dimension counts for {len(tensors)} weight tensors")
+    for t, k in zip(tensors, event_dims):
+        if not 0 <= k <= t.dim():
+            raise ValueError(f"event_dim must lie in [0, {t.dim()}] for weights of shape {tuple(t.shape)}, got {k}")
+    batches = {tuple(t.shape[: t.dim() - k]) for t, k in zip(tensors, event_dims)}
+    if len(batches) > 1:
+        raise ValueError(f"the weight tensors must share one batch shape, got {', '.join(map(str, sorted(batches)))}")
+    return tensors, event_dims
 
 
 def mixture_log_prob_sum(
-    weights: torch.Tensor,
+    weights: torch.Tensor | Sequence[torch.Tensor],
     mixture: GaussianMixture,
     *,
-    event_dim: int = 1,
+    event_dim: int | Sequence[int] = 1,
     chunk_size: int | None = None,
 ) -> torch.Tensor:
     """Σ_i log p(w_i) over the last ``event_dim`` dimensions: −Ω(w), fused and exact.
@@ -277,15 +308,23 @@ def mixture_log_prob_sum(
     summed over those dimensions, to round-off, while extra memory stays
     O(N + chunk_size·J). Second derivatives are those of the reference.
 
+    A sequence of tensors (e.g. the layers of one mixture group) gives one sum over
+    all of them: the kernel reads them in one pass, in place (no concatenation), and
+    accumulates the mixture's gradients once; each tensor's gradient comes back in
+    its own shape. It equals the sum of the single-tensor calls.
+
     Parameters
     ----------
-    weights : Tensor of shape ``(*batch_w, *event)``
-        Independent weight tensors of ``event_dim`` dimensions, e.g. ``(B, N)``.
+    weights : Tensor of shape ``(*batch_w, *event)``, or a sequence of them
+        Independent weight tensors of ``event_dim`` dimensions, e.g. ``(B, N)``; in a
+        sequence, tensors ``(*batch_w, *event_k)`` sharing one ``batch_w``, e.g.
+        ``[(S, 1, 300, 784), (S, 1, 300)]`` with ``event_dim=(2, 1)``.
     mixture : GaussianMixture with fields of shape ``(*batch_m, J)``
         One mixture per batch element: ``batch_m`` broadcasts against ``batch_w``,
         e.g. ``(S, 1, J)`` against weights ``(S, 1, 300, 784)``.
-    event_dim : int
-        How many trailing dimensions one sum runs over.
+    event_dim : int or sequence of int
+        How many trailing dimensions one sum runs over: for every tensor, or one
+        count per tensor of a sequence.
     chunk_size : int, optional
         Weights per chunk for the torch backends (see :mod:`bayes_sws.kernels`);
         by default the length each runs fastest at.
@@ -293,31 +332,39 @@ def mixture_log_prob_sum(
     Returns
     -------
     Tensor of shape ``broadcast(batch_w, batch_m)``.
+
+    Examples
+    --------
+    >>> mixture = GaussianMixture(torch.log(torch.tensor([0.9, 0.1])),
+    ...                           torch.tensor([0.0, 0.5]), torch.tensor([0.01, 0.1]))
+    >>> layer, bias = torch.zeros(300, 784), torch.zeros(300)
+    >>> mixture_log_prob_sum([layer, bias], mixture, event_dim=(2, 1)).shape
+    torch.Size([])
     """
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
-    if not 0 <= event_dim <= weights.dim():
-        raise ValueError(f"event_dim must lie in [0, {weights.dim()}] for weights of shape "
-                         f"{tuple(weights.shape)}, got {event_dim}")
+    tensors, event_dims = _checked_group(weights, event_dim)
     _check_mixture(mixture)
     # One dtype for weights and mixture (as torch's own promotion would give), so every
     # backend reads its inputs as the type they are and returns gradients of that type.
-    dtype = weights.dtype
-    for t in mixture:
+    dtype = tensors[0].dtype
+    for t in (*tensors[1:], *mixture):
         dtype = torch.promote_types(dtype, t.dtype)
-    weights = weights.to(dtype).contiguous()
-    mixture = GaussianMixture(*(t.to(weights.device, dtype).contiguous() for t in mixture))
+    device = tensors[0].device
+    tensors = [t.to(device, dtype).contiguous() for t in tensors]
+    mixture = GaussianMixture(*(t.to(device, dtype).contiguous() for t in mixture))
     if torch.jit.is_tracing():
         # torch.jit.trace cannot follow the kernels: the torch kernels' in-place row writes
         # fail on replay and torch.compile refuses to be traced. The plain form traces.
-        return _reference_log_prob_sum(weights, mixture, event_dim)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (weights, *mixture)):
-        return _FusedLogProbSum.apply(weights, *mixture, event_dim, chunk_size)
-    rows = _broadcast_rows(weights, mixture, event_dim)
-    row_functions = kernels.backend(weights, mixture.means.shape[-1])
-    values = weights.new_empty(rows.batch_shape.numel())
+        return _reference_group_log_prob_sum(tensors, mixture, event_dims)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (*tensors, *mixture)):
+        return _FusedLogProbSum.apply(event_dims, chunk_size, *mixture, *tensors)
+    rows = _broadcast_rows(tensors[0].shape[: tensors[0].dim() - event_dims[0]], mixture)
+    row_functions = kernels.backend(tensors[0], mixture.means.shape[-1])
+    weight_rows = _weight_rows(tensors, event_dims)
+    values = tensors[0].new_empty(rows.batch_shape.numel())
     for slot, index, *row_mixture in zip(values, rows.weight_index, *rows.mixture):
-        slot.copy_(row_functions.value(rows.weights[index], row_mixture, chunk_size=chunk_size))
+        slot.copy_(row_functions.value([t[index] for t in weight_rows], row_mixture, chunk_size=chunk_size))
     return values.view(rows.batch_shape)
 
 

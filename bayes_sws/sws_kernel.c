@@ -1,15 +1,18 @@
 /* The mixture prior's value and analytic gradients in one pass over the weights.
  *
- * For weights w_i (i < n) and a J-component mixture (log pi_j, mu_j, sigma_j), with
- * log_norm_j = log pi_j - log sigma_j - log(2 pi)/2 and precisions p_j = 1/sigma_j^2,
- * sws_mixture_f32/_f64 compute, with responsibilities gamma_ij and d_ij = w_i - mu_j,
+ * For weights w_i (i < n, the segments w[0..segments) laid end to end: the tensors of
+ * one mixture group, read in place) and a J-component mixture (log pi_j, mu_j,
+ * sigma_j), with log_norm_j = log pi_j - log sigma_j - log(2 pi)/2 and precisions
+ * p_j = 1/sigma_j^2, sws_mixture_f32/_f64 compute, with responsibilities gamma_ij and
+ * d_ij = w_i - mu_j,
  *
  *   summary[0]          = sum_i log sum_j exp(log_norm_j - p_j d_ij^2 / 2)      (value)
  *   summary[1 + j]      = sum_i gamma_ij                        (d value / d log pi_j)
  *   summary[1 + J + j]  = p_j sum_i gamma_ij d_ij                (d value / d mu_j)
  *   summary[1 + 2J + j] = (p_j sum_i gamma_ij d_ij^2 - sum_i gamma_ij) / sigma_j
  *                                                                (d value / d sigma_j)
- *   grad_w[i]           = -sum_j gamma_ij d_ij p_j               (if grad_w is not NULL)
+ *   grad_w[s][i]        = -sum_j gamma_ij d_ij p_j    (if grad_w is not NULL; each
+ *                                                      segment's gradient in place)
  *
  * and return 0 (1 for arguments out of range). Non-finite input gives NaN, as the
  * formulas would in exact arithmetic: a NaN or infinite weight makes the value, the
@@ -27,6 +30,28 @@
  * vector math where it has them). Sums over a block are float,
  * across blocks and ranges double. Built at run time by bayes_sws/kernels.py; the
  * torch kernels there compute the same quantities.
+ *
+ * SKIPPING. Per block, only the components that can matter are evaluated. With the
+ * block's weights in [lo, hi] and v_ij = log_norm_j - p_j d_ij^2 / 2,
+ *
+ *   best_j  = max over w in [lo, hi] of v_j(w)   (d at the point of [lo, hi] nearest mu_j)
+ *   worst_j = min over w in [lo, hi] of v_j(w)   (d at the end farthest from mu_j)
+ *   top_floor = max_j worst_j
+ *
+ * Every weight's top component t has v_it >= v_ij >= worst_j for all j, so
+ * top_i >= top_floor, and component j is skipped when best_j < top_floor - margin: then
+ * v_ij - top_i < -margin for every weight of the block, i.e. gamma_ij < exp(-margin),
+ * and each weight's top component always stays. kernels.py sets the margin (see its
+ * docstring: ln(1/u) + ln J + a safety term, u the dtype's unit round-off), so the
+ * skipped terms, at most J of them, change each weight's density by less than a
+ * fraction u exp(-safety) of it; margin = +inf evaluates every pair (the dense kernel).
+ * A block holding a non-finite weight is always dense (NaN rules above unchanged).
+ * The bound costs O(J) per block; late in training, with narrow components and most
+ * weights near zero, a block needs a few components of J. A few outlying weights
+ * widen a block's range: a block that keeps more than SPLIT_COMPONENTS (and fewer than
+ * J) is bounded again in sub-blocks of SUB_BLOCK weights, used where they drop a
+ * quarter of the pairs.
+ * The weights are not reordered (a permutation would cost two more passes over them).
  */
 #include <float.h>
 #include <math.h>
@@ -35,7 +60,7 @@
 
 /* glibc declares its vector exp and log (libmvec) only under -ffast-math; declared
  * here, the loops calling them vectorise without it. */
-#if defined(__GLIBC__) && defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) \
+#if defined(__GLIBC__) && defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)   \
     && !defined(__FAST_MATH__) && __GLIBC_PREREQ(2, 22)
 __attribute__((__simd__("notinbranch"))) double exp(double);
 __attribute__((__simd__("notinbranch"))) double log(double);
@@ -73,6 +98,8 @@ static inline float exp_f32(float x)
 }
 
 #define BLOCK 256
+#define SUB_BLOCK 64
+#define SPLIT_COMPONENTS 3
 #define MAX_COMPONENTS 64
 #define MAX_PARTS 256 /* the partial sums live on the stack */
 #define MIN_LOG_RATIO (-80) /* exp below this is subnormal in float32 */
@@ -80,93 +107,186 @@ static inline float exp_f32(float x)
 #define SUMMARY(J) (1 + 3 * (J))
 
 #define DEFINE_KERNEL(NAME, REAL, REAL_MAX, REAL_INF, EXP, LOG)                             \
-    /* summary: the value, then sum gamma, sum gamma d, sum gamma d^2 (each J) */          \
-    static void NAME##_range(const REAL *w, long n, const REAL *log_norm, const REAL *means, \
-                             const REAL *precisions, int J, REAL *grad_w, double *summary)  \
+    /* The components of a block that can matter (see SKIPPING above): their count, into */ \
+    /* active[]. A block holding a non-finite weight keeps them all. */                     \
+    static int NAME##_active(const REAL *wb, int b, const REAL *log_norm,                   \
+                             const REAL *means, const REAL *precisions, int J,              \
+                             double margin, int *active)                                    \
+    {                                                                                       \
+        int K = 0;                                                                          \
+        /* min and max by halving: elementwise loops vectorise where a reduction with */    \
+        /* IEEE comparisons would not */                                                    \
+        /* (a sum of w - w here would be reassociated away: bad + w - w = bad) */           \
+        REAL lo[BLOCK], hi[BLOCK];                                                          \
+        int nonfinite = 0;                                                                  \
+        for (int i = 0; i < b; i++) {                                                       \
+            lo[i] = hi[i] = wb[i];                                                          \
+            nonfinite += !(fabs(wb[i]) <= REAL_MAX);                                        \
+        }                                                                                   \
+        if (nonfinite || !(margin < HUGE_VAL)) {                                            \
+            for (int j = 0; j < J; j++)                                                     \
+                active[K++] = j;                                                            \
+            return K;                                                                       \
+        }                                                                                   \
+        int width = SUB_BLOCK;                                                              \
+        while (width < b)                                                                   \
+            width *= 2;                                                                     \
+        for (int i = b; i < width; i++)                                                     \
+            lo[i] = hi[i] = wb[0];                                                          \
+        for (int half = width / 2; half > 0; half /= 2)                                     \
+            for (int i = 0; i < half; i++) {                                                \
+                lo[i] = lo[i + half] < lo[i] ? lo[i + half] : lo[i];                        \
+                hi[i] = hi[i + half] > hi[i] ? hi[i + half] : hi[i];                        \
+            }                                                                               \
+        /* branch-free over the components, so that it vectorises */                        \
+        REAL best[MAX_COMPONENTS], worst[MAX_COMPONENTS];                                   \
+        for (int j = 0; j < J; j++) {                                                       \
+            const REAL below = lo[0] - means[j], above = hi[0] - means[j];                  \
+            const REAL near = (below > 0 ? below : 0) + (above < 0 ? -above : 0);           \
+            const REAL far = -below > above ? -below : above;                               \
+            best[j] = log_norm[j] - (REAL)0.5 * precisions[j] * near * near;                \
+            worst[j] = log_norm[j] - (REAL)0.5 * precisions[j] * far * far;                 \
+        }                                                                                   \
+        REAL top_floor = -REAL_INF;                                                         \
+        for (int j = 0; j < J; j++)                                                         \
+            top_floor = worst[j] > top_floor ? worst[j] : top_floor;                        \
+        const REAL threshold = top_floor - (REAL)margin;                                    \
+        for (int j = 0; j < J; j++)                                                         \
+            if (!(best[j] < threshold)) /* a NaN bound keeps its component */               \
+                active[K++] = j;                                                            \
+        return K;                                                                           \
+    }                                                                                       \
+                                                                                            \
+    /* adds one block's terms into summary: the value, then sum gamma, sum gamma d, */      \
+    /* sum gamma d^2 (each J), over the K components in active[] */                         \
+    static void NAME##_block(const REAL *wb, int b, const int *active, int K,               \
+                             const REAL *log_norm, const REAL *means, const REAL *precisions, \
+                             int J, REAL *grad_w, double *summary)                          \
     {                                                                                       \
         REAL table[MAX_COMPONENTS][BLOCK];                                                  \
         REAL top[BLOCK], total[BLOCK], grad[BLOCK];                                         \
-        for (int k = 0; k < SUMMARY(J); k++)                                                \
-            summary[k] = 0.0;                                                               \
+        /* w - w: 0, or NaN for a non-finite weight, poisoning its gradient and the */      \
+        /* block's sums */                                                                  \
+        REAL bad = 0;                                                                       \
+        for (int i = 0; i < b; i++) {                                                       \
+            top[i] = -REAL_MAX;                                                             \
+            total[i] = 0;                                                                   \
+            grad[i] = wb[i] - wb[i];                                                        \
+            bad += grad[i];                                                                 \
+        }                                                                                   \
+        for (int k = 0; k < K; k++) {                                                       \
+            const int j = active[k];                                                        \
+            const REAL mu = means[j], p = precisions[j], ln = log_norm[j];                  \
+            for (int i = 0; i < b; i++) {                                                   \
+                const REAL d = wb[i] - mu;                                                  \
+                const REAL v = ln - (REAL)0.5 * p * d * d;                                  \
+                table[k][i] = v;                                                            \
+                top[i] = v > top[i] ? v : top[i];                                           \
+            }                                                                               \
+        }                                                                                   \
+        /* Clamped in a loop of its own: in the loop calling EXP, GCC would rewrite */      \
+        /* exp(max(x, m)) as x > m ? exp(x) : exp(m), and call exp on the unclamped */      \
+        /* x, whose vector version takes a slow path far below m. */                        \
+        for (int k = 0; k < K; k++) {                                                       \
+            for (int i = 0; i < b; i++) {                                                   \
+                const REAL x = table[k][i] - top[i];                                        \
+                table[k][i] = x > (REAL)MIN_LOG_RATIO ? x : (REAL)MIN_LOG_RATIO;            \
+            }                                                                               \
+            for (int i = 0; i < b; i++) {                                                   \
+                const REAL e = EXP(table[k][i]);                                            \
+                table[k][i] = e;                                                            \
+                total[i] += e;                                                              \
+            }                                                                               \
+        }                                                                                   \
+        REAL block_value = 0;                                                               \
+        for (int i = 0; i < b; i++) {                                                       \
+            block_value += top[i] + LOG(total[i]);                                          \
+            total[i] = (REAL)1 / total[i];                                                  \
+        }                                                                                   \
+        summary[0] += block_value + bad;                                                    \
+        for (int k = 0; k < K; k++) {                                                       \
+            const int j = active[k];                                                        \
+            const REAL mu = means[j], p = precisions[j];                                    \
+            REAL s0 = 0, s1 = 0, s2 = 0;                                                    \
+            for (int i = 0; i < b; i++) {                                                   \
+                const REAL gamma = table[k][i] * total[i];                                  \
+                const REAL d = wb[i] - mu;                                                  \
+                const REAL gamma_d = gamma * d;                                             \
+                grad[i] += gamma_d * p;                                                     \
+                s0 += gamma;                                                                \
+                s1 += gamma_d;                                                              \
+                s2 += gamma_d * d;                                                          \
+            }                                                                               \
+            summary[1 + j] += s0 + bad;                                                     \
+            summary[1 + J + j] += s1 + bad;                                                 \
+            summary[1 + 2 * J + j] += s2 + bad;                                             \
+        }                                                                                   \
+        if (grad_w)                                                                         \
+            for (int i = 0; i < b; i++)                                                     \
+                grad_w[i] = -grad[i];                                                       \
+    }                                                                                       \
+                                                                                            \
+    /* Blocks of BLOCK weights; one whose bound keeps more than SPLIT_COMPONENTS */         \
+    /* components is bounded again in sub-blocks of SUB_BLOCK (a few outlying weights */    \
+    /* widen a block's range) */                                                            \
+    static void NAME##_range(const REAL *w, long n, const REAL *log_norm, const REAL *means, \
+                             const REAL *precisions, int J, double margin, REAL *grad_w,    \
+                             double *summary)                                               \
+    {                                                                                       \
+        int active[MAX_COMPONENTS];                                                         \
         for (long start = 0; start < n; start += BLOCK) {                                   \
             const int b = (n - start < BLOCK) ? (int)(n - start) : BLOCK;                   \
             const REAL *wb = w + start;                                                     \
-            /* w - w: 0, or NaN for a non-finite weight, poisoning its gradient and the */ \
-            /* block's sums */                                                              \
-            REAL bad = 0;                                                                   \
-            for (int i = 0; i < b; i++) {                                                   \
-                top[i] = -REAL_MAX;                                                         \
-                total[i] = 0;                                                               \
-                grad[i] = wb[i] - wb[i];                                                    \
-                bad += grad[i];                                                             \
-            }                                                                               \
-            for (int j = 0; j < J; j++) {                                                   \
-                const REAL mu = means[j], p = precisions[j], ln = log_norm[j];              \
-                for (int i = 0; i < b; i++) {                                               \
-                    const REAL d = wb[i] - mu;                                              \
-                    const REAL v = ln - (REAL)0.5 * p * d * d;                              \
-                    table[j][i] = v;                                                        \
-                    top[i] = v > top[i] ? v : top[i];                                       \
+            const int K = NAME##_active(wb, b, log_norm, means, precisions, J, margin, active); \
+            int sub_active[BLOCK / SUB_BLOCK][MAX_COMPONENTS], sub_K[BLOCK / SUB_BLOCK];    \
+            long split_cost = 0;                                                            \
+            /* (a block that keeps all J, e.g. under broad early-training components, */    \
+            /* is not tried: its sub-blocks would mostly keep all too) */                   \
+            const int try_split = K > SPLIT_COMPONENTS && K < J && margin < HUGE_VAL && b == BLOCK; \
+            if (try_split)                                                                  \
+                for (int s = 0; s < BLOCK / SUB_BLOCK; s++) {                               \
+                    sub_K[s] = NAME##_active(wb + s * SUB_BLOCK, SUB_BLOCK, log_norm, means, \
+                                             precisions, J, margin, sub_active[s]);         \
+                    split_cost += sub_K[s];                                                 \
                 }                                                                           \
+            /* sub-blocks pay where they drop a quarter of the pairs */                     \
+            if (!try_split || 4 * split_cost > 3 * (BLOCK / SUB_BLOCK) * K) {               \
+                NAME##_block(wb, b, active, K, log_norm, means, precisions, J,              \
+                             grad_w ? grad_w + start : NULL, summary);                      \
+                continue;                                                                   \
             }                                                                               \
-            /* Clamped in a loop of its own: in the loop calling EXP, GCC would rewrite */ \
-            /* exp(max(x, m)) as x > m ? exp(x) : exp(m), and call exp on the unclamped */ \
-            /* x, whose vector version takes a slow path far below m. */                   \
-            for (int j = 0; j < J; j++) {                                                   \
-                for (int i = 0; i < b; i++) {                                               \
-                    const REAL x = table[j][i] - top[i];                                    \
-                    table[j][i] = x > (REAL)MIN_LOG_RATIO ? x : (REAL)MIN_LOG_RATIO;        \
-                }                                                                           \
-                for (int i = 0; i < b; i++) {                                               \
-                    const REAL e = EXP(table[j][i]);                                        \
-                    table[j][i] = e;                                                        \
-                    total[i] += e;                                                          \
-                }                                                                           \
-            }                                                                               \
-            REAL block_value = 0;                                                           \
-            for (int i = 0; i < b; i++) {                                                   \
-                block_value += top[i] + LOG(total[i]);                                      \
-                total[i] = (REAL)1 / total[i];                                              \
-            }                                                                               \
-            summary[0] += block_value + bad;                                                \
-            for (int j = 0; j < J; j++) {                                                   \
-                const REAL mu = means[j], p = precisions[j];                                \
-                REAL s0 = 0, s1 = 0, s2 = 0;                                                \
-                for (int i = 0; i < b; i++) {                                               \
-                    const REAL gamma = table[j][i] * total[i];                              \
-                    const REAL d = wb[i] - mu;                                              \
-                    const REAL gamma_d = gamma * d;                                         \
-                    grad[i] += gamma_d * p;                                                 \
-                    s0 += gamma;                                                            \
-                    s1 += gamma_d;                                                          \
-                    s2 += gamma_d * d;                                                      \
-                }                                                                           \
-                summary[1 + j] += s0 + bad;                                                 \
-                summary[1 + J + j] += s1 + bad;                                             \
-                summary[1 + 2 * J + j] += s2 + bad;                                         \
-            }                                                                               \
-            if (grad_w)                                                                     \
-                for (int i = 0; i < b; i++)                                                 \
-                    grad_w[start + i] = -grad[i];                                           \
+            for (int s = 0; s < BLOCK / SUB_BLOCK; s++)                                     \
+                NAME##_block(wb + s * SUB_BLOCK, SUB_BLOCK, sub_active[s], sub_K[s], log_norm, \
+                             means, precisions, J,                                          \
+                             grad_w ? grad_w + start + s * SUB_BLOCK : NULL, summary);      \
         }                                                                                   \
     }                                                                                       \
                                                                                             \
-    int NAME(const REAL *w, long n, const REAL *log_proportions, const REAL *means,         \
-             const REAL *scales, int J, REAL *grad_w, REAL *summary, int parts)             \
+    int NAME(int segments, const REAL *const *w, const long *n, REAL *const *grad_w,        \
+             const REAL *log_proportions, const REAL *means, const REAL *scales, int J,     \
+             double margin, REAL *summary, int parts)                                       \
     {                                                                                       \
         REAL log_norm[MAX_COMPONENTS], precisions[MAX_COMPONENTS];                          \
-        if (J < 1 || J > MAX_COMPONENTS || parts < 1 || parts > MAX_PARTS || n < 0)         \
+        if (J < 1 || J > MAX_COMPONENTS || parts < 1 || parts > MAX_PARTS || segments < 1   \
+            || !(margin >= 0))                                                              \
             return 1;                                                                       \
+        long total = 0;                                                                     \
+        for (int s = 0; s < segments; s++) {                                                \
+            if (n[s] < 0)                                                                   \
+                return 1;                                                                   \
+            total += n[s];                                                                  \
+        }                                                                                   \
         int invalid = 0;                                                                    \
         for (int j = 0; j < J; j++)                                                         \
             invalid |= !(log_proportions[j] < REAL_INF) | !(fabs(means[j]) < REAL_INF)      \
                        | !(scales[j] > 0 && scales[j] < REAL_INF);                          \
-        if (invalid && n > 0) {                                                             \
+        if (invalid && total > 0) {                                                         \
             for (int m = 0; m < SUMMARY(J); m++)                                            \
                 summary[m] = (REAL)NAN;                                                     \
             if (grad_w)                                                                     \
-                for (long i = 0; i < n; i++)                                                \
-                    grad_w[i] = (REAL)NAN;                                                  \
+                for (int s = 0; s < segments; s++)                                          \
+                    for (long i = 0; i < n[s]; i++)                                         \
+                        grad_w[s][i] = (REAL)NAN;                                           \
             return 0;                                                                       \
         }                                                                                   \
         for (int j = 0; j < J; j++) {                                                       \
@@ -176,9 +296,19 @@ static inline float exp_f32(float x)
         double partial[parts][SUMMARY(J)], sums[SUMMARY(J)];                                \
         _Pragma("omp parallel for num_threads(parts) schedule(static, 1)")                  \
         for (int k = 0; k < parts; k++) {                                                   \
-            const long start = n * k / parts, stop = n * (k + 1) / parts;                   \
-            NAME##_range(w + start, stop - start, log_norm, means, precisions, J,           \
-                         grad_w ? grad_w + start : NULL, partial[k]);                       \
+            /* the k-th share of the segments laid end to end */                            \
+            const long start = total * k / parts, stop = total * (k + 1) / parts;           \
+            for (int m = 0; m < SUMMARY(J); m++)                                            \
+                partial[k][m] = 0.0;                                                        \
+            long offset = 0;                                                                \
+            for (int s = 0; s < segments; offset += n[s], s++) {                            \
+                const long first = start > offset ? start : offset;                         \
+                const long last = stop < offset + n[s] ? stop : offset + n[s];              \
+                if (first < last)                                                           \
+                    NAME##_range(w[s] + (first - offset), last - first, log_norm, means,    \
+                                 precisions, J, margin,                                     \
+                                 grad_w ? grad_w[s] + (first - offset) : NULL, partial[k]); \
+            }                                                                               \
         }                                                                                   \
         for (int m = 0; m < SUMMARY(J); m++) {                                              \
             sums[m] = 0.0;                                                                  \

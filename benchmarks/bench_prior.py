@@ -19,8 +19,13 @@ full-size call; on CUDA, torch.cuda.max_memory_allocated minus memory_allocated
 before the call. The weights and mixture parameters exist before the call, so the
 gradient buffers and everything the call allocates count as extra.
 
+`--skipping` instead compares the native kernel dense (every weight-component pair, as
+before skipping existed: `kernels.use_skipping(False)`) with its exact component
+skipping, on Ullrich-like late-training mixtures and a broad early-training one.
+
 Run:  cd /work/main && PYTHONPATH=. .venv/bin/python benchmarks/bench_prior.py \
           --sizes 1e5 1e6 1e7 --json benchmarks/results/prior.json
+      PYTHONPATH=. .venv/bin/python benchmarks/bench_prior.py --skipping --reps 15
 """
 
 from __future__ import annotations
@@ -288,13 +293,116 @@ def check_agreement(n: int, args: argparse.Namespace) -> list[str]:
     return lines
 
 
+# --------------------------------------------------------------------------- skipping
+
+
+def skipping_mixtures(j: int, seed: int) -> dict:
+    """name -> (mixture, weights-generator) for the skipping comparison, float32.
+
+    late: Ullrich et al.'s mixture late in training: π0 = 0.999 at a zero component of
+    σ0 = 0.005, the other J − 1 at means ±0.05…±0.6 with σ drawn from [0.01, 0.05]
+    (late σ=x: all of them x); weights drawn from the mixture (99.9 % near zero), in
+    random order. early: equal proportions, means over [−0.3, 0.3], σ in [0.05, 0.15],
+    weights N(0, 0.15²).
+    """
+    import torch
+
+    from bayes_sws.prior import GaussianMixture
+
+    generator = torch.Generator().manual_seed(seed)
+    half = (j - 1) // 2
+    means = torch.cat([torch.zeros(1), torch.linspace(-0.6, -0.05, half), torch.linspace(0.05, 0.6, j - 1 - half)])
+    proportions = torch.cat([torch.tensor([0.999]), torch.full((j - 1,), 0.001 / (j - 1))])
+
+    def late(others: torch.Tensor) -> GaussianMixture:
+        return GaussianMixture(proportions.log(), means, torch.cat([torch.tensor([0.005]), others]))
+
+    def drawn(mixture: GaussianMixture, n: int) -> torch.Tensor:
+        component = torch.multinomial(mixture.log_proportions.exp(), n, replacement=True, generator=generator)
+        return mixture.means[component] + mixture.scales[component] * torch.randn(n, generator=generator)
+
+    cases = {"late": late(0.01 + 0.04 * torch.rand(j - 1, generator=generator))}
+    for sigma in (0.01, 0.02, 0.05):
+        cases[f"late σ={sigma}"] = late(torch.full((j - 1,), sigma))
+    early = GaussianMixture(torch.full((j,), -math.log(j)), torch.linspace(-0.3, 0.3, j),
+                            0.05 + 0.1 * torch.rand(j, generator=generator))
+    result = {name: (mixture, lambda n, m=mixture: drawn(m, n)) for name, mixture in cases.items()}
+    result["early"] = (early, lambda n: 0.15 * torch.randn(n, generator=generator))
+    return result
+
+
+def compare_skipping(args: argparse.Namespace) -> list[dict]:
+    """Dense native kernel (every pair: today's kernel) against skipping, per mixture and N.
+
+    Two timings, each the median over --reps interleaved rounds (dense, skipping, dense, ...):
+    the kernel alone (value and every gradient into preallocated buffers) and the whole
+    MixturePrior.log_prob + backward.
+    """
+    import pyro
+    import torch
+
+    from bayes_sws import kernels
+    from bayes_sws.prior import GaussianMixture, MixturePrior
+
+    pyro.enable_validation(args.validate)
+    torch.set_num_threads(args.threads)
+    clock = time.process_time if args.cpu_time else time.perf_counter
+    native = kernels._native()
+    if native is None:
+        print("skipping comparison: the native kernel is unavailable here")
+        return []
+    records = []
+    print(f"{'case':<14} {'N':>8} {'kernel dense':>13} {'skipping':>10} {'speed-up':>9} "
+          f"{'call dense':>11} {'skipping':>10} {'speed-up':>9}")
+    for name, (mixture, draw) in skipping_mixtures(args.components, args.seed).items():
+        for n in sorted(set(args.sizes)):
+            weights = draw(n)
+            grad = torch.empty_like(weights)
+            summary = torch.empty(1 + 3 * args.components)
+            leaves = [t.clone().requires_grad_() for t in mixture]
+            w = weights.clone().requires_grad_()
+
+            def kernel() -> None:
+                native.value_and_grads([weights], list(mixture), [grad], summary)
+
+            def call() -> None:
+                w.grad = None
+                for leaf in leaves:
+                    leaf.grad = None
+                MixturePrior(GaussianMixture(*leaves), event_shape=(n,)).log_prob(w).backward()
+
+            times = {(what, dense): [] for what in ("kernel", "call") for dense in (True, False)}
+            if args.wait_idle > 0:
+                wait_until_idle(args.wait_idle)
+            with kernels.use_backend("native"), ForeignLoad() as load:
+                for _ in range(args.reps + 1):  # the first round warms up
+                    for what, function in (("kernel", kernel), ("call", call)):
+                        for dense in (True, False):
+                            with kernels.use_skipping(not dense):
+                                start = clock()
+                                function()
+                                times[what, dense].append(clock() - start)
+            median = {key: statistics.median(values[1:]) for key, values in times.items()}
+            record = {"case": name, "n": n, "foreign_cpu_load": load.fraction,
+                      **{f"{what}_{'dense' if dense else 'skipping'}_s": value
+                         for (what, dense), value in median.items()}}
+            records.append(record)
+            print(f"{name:<14} {n:>8.0e} {fmt_seconds(median['kernel', True]):>13} "
+                  f"{fmt_seconds(median['kernel', False]):>10} "
+                  f"{median['kernel', True] / median['kernel', False]:>8.2f}x "
+                  f"{fmt_seconds(median['call', True]):>11} {fmt_seconds(median['call', False]):>10} "
+                  f"{median['call', True] / median['call', False]:>8.2f}x"
+                  f"{'  * busy %.0f%%' % (100 * load.fraction) if load.fraction > 0.1 else ''}", flush=True)
+    return records
+
+
 # --------------------------------------------------------------------------- main
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", nargs="+", type=parse_size, default=[10**5, 10**6, 10**7],
+    parser.add_argument("--sizes", nargs="+", type=parse_size, default=None,
                         help="weight counts N (e.g. 1e5 1e6 1e7 1e8)")
     parser.add_argument("--components", "-J", type=int, default=17, help="mixture components J")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
@@ -319,6 +427,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="before each measurement wait up to this long for other processes "
                              "to leave the CPUs idle (the machine may be shared)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--skipping", action="store_true",
+                        help="instead: the native kernel dense (every pair) against component skipping, "
+                             "on late- and early-training mixtures (sizes default to 1e6)")
+    parser.add_argument("--cpu-time", action="store_true",
+                        help="--skipping: time with this process's CPU time instead of the wall clock "
+                             "(robust on a loaded machine; with --threads 1 it is the work done)")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON here")
     parser.add_argument("--_worker", nargs=2, metavar=("METHOD", "N"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -327,6 +441,25 @@ def main(argv: list[str] | None = None) -> int:
         method, n = args._worker
         print(json.dumps(measure(method, int(n), args)), flush=True)
         return 0
+
+    if args.skipping:
+        args.sizes = args.sizes or [10**6]
+        print(f"bench_prior --skipping: J={args.components}, float32, cpu, threads={args.threads}, "
+              f"median of {args.reps} interleaved rounds, {'CPU' if args.cpu_time else 'wall'} time")
+        print(f"load average at start: {loadavg()}")
+        records = compare_skipping(args)
+        print(f"load average at end: {loadavg()}")
+        late = next((r for r in records if r["case"] == "late" and r["n"] == 10**6), None)
+        if late:
+            for what in ("kernel", "call"):
+                ratio = late[f"{what}_dense_s"] / late[f"{what}_skipping_s"]
+                print(f"target: late-training prior at N=1e6, {what}, >= 3x faster than the dense "
+                      f"native kernel: {ratio:.2f}x -> {'PASS' if ratio >= 3 else 'FAIL'}")
+        warn_if_loaded(records, "measurement(s)")
+        if args.json:
+            write_json(args.json, "bench_prior_skipping", config=vars(args), results=records)
+        return 0
+    args.sizes = args.sizes or [10**5, 10**6, 10**7]
 
     import pyro
     import torch

@@ -1,0 +1,117 @@
+"""mixture_log_prob_sum over a sequence of weight tensors (one mixture group): one pass, per-tensor gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bayes_sws import kernels
+from bayes_sws.prior import GaussianMixture, mixture_log_prob_sum
+
+F64 = torch.float64
+
+
+def _mixture(generator, batch=(), j=4, dtype=F64) -> GaussianMixture:
+    return GaussianMixture(torch.log_softmax(torch.randn(*batch, j, generator=generator, dtype=dtype), -1),
+                           0.5 * torch.randn(*batch, j, generator=generator, dtype=dtype),
+                           0.1 + torch.rand(*batch, j, generator=generator, dtype=dtype))
+
+
+def _grads(fn, tensors):
+    leaves = [t.detach().clone().requires_grad_() for t in tensors]
+    value = fn(leaves)
+    cotangent = torch.linspace(0.5, 1.5, value.numel(), dtype=value.dtype).reshape(value.shape)
+    return value.detach(), torch.autograd.grad((cotangent * value).sum(), leaves)
+
+
+def _group_and_singles(weights, mixture, event_dims, chunk_size=None):
+    """(value, grads) of the sequence call and of the sum of single-tensor calls, leaves: weights then mixture."""
+    count = len(weights)
+
+    def group(leaves):
+        return mixture_log_prob_sum(leaves[:count], GaussianMixture(*leaves[count:]), event_dim=event_dims,
+                                    chunk_size=chunk_size)
+
+    def singles(leaves):
+        mixture = GaussianMixture(*leaves[count:])
+        return sum(mixture_log_prob_sum(t, mixture, event_dim=k, chunk_size=chunk_size)
+                   for t, k in zip(leaves[:count], event_dims))
+
+    return _grads(group, [*weights, *mixture]), _grads(singles, [*weights, *mixture])
+
+
+CASES = {
+    # name: (weight shapes, event_dims, mixture batch)
+    "layer_and_bias": ([(30, 20), (30,)], (2, 1), ()),
+    "three_layers_one_event_dim": ([(5, 40), (5, 3), (5, 1)], (1, 1, 1), ()),
+    "vi_particles": ([(3, 1, 30, 20), (3, 1, 30)], (2, 1), (3, 1)),
+    "one_weights_many_mixtures": ([(30, 20), (7,)], (2, 1), (2,)),
+    "an_empty_tensor_among_them": ([(40,), (0,), (9,)], (1, 1, 1), ()),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_a_group_call_equals_the_sum_of_single_calls_with_each_tensors_gradient_in_its_shape(case, kernel_backend):
+    shapes, event_dims, mixture_batch = CASES[case]
+    g = torch.Generator().manual_seed(41)
+    weights = [0.7 * torch.randn(shape, generator=g, dtype=F64) for shape in shapes]
+    mixture = _mixture(g, mixture_batch)
+    (value, grads), (expected_value, expected_grads) = _group_and_singles(weights, mixture, event_dims, chunk_size=16)
+    torch.testing.assert_close(value, expected_value, rtol=1e-12, atol=1e-12)
+    for grad, expected, leaf in zip(grads, expected_grads, [*weights, *mixture]):
+        assert grad.shape == leaf.shape
+        torch.testing.assert_close(grad, expected, rtol=1e-10, atol=1e-12)
+    with torch.no_grad():
+        without_grad = mixture_log_prob_sum(weights, mixture, event_dim=event_dims)
+    torch.testing.assert_close(without_grad, expected_value, rtol=1e-12, atol=1e-12)
+
+
+def test_one_event_dim_for_all_tensors_is_the_same_as_one_per_tensor(kernel_backend):
+    g = torch.Generator().manual_seed(42)
+    weights = [torch.randn(4, 9, generator=g, dtype=F64), torch.randn(4, 2, generator=g, dtype=F64)]
+    mixture = _mixture(g)
+    shared = mixture_log_prob_sum(weights, mixture, event_dim=1)
+    assert shared.shape == (4,)
+    torch.testing.assert_close(shared, mixture_log_prob_sum(weights, mixture, event_dim=[1, 1]), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_native_threads_split_the_group_across_tensor_boundaries_and_agree_with_single_calls(dtype):
+    if not kernels.native_available():
+        pytest.skip("no C compiler here")
+    g = torch.Generator().manual_seed(43)
+    # 4 threads of about 11_000 weights each: their ranges start and end inside the tensors
+    weights = [(0.3 * torch.randn(shape, generator=g, dtype=F64)).to(dtype) for shape in [(150, 200), (5,), (14_001,)]]
+    mixture = _mixture(g, j=7, dtype=dtype)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(4)
+    try:
+        with kernels.use_backend("native"):
+            (value, grads), (expected_value, expected_grads) = _group_and_singles(weights, mixture, (2, 1, 1))
+    finally:
+        torch.set_num_threads(threads)
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-12
+    torch.testing.assert_close(value, expected_value, rtol=tolerance, atol=0)
+    for grad, expected in zip(grads, expected_grads):
+        torch.testing.assert_close(grad, expected, rtol=tolerance, atol=tolerance * float(expected.abs().max()))
+
+
+def test_a_group_in_float64_promotes_float32_tensors_and_returns_their_gradients_in_float32():
+    g = torch.Generator().manual_seed(44)
+    weights = [torch.randn(20, generator=g).requires_grad_(), torch.randn(3, generator=g, dtype=F64).requires_grad_()]
+    value = mixture_log_prob_sum(weights, _mixture(g))
+    value.backward()
+    assert value.dtype == F64
+    assert [w.grad.dtype for w in weights] == [torch.float32, F64]
+
+
+@pytest.mark.parametrize(("weights", "event_dim", "message"), [
+    ([], 1, "non-empty sequence of tensors"),
+    ([torch.zeros(2, 3), torch.zeros(3, 3)], 1, r"share one batch shape, got \(2,\), \(3,\)"),
+    ([torch.zeros(2, 3), torch.zeros(3)], (1, 2), r"event_dim must lie in \[0, 1\]"),
+    ([torch.zeros(3), torch.zeros(3)], (1,), "gives 1 dimension counts for 2 weight tensors"),
+])
+def test_a_malformed_group_is_a_value_error_naming_the_problem(weights, event_dim, message):
+    mixture = GaussianMixture(torch.zeros(1), torch.zeros(1), torch.ones(1))
+    with pytest.raises(ValueError, match=message):
+        mixture_log_prob_sum(weights, mixture, event_dim=event_dim)

@@ -1,0 +1,168 @@
+"""The native kernel's component skipping: value and gradients equal the dense kernel's to round-off."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from bayes_sws import kernels
+from bayes_sws.prior import GaussianMixture, mixture_log_density, mixture_log_prob_sum
+
+pytestmark = pytest.mark.skipif(not kernels.native_available(), reason="no C compiler here")
+
+F64 = torch.float64
+J = 17
+
+
+def _ullrich_late(generator) -> GaussianMixture:
+    """Late in training: π0 = 0.999 at a narrow zero component, 16 narrow components of 0.01-0.05."""
+    means = torch.cat([torch.zeros(1), torch.linspace(-0.6, -0.05, 8), torch.linspace(0.05, 0.6, 8)])
+    scales = torch.cat([torch.tensor([0.005]), 0.01 + 0.04 * torch.rand(J - 1, generator=generator)])
+    proportions = torch.cat([torch.tensor([0.999]), torch.full((J - 1,), 0.001 / (J - 1))])
+    return GaussianMixture(proportions.log(), means, scales)
+
+
+def _broad_early(generator) -> GaussianMixture:
+    """Early in training: equal proportions, broad components over the weights' range."""
+    return GaussianMixture(torch.full((J,), -math.log(J)), torch.linspace(-0.3, 0.3, J),
+                           0.05 + 0.1 * torch.rand(J, generator=generator))
+
+
+def _draw(mixture: GaussianMixture, n: int, generator) -> torch.Tensor:
+    """n weights drawn from the mixture, in random order (as the weights of a layer are)."""
+    component = torch.multinomial(mixture.log_proportions.exp(), n, replacement=True, generator=generator)
+    return mixture.means[component] + mixture.scales[component] * torch.randn(n, generator=generator)
+
+
+def _results(weights, mixture, *, dense: bool, dtype):
+    """The value and its gradients with respect to the weights and each mixture field, as float64."""
+    leaves = [t.to(dtype).clone().requires_grad_() for t in (weights, *mixture)]
+    with kernels.use_backend("native"), kernels.use_skipping(not dense):
+        value = mixture_log_prob_sum(leaves[0], GaussianMixture(*leaves[1:]), event_dim=1)
+        grads = torch.autograd.grad(value, leaves)
+        with torch.no_grad():
+            value_only = mixture_log_prob_sum(leaves[0].detach(), GaussianMixture(*leaves[1:]).detach())
+    torch.testing.assert_close(value_only, value.detach(), rtol=0, atol=0, equal_nan=True)
+    return [value.detach().double(), *(g.double() for g in grads)]
+
+
+def _reference(weights, mixture):
+    leaves = [t.double().clone().requires_grad_() for t in (weights, *mixture)]
+    value = mixture_log_density(leaves[0], GaussianMixture(*leaves[1:])).sum()
+    return [value.detach(), *torch.autograd.grad(value, leaves)]
+
+
+def _relative_errors(results, reference):
+    """max |x − ref| / max |ref| per output (value, ∂w, ∂log π, ∂μ, ∂σ)."""
+    return [float((x - r).abs().max() / r.abs().max().clamp_min(1e-300)) for x, r in zip(results, reference)]
+
+
+def _cases():
+    g = torch.Generator().manual_seed(51)
+    late = _ullrich_late(g)
+    early = _broad_early(g)
+    far = GaussianMixture(torch.cat([late.log_proportions[:-1], torch.tensor([math.log(1e-4)])]),
+                          torch.cat([late.means[:-1], torch.tensor([5.0])]),
+                          torch.cat([late.scales[:-1], torch.tensor([0.01])]))
+    near_one = GaussianMixture(torch.cat([torch.tensor([math.log1p(-1e-7)]), torch.full((J - 1,), math.log(1e-7 / 16))]),
+                               late.means, late.scales)
+    near_zero = GaussianMixture(late.log_proportions.clone(), late.means, late.scales)
+    near_zero.log_proportions[3] = math.log(1e-30)
+    near_zero.log_proportions[5] = -math.inf
+    return {
+        "late_training": (late, _draw(late, 40_000, g)),
+        "early_training": (early, 0.15 * torch.randn(40_000, generator=g)),
+        "a_component_no_weight_is_near": (far, _draw(late, 40_000, g)),
+        "pi_zero_near_one": (near_one, _draw(late, 40_000, g)),
+        "pi_near_zero_and_zero": (near_zero, _draw(late, 40_000, g)),
+    }
+
+
+CASES = _cases()
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_float32_skipping_is_as_close_to_the_float64_reference_as_the_dense_kernel(case):
+    mixture, weights = CASES[case]
+    reference = _reference(weights, mixture)
+    dense = _relative_errors(_results(weights, mixture, dense=True, dtype=torch.float32), reference)
+    skipping = _relative_errors(_results(weights, mixture, dense=False, dtype=torch.float32), reference)
+    for name, skip_error, dense_error in zip(("value", "w", "log pi", "mu", "sigma"), skipping, dense):
+        assert skip_error <= 2 * dense_error + 1e-7, (name, skip_error, dense_error)
+
+
+@pytest.mark.parametrize("case", ["late_training", "early_training", "pi_near_zero_and_zero"])
+def test_float64_skipping_equals_the_dense_kernel_to_float64_round_off(case):
+    mixture, weights = CASES[case]
+    dense = _results(weights, mixture, dense=True, dtype=F64)
+    skipping = _results(weights, mixture, dense=False, dtype=F64)
+    for skip, full in zip(skipping, dense):
+        assert float((skip - full).abs().max()) <= 1e-12 * float(full.abs().max())
+
+
+def test_skipping_is_on_by_default_and_its_margin_decides_the_result(monkeypatch):
+    # With a margin of 2 nats instead of ln(1/u) + ln J + 5, skipped terms show: the
+    # default path skips, and the margin is what keeps it exact.
+    mixture, weights = CASES["late_training"]
+    dense = _results(weights, mixture, dense=True, dtype=torch.float32)
+    unit_round_off = torch.finfo(torch.float32).eps / 2
+    monkeypatch.setattr(kernels, "_SKIP_SAFETY", 2.0 + math.log(unit_round_off) - math.log(J))
+    assert kernels.skip_margin(torch.float32, J) == pytest.approx(2.0)
+    leaves = [t.clone().requires_grad_() for t in (weights, *mixture)]
+    with kernels.use_backend("native"):
+        value = mixture_log_prob_sum(leaves[0], GaussianMixture(*leaves[1:]))
+        grads = torch.autograd.grad(value, leaves)
+    errors = _relative_errors([value.detach().double(), *(g.double() for g in grads)], dense)
+    assert max(errors) > 1e-4
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("index", [12_288, 12_345, 12_543])  # first, inside and last of a block
+def test_a_non_finite_weight_poisons_as_in_the_dense_kernel_while_other_blocks_skip(bad, index):
+    mixture, weights = CASES["late_training"]
+    weights = weights.clone()
+    weights[index] = bad
+    value, grad_w, *mixture_grads = _results(weights, mixture, dense=False, dtype=torch.float32)
+    _, dense_grad_w, *_ = _results(weights, mixture, dense=True, dtype=torch.float32)
+    assert value.isnan() and all(g.isnan().all() for g in mixture_grads)
+    assert grad_w.isnan().nonzero().flatten().tolist() == [index]
+    finite = grad_w.isfinite()
+    scale = float(dense_grad_w[finite].abs().max())
+    assert float((grad_w[finite] - dense_grad_w[finite]).abs().max()) <= 1e-6 * scale
+
+
+def test_skip_margin_is_the_unit_round_off_in_nats_plus_log_j_plus_the_safety():
+    assert kernels.skip_margin(torch.float32, 17) == pytest.approx(24 * math.log(2) + math.log(17) + 5)
+    assert kernels.skip_margin(F64, 17) == pytest.approx(53 * math.log(2) + math.log(17) + 5)
+
+
+def _short_map_run(*, dense: bool, steps: int = 60):
+    """Adam on weights and mixture: a data term pulling the weights to targets, minus the prior."""
+    g = torch.Generator().manual_seed(52)
+    start = _ullrich_late(g)
+    targets = _draw(start, 10_000, g) + 0.002 * torch.randn(10_000, generator=g)
+    weights = targets.clone().requires_grad_()
+    logits, means = start.log_proportions.clone().requires_grad_(), start.means.clone().requires_grad_()
+    log_scales = start.scales.log().clone().requires_grad_()
+    optimizer = torch.optim.Adam([weights, logits, means, log_scales], lr=1e-3)
+    losses = []
+    with kernels.use_backend("native"), kernels.use_skipping(not dense):
+        for _ in range(steps):
+            optimizer.zero_grad()
+            mixture = GaussianMixture(torch.log_softmax(logits, 0), means, log_scales.exp())
+            loss = 50.0 * (weights - targets).pow(2).sum() - mixture_log_prob_sum(weights, mixture)
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss.detach()))
+    return losses, GaussianMixture(torch.log_softmax(logits, 0), means, log_scales.exp()).detach()
+
+
+def test_a_short_map_run_ends_at_the_dense_kernels_loss_and_mixture():
+    dense_losses, dense_mixture = _short_map_run(dense=True)
+    losses, mixture = _short_map_run(dense=False)
+    assert dense_losses[-1] < dense_losses[0] - 1.0  # it trains
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(dense_losses), rtol=1e-5, atol=0)
+    for field, dense_field in zip(mixture, dense_mixture):
+        torch.testing.assert_close(field, dense_field, rtol=1e-5, atol=1e-7)
