@@ -507,10 +507,15 @@ def _likely_cause(state: FitState) -> str:
 
 
 def _checked_loss(state: FitState, loss: torch.Tensor, parameters: list[torch.nn.Parameter]) -> float:
-    """The step's loss as a float, after checking it and the gradients are finite (one device sync)."""
-    gradients = [p.grad for p in parameters if p.grad is not None]
-    largest = torch.nn.utils.get_total_norm(gradients, norm_type=math.inf) if gradients else loss.new_zeros(())
-    value, gradient = torch.stack([loss.detach().reshape(()), largest.to(loss.dtype)]).tolist()
+    """The step's loss as a float, after checking it and the gradients are finite (one device sync).
+
+    The gradients' entries are summed in float64: the sum is finite exactly when every
+    entry is (a sum of float32 values cannot overflow float64), NaN where one is NaN.
+    A sum is one vectorised pass; the largest entry (``norm_type=inf``) took 0.5-1 ms a step.
+    """
+    sums = [p.grad.sum(dtype=torch.float64) for p in parameters if p.grad is not None]
+    gradients = torch.stack(sums).sum() if sums else loss.new_zeros((), dtype=torch.float64)
+    value, gradient = torch.stack([loss.detach().reshape(()).double(), gradients]).tolist()
     if not (math.isfinite(value) and math.isfinite(gradient)):
         what = f"the loss became {value}" if not math.isfinite(value) else f"a gradient became {gradient}"
         raise FitError(f"{what} at epoch {state.epoch + 1}, step {state.step + 1}: {_likely_cause(state)}")
