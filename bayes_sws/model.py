@@ -4,8 +4,8 @@
 inference and NUTS:
 
     mixture sites (π, μ, 1/σ², hyperpriors)      one group, or one per layer
-    weight sites  w, each with the mixture's support (its density not counted per site)
-    group prior   one factor "<group>.prior" = log p(group's weights | mixture), scaled by λ
+    weight sites  w ~ MixturePrior, masked       (draws and support; no density per site)
+    group prior   factor "<group>.prior"         λ·log p(all the group's weights | mixture)
     pass-through parameters                      the network's own (point estimates)
     likelihood    inside ``plate("data", N, subsample=batch)``: scaled by N/B
 
