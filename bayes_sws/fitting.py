@@ -507,10 +507,18 @@ def _likely_cause(state: FitState) -> str:
 
 
 def _checked_loss(state: FitState, loss: torch.Tensor, parameters: list[torch.nn.Parameter]) -> float:
-    """The step's loss as a float, after checking it and the gradients are finite (one device sync)."""
+    """The step's loss as a float, after checking it and the gradients are finite (one device sync).
+
+    The gradients are checked through the sum of all their entries, one vectorised pass
+    (their largest magnitude, torch's ``norm_type=inf`` path, took 0.3-1 ms a step on
+    LeNet-300-100): the sum is finite where every entry is, unless it overflows, so a
+    non-finite sum is confirmed entry by entry before the fit stops.
+    """
     gradients = [p.grad for p in parameters if p.grad is not None]
-    largest = torch.nn.utils.get_total_norm(gradients, norm_type=math.inf) if gradients else loss.new_zeros(())
-    value, gradient = torch.stack([loss.detach().reshape(()), largest.to(loss.dtype)]).tolist()
+    total = torch.stack([g.sum().to(loss.dtype) for g in gradients]).sum() if gradients else loss.new_zeros(())
+    value, gradient = torch.stack([loss.detach().reshape(()), total]).tolist()
+    if math.isfinite(value) and not math.isfinite(gradient):
+        gradient = next((float(g[~torch.isfinite(g)][0]) for g in gradients if not bool(torch.isfinite(g).all())), 0.0)
     if not (math.isfinite(value) and math.isfinite(gradient)):
         what = f"the loss became {value}" if not math.isfinite(value) else f"a gradient became {gradient}"
         raise FitError(f"{what} at epoch {state.epoch + 1}, step {state.step + 1}: {_likely_cause(state)}")

@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 import pyro
 import torch
 from pyro import poutine
+from pyro.distributions.torch_distribution import MaskedDistribution
+from pyro.distributions.util import scale_and_mask
 from pyro.infer import MCMC, NUTS, Trace_ELBO
 from pyro.infer.autoguide import (
     AutoDelta,
@@ -38,6 +40,7 @@ from pyro.infer.autoguide import (
     init_to_value,
 )
 from pyro.infer.autoguide.initialization import InitMessenger
+from pyro.poutine.messenger import Messenger
 from torch.distributions import transform_to
 
 from .data import Dataset
@@ -169,12 +172,13 @@ def map_loss(model: Callable, guide: AutoDelta, *args, **kwargs) -> torch.Tensor
     """−log p(data, point) at an ``AutoDelta`` guide's point: ``Trace_ELBO``'s loss, cheaper.
 
     For a Delta guide the ELBO's guide term is log q = 0, so the loss is minus the
-    model's joint log-density with its latent sites replayed at the guide's point
-    (as Pyro's HMC potential energy is computed). The point is read with
-    ``pyro.param`` instead of tracing the guide, so ``SVI`` still finds and trains
-    the guide's parameters; a guide with latent sites inside plates is traced (its
-    plates subsample those sites). The tests check the result equals
-    ``Trace_ELBO().differentiable_loss``.
+    model's joint log-density with its latent sites at the guide's point (as Pyro's
+    HMC potential energy is computed). The point is read with ``pyro.param``
+    instead of tracing the guide, so ``SVI`` still finds and trains the guide's
+    parameters; a guide with latent sites inside plates is traced (its plates
+    subsample those sites). The model runs once, each site adding its scaled
+    log-density as it happens (:class:`_PointLogJoint`: no trace is recorded). The
+    tests check the result, and its gradients, equal ``Trace_ELBO().differentiable_loss``.
 
     Examples
     --------
@@ -183,14 +187,43 @@ def map_loss(model: Callable, guide: AutoDelta, *args, **kwargs) -> torch.Tensor
     """
     if guide.prototype_trace is None:
         guide(*args, **kwargs)  # creates the guide's parameters
-    sites = dict(guide.prototype_trace.iter_stochastic_nodes())
-    if any(site["cond_indep_stack"] for site in sites.values()):
-        point = poutine.trace(guide).get_trace(*args, **kwargs)
+    sites = guide.prototype_trace.nodes
+    latent = [name for name, site in sites.items() if site["type"] == "sample" and not site["is_observed"]]
+    if any(sites[name]["cond_indep_stack"] for name in latent):
+        trace = poutine.trace(guide).get_trace(*args, **kwargs)
+        point = {name: site["value"] for name, site in trace.iter_stochastic_nodes()}
     else:
-        point = poutine.Trace()
-        for name, value in _guide_point(guide, list(sites), *args, **kwargs).items():
-            point.add_node(name, type="sample", value=value, is_observed=False, infer={})
-    return -poutine.trace(poutine.replay(model, trace=point)).get_trace(*args, **kwargs).log_prob_sum()
+        point = _guide_point(guide, latent, *args, **kwargs)
+    joint = _PointLogJoint(point)
+    with joint:
+        model(*args, **kwargs)
+    return -joint.total
+
+
+class _PointLogJoint(Messenger):
+    """Within, latent sites take their values from ``point``, and ``total`` sums every site's scaled log-density.
+
+    What ``poutine.trace(poutine.replay(model, trace)).get_trace(...).log_prob_sum()``
+    computes, without recording a trace: a site masked out entirely (``mask=False``,
+    or a distribution masked with ``.mask(False)``) adds exactly zero and is skipped.
+    """
+
+    def __init__(self, point: dict[str, torch.Tensor]) -> None:
+        super().__init__()
+        self.point = point
+        self.total: torch.Tensor | float = 0.0
+
+    def _pyro_sample(self, msg) -> None:
+        if not msg["is_observed"] and msg["name"] in self.point:
+            msg["value"] = self.point[msg["name"]]
+            msg["done"] = True
+
+    def _pyro_post_sample(self, msg) -> None:
+        fn, mask = msg["fn"], msg["mask"]
+        if mask is False or (isinstance(fn, MaskedDistribution) and fn._mask is False):
+            return
+        log_p = fn.log_prob(msg["value"], *msg["args"], **msg["kwargs"])
+        self.total = self.total + scale_and_mask(log_p, msg["scale"], mask).sum()
 
 
 def _guide_point(guide: AutoDelta, sites: list[str], *args, **kwargs) -> dict[str, torch.Tensor]:

@@ -4,7 +4,8 @@
 inference and NUTS:
 
     mixture sites (π, μ, 1/σ², hyperpriors)      one group, or one per layer
-    weight sites  w ~ MixturePrior, scaled by λ  (``poutine.scale``)
+    weight sites  w ~ MixturePrior, masked       (draws and support; no density per site)
+    group prior   factor "<group>.prior"         λ·log p(all the group's weights | mixture)
     pass-through parameters                      the network's own (point estimates)
     likelihood    inside ``plate("data", N, subsample=batch)``: scaled by N/B
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import pyro
@@ -27,18 +29,22 @@ from torch.distributions import constraints
 from torch.nn.utils import stateless
 
 from .local_reparam import active_weight_posterior, local_outputs
-from .prior import GaussianMixture, MixturePrior, SoftWeightSharingPrior
+from .prior import GaussianMixture, MixturePrior, SoftWeightSharingPrior, mixture_log_prob_sum
 
 __all__ = [
     "Categorical",
     "Gaussian",
     "Likelihood",
+    "PRIOR_TERM",
     "SHARED_GROUP",
     "SoftWeightSharingModel",
+    "group_log_prob",
     "prior_parameter_names",
 ]
 
 SHARED_GROUP = "mixture"
+PRIOR_TERM = "prior"
+"""Suffix of a group's prior factor site: ``"mixture.prior"`` holds λ·log p(weights | mixture)."""
 _PRIOR_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _MODEL_NAMES = itertools.count()
 
@@ -135,6 +141,28 @@ def prior_parameter_names(network: nn.Module, *, include_biases: bool = False) -
     }
     # named_parameters() lists a tied parameter once, under its first name.
     return [name for name, parameter in network.named_parameters() if id(parameter) in chosen]
+
+
+def group_log_prob(
+    weights: Sequence[torch.Tensor], mixture: GaussianMixture, *, event_shapes: Sequence[torch.Size]
+) -> torch.Tensor:
+    """log p(w | mixture) of all the weight tensors one mixture models: the group's prior term, −Ω.
+
+    Parameters
+    ----------
+    weights : sequence of Tensor
+        Tensor t of shape ``(*batch, *event_shapes[t])``, one ``batch`` for all (e.g.
+        ``(S, 1)`` for vectorised particles, or none).
+    mixture : GaussianMixture with fields of shape ``(*batch_m, J)``
+        ``batch_m`` broadcasts against ``batch``.
+    event_shapes : sequence of torch.Size
+        Each tensor's own shape (the site's shape).
+
+    Returns
+    -------
+    Tensor of shape ``broadcast(batch, batch_m)``: the sum over every weight of every tensor.
+    """
+    return mixture_log_prob_sum(list(weights), mixture, event_dim=[len(shape) for shape in event_shapes])
 
 
 class SoftWeightSharingModel:
@@ -274,7 +302,11 @@ class SoftWeightSharingModel:
             mixture = self.prior.sample_mixture(group, like=x)
             with poutine.scale(scale=self.prior_weight or 1.0):
                 for name in names:
-                    parameters[name] = pyro.sample(name, self._weight_prior(mixture, self._shapes[name]))
+                    parameters[name] = pyro.sample(name, self._weight_site(mixture, self._shapes[name]))
+                if self.prior_weight:
+                    pyro.factor(f"{group}.{PRIOR_TERM}", group_log_prob(
+                        [parameters[name] for name in names], mixture,
+                        event_shapes=[self._shapes[name] for name in names]))
         if not pyro.settings.get("module_local_params"):
             # Pyro's own SVI finds parameters in the global param store: register the
             # network's trainable pass-through parameters there (the tensors themselves,
@@ -334,11 +366,12 @@ class SoftWeightSharingModel:
         leading = self._leading_shape(parameters)
         return leading[:-1] if leading and leading[-1] == 1 else leading
 
-    def _weight_prior(self, mixture: GaussianMixture, shape: torch.Size) -> dist.Distribution:
+    def _weight_site(self, mixture: GaussianMixture, shape: torch.Size) -> dist.Distribution:
+        """A weight site's distribution: it draws from the prior, its density is the group's factor."""
         if self.prior_weight == 0:
             # λ = 0 is maximum likelihood: a flat prior, not a mixture evaluated and masked.
             return dist.ImproperUniform(constraints.independent(constraints.real, len(shape)), (), shape)
-        return MixturePrior(mixture, event_shape=shape)
+        return MixturePrior(mixture, event_shape=shape).mask(False)
 
 
 _SUFFIXES = ("means", "precisions", "pi", "pi_zero")

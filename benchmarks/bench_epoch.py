@@ -1,20 +1,30 @@
-"""Benchmark: one training epoch of LeNet-300-100 on Fashion-MNIST, plain vs the library's MAP fit.
+"""Benchmark: one training epoch of LeNet-300-100 on Fashion-MNIST, plain, plain-torch SWS and the library's MAP fit.
 
-  (a) plain  a plain torch loop: Adam (fused) on the summed cross-entropy, no prior
+  (a) plain  a plain torch loop: fused Adam on the summed cross-entropy, no prior
+  (b) sws    the MAP objective E·N/B + λΩ − log p(π, μ, 1/σ²) written as a plain torch
+             loop: the network's own forward, the mixture sites as raw unconstrained
+             tensors (AutoDelta's coordinates), the prior's fused kernel called once
+             per weight tensor, fused Adam over the same four learning-rate groups.
+             No Pyro: a lower bound for (c)
   (c) map    ``bayes_sws.fit_map`` itself, one epoch: the library's own fit loop with
-             AutoDelta and map_loss, a 17-component prior (zero component with
-             π0 = 0.999, Gamma hyperpriors (250, 0.1), (5000, 2) for the zero one),
-             λ = 0.05, Ullrich et al.'s learning rates
+             AutoDelta and map_loss
 
-Both take the same shuffled minibatches of ``--batch-size`` over the 60,000 training
-images, float32, ``--threads`` torch threads. (c) is timed by the fit's own clock
-(``FitState.seconds`` / ``MAPResult.seconds``), which a 512-image test split keeps
-free of evaluation time. The machine's speed drifts, so the two take turns for
-``--rounds`` rounds; the ratio c/a is formed within each round and its median and
-range are printed. Before timing, the library's loss on one batch is checked against
-the same objective written in plain torch (E·N/B + λΩ − log p(π, μ, 1/σ²)).
+The model, its prior (17 components, π0 = 0.999 fixed, Gamma hyperpriors), λ and the
+learning rates are those of ``models/fashion-lenet-300-100.toml`` (``--spec``); all three
+take the same shuffled minibatches of ``--batch-size`` over the 60,000 training images,
+float32, ``--threads`` torch threads. (c) is timed by the fit's own clock
+(``FitState.seconds``), which a 512-image test split keeps free of evaluation time;
+with ``--clock cpu`` (one thread) every trainer is timed by this thread's CPU time, for
+(c) around ``fit`` (its end-of-epoch evaluation on the 512 images included), which other
+processes on a shared machine move far less than the wall clock. The
+machine's speed drifts, so the three take turns for ``--rounds`` rounds; the ratios b/a
+and c/a are formed within each round and their medians and ranges are printed. Before
+timing, the library's loss and (b)'s on one batch are checked against the objective in
+float64. After the rounds, ``--breakdown-steps`` steps of (c) are taken apart: each piece
+of the library's step timed alone (median per step), the rest by difference.
 
-Run:  PYTHONPATH=. .venv/bin/python benchmarks/bench_epoch.py --rounds 3 --json benchmarks/results/epoch.json
+Run:  PYTHONPATH=. .venv/bin/python benchmarks/bench_epoch.py --rounds 3 --batch-size 128 256
+      (on a loaded machine: --threads 1 --clock cpu)
 """
 
 from __future__ import annotations
@@ -24,119 +34,262 @@ import dataclasses
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
+import pyro
 import torch
 from torch import nn
+from torch.distributions import constraints, transform_to
 
 import bayes_sws as sws
+from bayes_sws import fitting, inference
+from bayes_sws.experiment import build_model
+from bayes_sws.model import group_log_prob
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import ForeignLoad, loadavg, wait_until_idle, warn_if_loaded, write_json  # noqa: E402
 
-PRIOR_WEIGHT = 0.05
-RATES = sws.LearningRates(weights=5e-4, means=1e-4, precisions=3e-3, pi=3e-3)
+SPEC = Path(__file__).resolve().parent.parent / "models" / "fashion-lenet-300-100.toml"
+CLOCKS = {"wall": time.perf_counter, "cpu": time.thread_time}
+SITE_SUPPORTS = {"means": constraints.real, "precisions": constraints.positive, "pi": constraints.simplex,
+                 "pi_zero": constraints.unit_interval}
 
 
-def lenet_300_100(seed: int) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Flatten(), nn.Linear(784, 300), nn.ReLU(), nn.Linear(300, 100), nn.ReLU(),
-                         nn.Linear(100, 10))
+def spec_model(spec: sws.Spec, seed: int) -> sws.SoftWeightSharingModel:
+    """The specification's model, its network initialised from ``seed``."""
+    return build_model(dataclasses.replace(spec, seed=seed), input_shape=(1, 28, 28), task="classification",
+                       n_outputs=10)
 
 
-def map_model(seed: int) -> sws.SoftWeightSharingModel:
-    prior = sws.SoftWeightSharingPrior(
-        n_components=17, pi_zero=0.999, init_means=(-0.6, 0.6),
-        hyperpriors=sws.Hyperpriors(precision_gamma=(250.0, 0.1), zero_precision_gamma=(5000.0, 2.0)))
-    return sws.SoftWeightSharingModel(lenet_300_100(seed), prior=prior, likelihood=sws.Categorical(),
-                                      prior_weight=PRIOR_WEIGHT)
-
-
-def plain_epoch(data: sws.Dataset, batch_size: int, seed: int) -> float:
-    network = lenet_300_100(seed)
-    optimizer = torch.optim.Adam(network.parameters(), lr=RATES.weights, fused=True)
+def plain_epoch(spec: sws.Spec, data: sws.Dataset, batch_size: int, seed: int, clock: Callable[[], float]) -> float:
+    network = spec_model(spec, seed).network
+    optimizer = torch.optim.Adam(network.parameters(), lr=spec.inference.learning_rates.weights, fused=True)
     generator = torch.Generator().manual_seed(seed)
-    started = time.perf_counter()
+    started = clock()
     for index in sws.data.batches(data.train_x.shape[0], batch_size=batch_size, generator=generator):
         optimizer.zero_grad(set_to_none=True)
         loss = nn.functional.cross_entropy(network(data.train_x[index]), data.train_y[index], reduction="sum")
         loss.backward()
         optimizer.step()
         loss.item()  # the library's loop reads each step's loss too
-    return time.perf_counter() - started
+    return clock() - started
 
 
-def map_epoch(data: sws.Dataset, batch_size: int, seed: int) -> float:
-    result = sws.fit_map(map_model(seed), data, epochs=1, batch_size=batch_size, learning_rates=RATES,
-                         seed=seed, progress=False)
-    return result.seconds
+class PlainSWS:
+    """The MAP objective of a model as a plain torch function of its network and raw mixture tensors."""
+
+    def __init__(self, model: sws.SoftWeightSharingModel) -> None:
+        self.model = model
+        (self.group,) = model.groups
+        values = model.initial_values()
+        prefix = f"{self.group}."
+        self.unconstrained = {
+            key[len(prefix):]: transform_to(SITE_SUPPORTS[key[len(prefix):]]).inv(value).clone().requires_grad_()
+            for key, value in values.items() if key.startswith(prefix)
+        }
+        like = values[model.prior_sites[0]]
+        self.hyperpriors = model.prior._site_priors(like)
+        parameters = dict(model.network.named_parameters())
+        self.weights = [parameters[name] for name in model.prior_sites]
+
+    def loss(self, x: torch.Tensor, y: torch.Tensor, data_size: int) -> torch.Tensor:
+        sites = {suffix: transform_to(SITE_SUPPORTS[suffix])(u) for suffix, u in self.unconstrained.items()}
+        mixture = self.model.prior.assemble(sites, like=self.weights[0])
+        likelihood = nn.functional.cross_entropy(self.model.network(x), y, reduction="sum")
+        prior = sum(sws.mixture_log_prob_sum(w, mixture, event_dim=w.dim()) for w in self.weights)
+        hyper = sum(self.hyperpriors[suffix].log_prob(value) for suffix, value in sites.items())
+        return data_size / x.shape[0] * likelihood - self.model.prior_weight * prior - hyper
+
+    def optimizer(self, rates: sws.LearningRates) -> torch.optim.Optimizer:
+        groups = [{"params": list(self.model.network.parameters()), "lr": rates.weights}]
+        groups += [{"params": [u], "lr": getattr(rates, fitting.parameter_group(suffix))}
+                   for suffix, u in self.unconstrained.items()]
+        return torch.optim.Adam(groups, fused=True)
 
 
-def check_objective(data: sws.Dataset, batch_size: int) -> float:
-    """Relative difference between the library's loss and the plain-torch objective on one batch."""
-    model = map_model(0)
+def sws_epoch(spec: sws.Spec, data: sws.Dataset, batch_size: int, seed: int, clock: Callable[[], float]) -> float:
+    plain = PlainSWS(spec_model(spec, seed))
+    optimizer = plain.optimizer(spec.inference.learning_rates)
+    generator = torch.Generator().manual_seed(seed)
+    n = data.train_x.shape[0]
+    started = clock()
+    for index in sws.data.batches(n, batch_size=batch_size, generator=generator):
+        optimizer.zero_grad(set_to_none=True)
+        loss = plain.loss(data.train_x[index], data.train_y[index], n)
+        loss.backward()
+        optimizer.step()
+        loss.item()
+    return clock() - started
+
+
+def map_epoch(spec: sws.Spec, data: sws.Dataset, batch_size: int, seed: int, clock: Callable[[], float]) -> float:
+    """One epoch of the library's fit loop (``fit_map`` is ``start_fit`` then ``fit``): the fit's own clock."""
+    model = spec_model(spec, seed)
+    with fitting.library_scope():
+        state = fitting.start_fit(model, sws.map_guide(model), data, loss=inference.map_loss, batch_size=batch_size,
+                                  learning_rates=spec.inference.learning_rates, seed=seed)
+    started = clock()
+    fitting.fit(state, data, epochs=1, progress=False)
+    return state.seconds if clock is time.perf_counter else clock() - started
+
+
+def check_objective(spec: sws.Spec, data: sws.Dataset, batch_size: int) -> dict[str, float]:
+    """Relative differences of the library's loss and (b)'s from the objective in float64, on one batch."""
+    model = spec_model(spec, 0)
     values = model.initial_values()
-    guide = sws.map_guide(model) if hasattr(sws, "map_guide") else None
     x, y, n = data.train_x[:batch_size], data.train_y[:batch_size], data.train_x.shape[0]
-    if guide is None:  # releases before the fit loop: AutoDelta in the global param store
-        from pyro.infer.autoguide import AutoDelta, init_to_value
-        guide = AutoDelta(model, init_loc_fn=init_to_value(values=values))
-    with torch.no_grad():
-        library = float(sws.inference.map_loss(model, guide, x, y, data_size=n))
+    with torch.no_grad(), fitting.library_scope():
+        guide = sws.map_guide(model)
+        library = float(inference.map_loss(model, guide, x, y, data_size=n))
+        plain = float(PlainSWS(model).loss(x, y, n))
         network = torch.func.functional_call(model.network, {k: values[k] for k in model.prior_sites}, (x,))
-        mixture = model.mixtures(values)["mixture"]
+        mixture = model.mixtures(values)[next(iter(model.groups))]
         weights = torch.cat([values[k].reshape(-1) for k in model.prior_sites])
-        plain = (n / batch_size * nn.functional.cross_entropy(network, y, reduction="sum")
-                 - PRIOR_WEIGHT * sws.mixture_log_density(weights.double(), sws.GaussianMixture(
-                     *(t.double() for t in mixture))).sum()
-                 - model.prior.log_hyperprior(mixture))
-    return abs(library - float(plain)) / abs(float(plain))
+        exact = float(n / batch_size * nn.functional.cross_entropy(network.double(), y, reduction="sum")
+                      - model.prior_weight * sws.mixture_log_density(weights.double(), sws.GaussianMixture(
+                          *(t.double() for t in mixture))).sum()
+                      - model.prior.log_hyperprior(mixture))
+    return {"map": abs(library - exact) / abs(exact), "sws": abs(plain - exact) / abs(exact)}
+
+
+def step_breakdown(spec: sws.Spec, data: sws.Dataset, batch_size: int, steps: int,
+                   clock: Callable[[], float]) -> dict[str, float]:
+    """Milliseconds per step of the library's MAP step, piece by piece (medians over ``steps``).
+
+    Pieces timed alone: the network (forward, likelihood, backward), the prior's kernel
+    (value and gradients of every group), the mixture sites (reading the guide's point,
+    assembling the mixture, hyperpriors, backward), the finite check and the optimiser.
+    By difference: Pyro's part of ``map_loss`` (running the model under its handler,
+    per-site distribution objects) and the loop's own bookkeeping. Every step times each
+    piece in turn, so a change of the machine's speed touches all of them alike.
+    """
+    model = spec_model(spec, 0)
+    x, y, n = data.train_x, data.train_y, data.train_x.shape[0]
+    generator = torch.Generator().manual_seed(0)
+    batches = [torch.randperm(n, generator=generator)[:batch_size] for _ in range(steps)]
+    shapes = {name: model.network.get_parameter(name).shape for name in model.prior_sites}
+    with fitting.library_scope():
+        guide = sws.map_guide(model)
+        state = fitting.start_fit(model, guide, data, loss=inference.map_loss, batch_size=batch_size,
+                                  learning_rates=spec.inference.learning_rates, seed=0)
+        parameters = [p for group in state.optimizer.param_groups for p in group["params"]]
+        latent = [name for name, _ in guide.prototype_trace.iter_stochastic_nodes()]
+        point = {k: v.detach() for k, v in inference._guide_point(guide, latent).items()}
+        weights = {name: point[name].requires_grad_() for name in model.prior_sites}
+        mixtures = {g: sws.GaussianMixture(*(t.detach().requires_grad_() for t in m))
+                    for g, m in model.mixtures(point).items()}
+        value = inference.map_loss(model, guide, x[batches[0]], y[batches[0]], data_size=n).detach()
+
+        def network(i: int) -> None:
+            outputs = torch.func.functional_call(model.network, weights, (x[batches[i]],))
+            (-(n / batch_size) * model.likelihood.distribution(outputs).log_prob(y[batches[i]]).sum()).backward()
+
+        def kernel(i: int) -> None:
+            sum(group_log_prob([weights[name] for name in names], mixtures[g],
+                               event_shapes=[shapes[name] for name in names])
+                for g, names in model.groups.items()).backward()
+
+        def mixture_sites(i: int) -> None:
+            values = inference._guide_point(guide, latent)
+            sum(model.prior.log_hyperprior(m) + sum(t.sum() for t in m)
+                for m in model.mixtures(values).values()).backward()
+
+        def loss(i: int) -> None:
+            state.optimizer.zero_grad(set_to_none=True)
+            inference.map_loss(model, guide, x[batches[i]], y[batches[i]], data_size=n).backward()
+
+        pieces = {"network fwd+bwd": network, "prior kernel": kernel, "mixture sites + hyperpriors": mixture_sites,
+                  "map_loss fwd+bwd": loss,
+                  "finite check": lambda i: fitting._checked_loss(state, value, parameters),
+                  "optimiser (fused Adam)": lambda i: state.optimizer.step(),
+                  "step": lambda i: fitting._take_step(state, batches[i], x, y, n)}
+        times: dict[str, list[float]] = {name: [] for name in pieces}
+        for i in range(steps):
+            for name, piece in pieces.items():
+                started = clock()
+                piece(i)
+                times[name].append(clock() - started)
+    ms = {name: 1e3 * statistics.median(t[steps // 10:]) for name, t in times.items()}
+    step, loss_ms = ms.pop("step"), ms.pop("map_loss fwd+bwd")
+    ms["pyro model run (by difference)"] = loss_ms - ms["network fwd+bwd"] - ms["prior kernel"] \
+        - ms["mixture sites + hyperpriors"]
+    ms["loop bookkeeping (by difference)"] = step - loss_ms - ms["finite check"] - ms["optimiser (fused Adam)"]
+    ms["step"] = step
+    return ms
+
+
+def run_batch_size(spec: sws.Spec, data: sws.Dataset, batch_size: int, args: argparse.Namespace) -> dict:
+    differences = check_objective(spec, data, batch_size)
+    print(f"batch {batch_size}: loss vs the float64 objective on one batch, relative difference: "
+          f"(c) map {differences['map']:.1e}, (b) sws {differences['sws']:.1e}")
+    if max(differences.values()) > 1e-5:
+        raise SystemExit("error: a timed loop does not compute the objective")
+    clock = CLOCKS[args.clock]
+    map_epoch(spec, data, batch_size, seed=99, clock=clock)  # warm-up: builds the kernel, first-touch allocations
+    trainers = {"plain": plain_epoch, "sws": sws_epoch, "map": map_epoch}
+    records = []
+    for round_ in range(1, args.rounds + 1):
+        record = {"round": round_, "load_average": loadavg()}
+        for name, epoch in trainers.items():
+            wait_until_idle(args.wait_idle)
+            with ForeignLoad() as load:
+                record[name] = epoch(spec, data, batch_size, seed=round_, clock=clock)
+            record["foreign_cpu_load"] = max(record.get("foreign_cpu_load", 0.0), load.fraction)
+        record["b/a"], record["c/a"] = record["sws"] / record["plain"], record["map"] / record["plain"]
+        records.append(record)
+        busy = record["foreign_cpu_load"]
+        print(f"  round {round_}: (a) plain {record['plain']:.2f} s, (b) sws {record['sws']:.2f} s, "
+              f"(c) map {record['map']:.2f} s; b/a {record['b/a']:.2f}, c/a {record['c/a']:.2f}; "
+              f"load average {record['load_average']}{'  * busy %.0f%%' % (100 * busy) if busy > 0.1 else ''}",
+              flush=True)
+    median = {k: statistics.median(r[k] for r in records) for k in ("plain", "sws", "map", "b/a", "c/a")}
+    spread = {k: (min(r[k] for r in records), max(r[k] for r in records)) for k in median}
+    print(f"  median s/epoch: (a) {median['plain']:.2f} ({spread['plain'][0]:.2f}-{spread['plain'][1]:.2f}), "
+          f"(b) {median['sws']:.2f} ({spread['sws'][0]:.2f}-{spread['sws'][1]:.2f}), "
+          f"(c) {median['map']:.2f} ({spread['map'][0]:.2f}-{spread['map'][1]:.2f})")
+    print(f"  b/a median {median['b/a']:.2f} (range {spread['b/a'][0]:.2f}-{spread['b/a'][1]:.2f}); "
+          f"c/a median {median['c/a']:.2f} (range {spread['c/a'][0]:.2f}-{spread['c/a'][1]:.2f})")
+    warn_if_loaded(records, "rounds")
+    result = {"objective_difference": differences, "rounds": records, "median": median, "spread": spread}
+    if args.breakdown_steps:
+        breakdown = step_breakdown(spec, data, batch_size, args.breakdown_steps, clock)
+        steps = -(-data.train_x.shape[0] // batch_size)
+        print(f"  (c) per step, {args.breakdown_steps} steps, load average {loadavg()} "
+              f"(plain (a): {1e3 * median['plain'] / steps:.2f} ms a step):")
+        for piece, value in breakdown.items():
+            print(f"    {piece:34s} {value:7.3f} ms")
+        result["breakdown_ms"] = breakdown
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--spec", default=str(SPEC))
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, nargs="+", default=[128])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--kernels", default="auto", choices=("auto", "torch", "compile", "native"))
+    parser.add_argument("--clock", choices=tuple(CLOCKS), default="wall",
+                        help="cpu: this process's CPU time (needs --threads 1), less moved by other processes")
+    parser.add_argument("--breakdown-steps", type=int, default=200, help="0 skips the per-step breakdown")
     parser.add_argument("--wait-idle", type=float, default=0.0, metavar="SECONDS",
                         help="before each measurement wait up to this long for idle CPUs")
     parser.add_argument("--json", metavar="PATH")
     args = parser.parse_args(argv)
+    if args.clock == "cpu" and args.threads != 1:
+        parser.error("--clock cpu measures one thread: pass --threads 1")
     torch.set_num_threads(args.threads)
     sws.set_backend(args.kernels)
-    full = sws.load_dataset("fashion-mnist")
-    data = dataclasses.replace(full, test_x=full.test_x[:512], test_y=full.test_y[:512])
-    print(f"bench_epoch: LeNet-300-100, Fashion-MNIST (60,000), batch {args.batch_size}, "
-          f"threads {args.threads}, kernels {args.kernels}, torch {torch.__version__}, "
+    spec = sws.load_spec(args.spec)
+    full = sws.load_dataset(spec.data.dataset)
+    data = dataclasses.replace(full, test_x=full.test_x[:512], test_y=full.test_y[:512], valid_x=None, valid_y=None)
+    print(f"bench_epoch: LeNet-300-100 ({Path(args.spec).name}), Fashion-MNIST ({full.train_x.shape[0]:,}), "
+          f"threads {args.threads}, {args.clock} clock, kernels {args.kernels}, torch {torch.__version__}, pyro {pyro.__version__}, "
           f"bayes_sws {sws.__version__}; load average {loadavg()}")
-    difference = check_objective(data, args.batch_size)
-    print(f"library loss vs plain-torch objective on one batch: relative difference {difference:.1e}")
-    if difference > 1e-5:
-        print("error: the timed fit does not compute the objective", file=sys.stderr)
-        return 1
-    map_epoch(data, args.batch_size, seed=99)  # warm-up: builds the kernel, first-touch allocations
-    records = []
-    for round_ in range(1, args.rounds + 1):
-        record = {"round": round_}
-        for name, epoch in (("plain", plain_epoch), ("map", map_epoch)):
-            wait_until_idle(args.wait_idle)
-            with ForeignLoad() as load:
-                record[name] = epoch(data, args.batch_size, seed=round_)
-            record["foreign_cpu_load"] = max(record.get("foreign_cpu_load", 0.0), load.fraction)
-        record["ratio"] = record["map"] / record["plain"]
-        records.append(record)
-        busy = record["foreign_cpu_load"]
-        print(f"round {round_}: (a) plain {record['plain']:.2f} s, (c) map {record['map']:.2f} s, "
-              f"c/a {record['ratio']:.2f}{'  * busy %.0f%%' % (100 * busy) if busy > 0.1 else ''}", flush=True)
-    ratios = [r["ratio"] for r in records]
-    median = {k: statistics.median(r[k] for r in records) for k in ("plain", "map")}
-    print(f"median: (a) {median['plain']:.2f} s/epoch, (c) {median['map']:.2f} s/epoch; "
-          f"c/a median {statistics.median(ratios):.2f} (range {min(ratios):.2f}-{max(ratios):.2f})")
-    warn_if_loaded(records, "rounds")
+    results = {batch_size: run_batch_size(spec, data, batch_size, args) for batch_size in args.batch_size}
     if args.json:
-        write_json(args.json, "bench_epoch", config=vars(args), rounds=records, median=median,
-                   objective_difference=difference)
+        write_json(args.json, "bench_epoch", config=vars(args), results=results)
     return 0
 
 

@@ -124,9 +124,10 @@ def test_parallel_predictive_runs_the_network_once_per_draw_and_scores_each_draw
         outputs = poutine.condition(model, data=draw)(x)
         torch.testing.assert_close(samples["_RETURN"][s], outputs, rtol=1e-12, atol=1e-12)
         mixture = model.mixtures(draw)["mixture"]
-        for name in model.prior_sites:
-            expected = MixturePrior(mixture, event_shape=draw[name].shape).log_prob(draw[name])
-            torch.testing.assert_close(trace.nodes[name]["unscaled_log_prob"][s, 0], expected, rtol=1e-12, atol=0)
+        expected = sum(MixturePrior(mixture, event_shape=draw[name].shape).log_prob(draw[name])
+                       for name in model.prior_sites)
+        torch.testing.assert_close(trace.nodes["mixture.prior"]["unscaled_log_prob"][s, 0], expected,
+                                   rtol=1e-12, atol=0)
     assert trace.nodes["y"]["log_prob"].shape == (5, 6)
 
 

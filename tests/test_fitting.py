@@ -408,3 +408,9 @@ def test_data_and_network_of_different_dtypes_are_a_one_line_fit_error():
     model.network.double()
     with pytest.raises(FitError, match="float32.*float64"):
         fit_map(model, toy_dataset(), epochs=1, progress=False)
+
+
+def test_finite_check_lets_finite_gradients_through_even_where_their_sum_overflows():
+    parameter = torch.nn.Parameter(torch.zeros(3))
+    parameter.grad = torch.tensor([3e38, 3e38, -1.0])  # finite entries, float32 sum inf
+    assert fitting._checked_loss(None, torch.tensor(1.5), [parameter]) == 1.5

@@ -44,6 +44,12 @@ def nan_gradient(guide):
     return 0.0 * (parameter - parameter.detach()).abs().sqrt().sum()
 
 
+def inf_gradient(guide):
+    """Zero in value, +inf in gradient: d/dp sqrt(p - p) at 0."""
+    parameter = next(guide.parameters())
+    return (parameter - parameter.detach()).sqrt().sum()
+
+
 def run_toy(loss, prior=None):
     data = toy_dataset()
     model = toy_model(prior=prior)
@@ -55,7 +61,8 @@ def run_toy(loss, prior=None):
 
 
 @pytest.mark.parametrize("poison, what", [(nan_value, "the loss became nan"),
-                                          (nan_gradient, "a gradient became nan")])
+                                          (nan_gradient, "a gradient became nan"),
+                                          (inf_gradient, "a gradient became inf")])
 def test_a_non_finite_loss_or_gradient_stops_before_the_step_naming_epoch_and_step(poison, what):
     # 1 call at start_fit, then 3 steps per epoch: call 6 is epoch 2, step 5
     state, _, message = run_toy(poisoned(6, poison))

@@ -9,6 +9,7 @@ import math
 
 import pyro
 import pytest
+from pyro import poutine
 import torch
 from pyro.infer import Trace_ELBO
 from pyro.infer.autoguide import AutoDelta, init_to_value
@@ -17,12 +18,13 @@ from torch import nn
 from bayes_sws.data import Dataset
 from bayes_sws.inference import fit_map, map_loss
 from bayes_sws.model import (
+    PRIOR_TERM,
     Categorical,
     Gaussian,
     SoftWeightSharingModel,
     prior_parameter_names,
 )
-from bayes_sws.prior import Hyperpriors, SoftWeightSharingPrior
+from bayes_sws.prior import Hyperpriors, MixturePrior, SoftWeightSharingPrior
 
 F64 = torch.float64
 LOG_2PI = math.log(2.0 * math.pi)
@@ -276,6 +278,43 @@ def test_auto_delta_loss_equals_nll_plus_lambda_omega_minus_log_hyperpriors(case
     )
     assert set(model.groups) == expected_groups
     torch.testing.assert_close(loss, expected_loss(model, values, x, y), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("case", list(LOSS_CASES))
+def test_map_loss_and_its_gradients_equal_trace_elbo_on_an_auto_delta_guide(case):
+    spec = LOSS_CASES[case]
+    model = SoftWeightSharingModel(
+        make_net(), prior=SoftWeightSharingPrior(**spec["prior"]), likelihood=Categorical(),
+        prior_weight=0.37, **spec["model"],
+    )
+    x, y = random_data()
+    guide = AutoDelta(model, init_loc_fn=init_to_value(values=perturbed_initial_values(model)))
+    guide(x, y, data_size=30)
+    parameters = [p for _, p in sorted(pyro.get_param_store().named_parameters())]
+    losses = [loss(model, guide, x, y, data_size=30) for loss in (map_loss, Trace_ELBO().differentiable_loss)]
+    gradients = [torch.autograd.grad(loss, parameters) for loss in losses]
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-12, atol=1e-12)
+    for ours, elbo in zip(*gradients):
+        torch.testing.assert_close(ours, elbo, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_each_mixture_group_has_one_prior_factor_over_all_its_weights(shared):
+    model = SoftWeightSharingModel(make_net(), prior=SoftWeightSharingPrior(n_components=3), likelihood=Categorical(),
+                                   prior_weight=0.37, shared=shared, include_biases=True)
+    x, y = random_data()
+    values = perturbed_initial_values(model)
+    trace = poutine.trace(poutine.condition(model, data=values)).get_trace(x, y)
+    trace.compute_log_prob()
+    factors = {name for name in trace.nodes if name.endswith(f".{PRIOR_TERM}")}
+    assert factors == {f"{group}.{PRIOR_TERM}" for group in model.groups}
+    for group, names in model.groups.items():
+        mixture = model.mixtures(values)[group]
+        expected = sum(MixturePrior(mixture, event_shape=values[name].shape).log_prob(values[name]) for name in names)
+        site = trace.nodes[f"{group}.{PRIOR_TERM}"]
+        torch.testing.assert_close(site["log_prob_sum"], 0.37 * expected, rtol=1e-12, atol=1e-12)
+    for name in model.prior_sites:  # a weight's density is counted in its group's factor only
+        assert float(trace.nodes[name]["log_prob_sum"]) == 0.0
 
 
 def test_minibatch_loss_scales_nll_by_n_over_b_and_keeps_prior_and_hyperprior_unscaled():

@@ -14,6 +14,7 @@ from bayes_sws.fitting import Callback, library_scope
 from bayes_sws.inference import fit_map, fit_vi, sample_guide, vi_guide, vi_loss
 from bayes_sws.model import SoftWeightSharingModel
 from bayes_sws.optim import LearningRates
+from bayes_sws.prior import MixturePrior
 from bayes_sws.spec import load_spec
 from test_inference import toy_dataset, toy_model
 
@@ -116,8 +117,9 @@ def test_the_map_loss_meaning_of_lambda_is_unchanged_by_vi():
         values = state.values
         traces = [pyro.poutine.trace(pyro.poutine.condition(m, data=values)).get_trace(x, y, data_size=n)
                   for m in (model, doubled)]
-    log_prior = sum(site["fn"].log_prob(site["value"]).sum() for name, site in traces[0].nodes.items()
-                    if name in model.prior_sites)
+    mixture = model.mixtures(values)["mixture"]
+    log_prior = sum(MixturePrior(mixture, event_shape=values[name].shape).log_prob(values[name])
+                    for name in model.prior_sites)
     assert math.isclose(traces[1].log_prob_sum() - traces[0].log_prob_sum(), 0.5 * log_prior, rel_tol=1e-6)
 
 
@@ -197,9 +199,12 @@ def test_in_the_elbo_lambda_scales_the_models_weight_log_density_and_not_the_gui
     model_trace.compute_log_prob()
     guide_trace.compute_log_prob()
     for name in model.prior_sites:
-        assert model_trace.nodes[name]["scale"] == 0.25 and guide_trace.nodes[name]["scale"] == 1.0
-        site = model_trace.nodes[name]
-        assert torch.allclose(site["log_prob_sum"], 0.25 * site["fn"].log_prob(site["value"]).sum())
+        assert guide_trace.nodes[name]["scale"] == 1.0
+    prior = model_trace.nodes["mixture.prior"]
+    mixture = model.mixtures({name: site["value"] for name, site in guide_trace.iter_stochastic_nodes()})["mixture"]
+    log_prior = sum(MixturePrior(mixture, event_shape=model_trace.nodes[name]["value"].shape).log_prob(
+        model_trace.nodes[name]["value"]) for name in model.prior_sites)
+    assert prior["scale"] == 0.25 and torch.allclose(prior["log_prob_sum"], 0.25 * log_prior)
     for name in ("mixture.precisions", "mixture.means"):
         assert model_trace.nodes[name]["scale"] == 1.0
 
