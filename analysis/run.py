@@ -98,7 +98,7 @@ def execute_notebook(path: str | os.PathLike[str], *, size: str = "full", galler
         raise ValueError(f"size must be one of {', '.join(SIZES)}, got {size!r}")
     path = Path(path).resolve()
     notebook = nbformat.read(path, as_version=4)
-    env = {**os.environ, "BAYES_SWS_NOTEBOOK_SIZE": size, "MPLBACKEND": "Agg",
+    env = {**os.environ, "BAYES_SWS_NOTEBOOK_SIZE": size, "MPLBACKEND": "module://matplotlib_inline.backend_inline",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPOSITORY), os.environ.get("PYTHONPATH")]))}
     env.pop("BAYES_SWS_GALLERY", None)
     if gallery is not None:
