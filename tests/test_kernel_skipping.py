@@ -196,3 +196,37 @@ def test_a_narrow_component_just_past_the_weights_still_counts_in_float64_gradie
     skipping = _results(weights, mixture, dense=False, dtype=F64)
     for name, skip, full in zip(("value", "w", "log pi", "mu", "sigma"), skipping, dense):
         assert float((skip - full).abs().max()) <= 1e-12 * float(full.abs().max()), name
+
+
+def _components_at_the_margin(generator, components: int, dtype) -> tuple[GaussianMixture, torch.Tensor]:
+    """Weights under a broad component at 0; every other component, of σ down to 1e-7, placed past the weights'
+    range so that its log-density gap there is the skipping margin plus −3 to 12 nats."""
+    broad = float(torch.empty(1, dtype=F64).uniform_(math.log(1e-3), math.log(10), generator=generator).exp())
+    weights = broad * float(torch.rand(1, generator=generator)) * torch.randn(
+        int(torch.randint(1, 2000, (1,), generator=generator)), generator=generator, dtype=F64)
+    scales = torch.empty(components, dtype=F64).uniform_(math.log(1e-7), math.log(broad), generator=generator).exp()
+    scales[0] = broad
+    log_proportions = torch.log_softmax(3 * torch.randn(components, generator=generator, dtype=F64), 0)
+    log_norm = log_proportions - scales.log() - 0.5 * math.log(2 * math.pi)
+    lo, hi = float(weights.min()), float(weights.max())
+    top_at_hi = float(log_norm[0]) - 0.5 * (hi / broad) ** 2
+    gaps = kernels.skip_margin(dtype, components) + torch.empty(components, dtype=F64).uniform_(-3, 12,
+                                                                                                generator=generator)
+    distances = (2 * (log_norm - top_at_hi + gaps)).clamp_min(0).sqrt() * scales
+    sides = torch.arange(components) % 2 == 1
+    means = torch.where(sides, hi + distances, lo - distances)
+    means[0] = 0.0
+    return GaussianMixture(log_proportions, means, scales), weights
+
+
+@pytest.mark.parametrize("components", [2, 17, 64])
+def test_float64_skipping_of_components_at_the_margin_is_as_exact_as_the_dense_kernel(components):
+    # (float64: float32's round-off under the cancellation in ∂μ and ∂σ would hide what skipping drops)
+    g = torch.Generator().manual_seed(54 + components)
+    for _ in range(20):
+        mixture, weights = _components_at_the_margin(g, components, F64)
+        reference = _reference(weights, mixture)
+        dense = _relative_errors(_results(weights, mixture, dense=True, dtype=F64), reference)
+        skipping = _relative_errors(_results(weights, mixture, dense=False, dtype=F64), reference)
+        for name, skip_error, dense_error in zip(("value", "w", "log pi", "mu", "sigma"), skipping, dense):
+            assert skip_error <= 2 * dense_error + 1e-13, (name, skip_error, dense_error)
