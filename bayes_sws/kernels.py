@@ -206,8 +206,9 @@ def skip_margin(dtype: torch.dtype, components: int) -> float:
     Returns
     -------
     float
-        A component whose best log-density over a block of weights lies more than this
-        under the block's floor is skipped for that block (see the module's docstring).
+        A component whose best log-density over a block of weights, raised by its
+        gradient factor, lies more than this under the block's floor is skipped for that
+        block (see the module's docstring).
     """
     unit_round_off = torch.finfo(dtype).eps / 2
     return -math.log(unit_round_off) + math.log(components) + _SKIP_SAFETY
