@@ -35,13 +35,18 @@ best_j < floor − margin has γ_ij < exp(−margin) for every weight of the blo
 not evaluated; each weight's top component always is. The margin
 (:func:`skip_margin`) is ln(1/u) + ln J + 5 nats, u the dtype's unit round-off
 (2⁻²⁴ float32, 2⁻⁵³ float64): the at most J skipped terms change a weight's density
-by less than u·e⁻⁵ of it, and their terms in the gradients, γ_ij·|d_ij|/σ_j² and
-γ_ij·(d_ij²/σ_j² − 1)/σ_j, stay below round-off while the skipped component's d/σ
-and scale are within e⁵ ≈ 150 of the kept ones' (d/σ is at most about
-√(2·margin) ≈ 7 at the bound). For float32 and J = 17 the margin is 24.5 nats, for
-float64 44.6. Blocks holding a non-finite weight are evaluated densely, so the rules
-above hold unchanged. :func:`use_skipping` turns it off (the dense kernel, for
-tests and benchmarks); the torch backends always evaluate every pair.
+by less than u·e⁻⁵ of it. Their terms in the gradients, γ_ij·|d_ij|/σ_j² and
+γ_ij·|d_ij²/σ_j² − 1|/σ_j, are at most γ_ij·(1 + z²)/σ_j with z = d/σ_j, which for a
+narrow component just past a block can be σ_k/σ_j·(1 + z²) ≈ 10⁴·70 times a kept
+component k's: so a component's bound is raised by
+ln max(1, σ_widest/σ_j·max(2, 1 + z_near²)), σ_widest the largest scale among the
+components that can be a weight's top (best_j ≥ floor) and z_near the block's nearest
+z. Each skipped term of every gradient is then below e^(−margin)/σ_widest: at most
+the fraction e^(−margin) of the gradient of a weight one σ from its top component, as
+each skipped responsibility is of one. For float32 and J = 17 the margin is 24.5
+nats, for float64 44.6. Blocks holding a non-finite weight are evaluated densely, so
+the rules above hold unchanged. :func:`use_skipping` turns it off (the dense kernel,
+for tests and benchmarks); the torch backends always evaluate every pair.
 """
 
 from __future__ import annotations
@@ -201,8 +206,9 @@ def skip_margin(dtype: torch.dtype, components: int) -> float:
     Returns
     -------
     float
-        A component whose best log-density over a block of weights lies more than this
-        under the block's floor is skipped for that block (see the module's docstring).
+        A component whose best log-density over a block of weights, raised by its
+        gradient factor, lies more than this under the block's floor is skipped for that
+        block (see the module's docstring).
     """
     unit_round_off = torch.finfo(dtype).eps / 2
     return -math.log(unit_round_off) + math.log(components) + _SKIP_SAFETY

@@ -278,7 +278,7 @@ class _FusedLogProbSum(torch.autograd.Function):
 
 def _checked_group(weights: torch.Tensor | Sequence[torch.Tensor],
                    event_dim: int | Sequence[int]) -> tuple[list[torch.Tensor], tuple[int, ...]]:
-    """The weight tensors as a list and one event_dim per tensor; ``ValueError`` for bad shapes."""
+    """The weight tensors as a list and one event_dim per tensor; ``ValueError`` for bad shapes or mixed devices."""
     tensors = [weights] if isinstance(weights, torch.Tensor) else list(weights)
     if not tensors or not all(isinstance(t, torch.Tensor) for t in tensors):
         raise ValueError("weights must be a tensor or a non-empty sequence of tensors")
@@ -291,6 +291,9 @@ def _checked_group(weights: torch.Tensor | Sequence[torch.Tensor],
     batches = {tuple(t.shape[: t.dim() - k]) for t, k in zip(tensors, event_dims)}
     if len(batches) > 1:
         raise ValueError(f"the weight tensors must share one batch shape, got {', '.join(map(str, sorted(batches)))}")
+    devices = {str(t.device) for t in tensors}
+    if len(devices) > 1:  # (moving one would copy it on every call)
+        raise ValueError(f"the weight tensors must be on one device, got {', '.join(sorted(devices))}")
     return tensors, event_dims
 
 
@@ -317,7 +320,7 @@ def mixture_log_prob_sum(
     ----------
     weights : Tensor of shape ``(*batch_w, *event)``, or a sequence of them
         Independent weight tensors of ``event_dim`` dimensions, e.g. ``(B, N)``; in a
-        sequence, tensors ``(*batch_w, *event_k)`` sharing one ``batch_w``, e.g.
+        sequence, tensors ``(*batch_w, *event_k)`` sharing one ``batch_w`` and device, e.g.
         ``[(S, 1, 300, 784), (S, 1, 300)]`` with ``event_dim=(2, 1)``.
     mixture : GaussianMixture with fields of shape ``(*batch_m, J)``
         One mixture per batch element: ``batch_m`` broadcasts against ``batch_w``,

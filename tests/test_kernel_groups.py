@@ -110,6 +110,7 @@ def test_a_group_in_float64_promotes_float32_tensors_and_returns_their_gradients
     ([torch.zeros(2, 3), torch.zeros(3, 3)], 1, r"share one batch shape, got \(2,\), \(3,\)"),
     ([torch.zeros(2, 3), torch.zeros(3)], (1, 2), r"event_dim must lie in \[0, 1\]"),
     ([torch.zeros(3), torch.zeros(3)], (1,), "gives 1 dimension counts for 2 weight tensors"),
+    ([torch.zeros(3), torch.zeros(3, device="meta")], 1, "on one device, got cpu, meta"),
 ])
 def test_a_malformed_group_is_a_value_error_naming_the_problem(weights, event_dim, message):
     mixture = GaussianMixture(torch.zeros(1), torch.zeros(1), torch.ones(1))

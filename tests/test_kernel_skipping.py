@@ -166,3 +166,67 @@ def test_a_short_map_run_ends_at_the_dense_kernels_loss_and_mixture():
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(dense_losses), rtol=1e-5, atol=0)
     for field, dense_field in zip(mixture, dense_mixture):
         torch.testing.assert_close(field, dense_field, rtol=1e-5, atol=1e-7)
+
+
+def _narrow_just_past_a_broad_component(dtype):
+    """Weights under a broad component (σ = 1) and a narrow one (σ = 1e-4, or 1e-7 in float64) a few of its σ
+    past the largest weight: each of its responsibilities lies below e^(−margin), yet its gradient terms
+    γ·|d|/σ² and γ·(d²/σ² − 1)/σ carry σ_broad/σ_narrow·(d/σ)² ≈ 10⁴·70 (10⁷·120) more."""
+    g = torch.Generator().manual_seed(53)
+    weights = 0.01 * torch.randn(4096, generator=g, dtype=F64)
+    narrow, distance = (1e-4, 8.5) if dtype == torch.float32 else (1e-7, 11.0)
+    mixture = GaussianMixture(torch.full((2,), math.log(0.5), dtype=F64),
+                              torch.tensor([0.0, float(weights.max()) + distance * narrow], dtype=F64),
+                              torch.tensor([1.0, narrow], dtype=F64))
+    return mixture, weights
+
+
+def test_a_narrow_component_just_past_the_weights_still_counts_in_float32_gradients():
+    mixture, weights = _narrow_just_past_a_broad_component(torch.float32)
+    reference = _reference(weights, mixture)
+    dense = _relative_errors(_results(weights, mixture, dense=True, dtype=torch.float32), reference)
+    skipping = _relative_errors(_results(weights, mixture, dense=False, dtype=torch.float32), reference)
+    for name, skip_error, dense_error in zip(("value", "w", "log pi", "mu", "sigma"), skipping, dense):
+        assert skip_error <= 2 * dense_error + 1e-7, (name, skip_error, dense_error)
+
+
+def test_a_narrow_component_just_past_the_weights_still_counts_in_float64_gradients():
+    mixture, weights = _narrow_just_past_a_broad_component(F64)
+    dense = _results(weights, mixture, dense=True, dtype=F64)
+    skipping = _results(weights, mixture, dense=False, dtype=F64)
+    for name, skip, full in zip(("value", "w", "log pi", "mu", "sigma"), skipping, dense):
+        assert float((skip - full).abs().max()) <= 1e-12 * float(full.abs().max()), name
+
+
+def _components_at_the_margin(generator, components: int, dtype) -> tuple[GaussianMixture, torch.Tensor]:
+    """Weights under a broad component at 0; every other component, of σ down to 1e-7, placed past the weights'
+    range so that its log-density gap there is the skipping margin plus −3 to 12 nats."""
+    broad = float(torch.empty(1, dtype=F64).uniform_(math.log(1e-3), math.log(10), generator=generator).exp())
+    weights = broad * float(torch.rand(1, generator=generator)) * torch.randn(
+        int(torch.randint(1, 2000, (1,), generator=generator)), generator=generator, dtype=F64)
+    scales = torch.empty(components, dtype=F64).uniform_(math.log(1e-7), math.log(broad), generator=generator).exp()
+    scales[0] = broad
+    log_proportions = torch.log_softmax(3 * torch.randn(components, generator=generator, dtype=F64), 0)
+    log_norm = log_proportions - scales.log() - 0.5 * math.log(2 * math.pi)
+    lo, hi = float(weights.min()), float(weights.max())
+    top_at_hi = float(log_norm[0]) - 0.5 * (hi / broad) ** 2
+    gaps = kernels.skip_margin(dtype, components) + torch.empty(components, dtype=F64).uniform_(-3, 12,
+                                                                                                generator=generator)
+    distances = (2 * (log_norm - top_at_hi + gaps)).clamp_min(0).sqrt() * scales
+    sides = torch.arange(components) % 2 == 1
+    means = torch.where(sides, hi + distances, lo - distances)
+    means[0] = 0.0
+    return GaussianMixture(log_proportions, means, scales), weights
+
+
+@pytest.mark.parametrize("components", [2, 17, 64])
+def test_float64_skipping_of_components_at_the_margin_is_as_exact_as_the_dense_kernel(components):
+    # (float64: float32's round-off under the cancellation in ∂μ and ∂σ would hide what skipping drops)
+    g = torch.Generator().manual_seed(54 + components)
+    for _ in range(20):
+        mixture, weights = _components_at_the_margin(g, components, F64)
+        reference = _reference(weights, mixture)
+        dense = _relative_errors(_results(weights, mixture, dense=True, dtype=F64), reference)
+        skipping = _relative_errors(_results(weights, mixture, dense=False, dtype=F64), reference)
+        for name, skip_error, dense_error in zip(("value", "w", "log pi", "mu", "sigma"), skipping, dense):
+            assert skip_error <= 2 * dense_error + 1e-13, (name, skip_error, dense_error)
