@@ -151,8 +151,8 @@ def group_log_prob(
     Parameters
     ----------
     weights : sequence of Tensor
-        Tensor t of shape ``(*batch, *event_shapes[t])``, one ``batch`` for all (e.g.
-        ``(S, 1)`` for vectorised particles, or none).
+        Tensor t of shape ``(*batch, *event_shapes[t])``, usually one ``batch`` for all
+        (e.g. ``(S, 1)`` for vectorised particles, or none): then one kernel call.
     mixture : GaussianMixture with fields of shape ``(*batch_m, J)``
         ``batch_m`` broadcasts against ``batch``.
     event_shapes : sequence of torch.Size
@@ -161,8 +161,13 @@ def group_log_prob(
     Returns
     -------
     Tensor of shape ``broadcast(batch, batch_m)``: the sum over every weight of every tensor.
+    Tensors of different ``batch`` (one site conditioned on several draws, the others
+    single values) are summed one by one, their batches broadcast.
     """
-    return mixture_log_prob_sum(list(weights), mixture, event_dim=[len(shape) for shape in event_shapes])
+    event_dims = [len(shape) for shape in event_shapes]
+    if len({w.shape[: w.dim() - k] for w, k in zip(weights, event_dims)}) > 1:
+        return sum(mixture_log_prob_sum(w, mixture, event_dim=k) for w, k in zip(weights, event_dims))
+    return mixture_log_prob_sum(list(weights), mixture, event_dim=event_dims)
 
 
 class SoftWeightSharingModel:
