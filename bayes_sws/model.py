@@ -174,8 +174,8 @@ class _GroupPriorFactor(dist.Unit):
     """A group's factor site: ``pyro.factor``'s ``Unit`` whose log-factor is :func:`group_log_prob`, computed when asked.
 
     A model run that needs no density (``Predictive``, an evaluation, a guide's
-    set-up) never evaluates the prior; each ``log_prob`` (a trace's, the MAP loss's,
-    the ELBO's, NUTS's potential) computes it once. Its values hold no data, shape
+    set-up) never evaluates the prior; ``log_prob`` (a trace's, the MAP loss's, the
+    ELBO's, NUTS's potential) computes it on each call. Its values hold no data, shape
     ``(*batch_shape, 0)``.
 
     Parameters
@@ -191,6 +191,7 @@ class _GroupPriorFactor(dist.Unit):
         self.weights, self.mixture, self.event_shapes = list(weights), mixture, list(event_shapes)
         own = torch.broadcast_shapes(*(w.shape[: w.dim() - len(shape)] for w, shape in zip(weights, event_shapes)),
                                      mixture.batch_shape)
+        # not Unit.__init__, which takes the log-factor itself; unvalidated, so nothing reads it here
         dist.TorchDistribution.__init__(self, own if batch_shape is None else torch.Size(batch_shape),
                                         torch.Size((0,)), validate_args=False)
 
@@ -205,6 +206,8 @@ class _GroupPriorFactor(dist.Unit):
 
     def sample(self, sample_shape: torch.Size = torch.Size()) -> torch.Tensor:
         return self.weights[0].new_empty(sample_shape + self.shape())
+
+    rsample = sample
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         return self.log_factor.expand(torch.broadcast_shapes(self.batch_shape, value.shape[:-1]))
