@@ -151,8 +151,8 @@ def group_log_prob(
     Parameters
     ----------
     weights : sequence of Tensor
-        Tensor t of shape ``(*batch, *event_shapes[t])``, one ``batch`` for all (e.g.
-        ``(S, 1)`` for vectorised particles, or none).
+        Tensor t of shape ``(*batch, *event_shapes[t])``, usually one ``batch`` for all
+        (e.g. ``(S, 1)`` for vectorised particles, or none): then one kernel call.
     mixture : GaussianMixture with fields of shape ``(*batch_m, J)``
         ``batch_m`` broadcasts against ``batch``.
     event_shapes : sequence of torch.Size
@@ -161,8 +161,56 @@ def group_log_prob(
     Returns
     -------
     Tensor of shape ``broadcast(batch, batch_m)``: the sum over every weight of every tensor.
+    Tensors of different ``batch`` (one site conditioned on several draws, the others
+    single values) are summed one by one, their batches broadcast.
     """
-    return mixture_log_prob_sum(list(weights), mixture, event_dim=[len(shape) for shape in event_shapes])
+    event_dims = [len(shape) for shape in event_shapes]
+    if len({w.shape[: w.dim() - k] for w, k in zip(weights, event_dims)}) > 1:
+        return sum(mixture_log_prob_sum(w, mixture, event_dim=k) for w, k in zip(weights, event_dims))
+    return mixture_log_prob_sum(list(weights), mixture, event_dim=event_dims)
+
+
+class _GroupPriorFactor(dist.Unit):
+    """A group's factor site: ``pyro.factor``'s ``Unit`` whose log-factor is :func:`group_log_prob`, computed when asked.
+
+    A model run that needs no density (``Predictive``, an evaluation, a guide's
+    set-up) never evaluates the prior; ``log_prob`` (a trace's, the MAP loss's, the
+    ELBO's, NUTS's potential) computes it on each call. Its values hold no data, shape
+    ``(*batch_shape, 0)``.
+
+    Parameters
+    ----------
+    weights, mixture, event_shapes
+        As :func:`group_log_prob` takes them.
+    batch_shape : torch.Size, optional
+        One ``broadcast(batch, batch_m)`` broadcasts to; by default that shape.
+    """
+
+    def __init__(self, weights: Sequence[torch.Tensor], mixture: GaussianMixture, *,
+                 event_shapes: Sequence[torch.Size], batch_shape: torch.Size | None = None) -> None:
+        self.weights, self.mixture, self.event_shapes = list(weights), mixture, list(event_shapes)
+        own = torch.broadcast_shapes(*(w.shape[: w.dim() - len(shape)] for w, shape in zip(weights, event_shapes)),
+                                     mixture.batch_shape)
+        # not Unit.__init__, which takes the log-factor itself; unvalidated, so nothing reads it here
+        dist.TorchDistribution.__init__(self, own if batch_shape is None else torch.Size(batch_shape),
+                                        torch.Size((0,)), validate_args=False)
+
+    @property
+    def log_factor(self) -> torch.Tensor:
+        """log p(all the group's weights | mixture), shape ``batch_shape``."""
+        log_prob = group_log_prob(self.weights, self.mixture, event_shapes=self.event_shapes)
+        return log_prob.expand(self.batch_shape)
+
+    def expand(self, batch_shape, _instance=None) -> _GroupPriorFactor:
+        return _GroupPriorFactor(self.weights, self.mixture, event_shapes=self.event_shapes, batch_shape=batch_shape)
+
+    def sample(self, sample_shape: torch.Size = torch.Size()) -> torch.Tensor:
+        return self.weights[0].new_empty(sample_shape + self.shape())
+
+    rsample = sample
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        return self.log_factor.expand(torch.broadcast_shapes(self.batch_shape, value.shape[:-1]))
 
 
 class SoftWeightSharingModel:
@@ -304,9 +352,9 @@ class SoftWeightSharingModel:
                 for name in names:
                     parameters[name] = pyro.sample(name, self._weight_site(mixture, self._shapes[name]))
                 if self.prior_weight:
-                    pyro.factor(f"{group}.{PRIOR_TERM}", group_log_prob(
-                        [parameters[name] for name in names], mixture,
-                        event_shapes=[self._shapes[name] for name in names]))
+                    term = _GroupPriorFactor([parameters[name] for name in names], mixture,
+                                            event_shapes=[self._shapes[name] for name in names])
+                    pyro.sample(f"{group}.{PRIOR_TERM}", term, obs=term.sample(), infer={"is_auxiliary": True})
         if not pyro.settings.get("module_local_params"):
             # Pyro's own SVI finds parameters in the global param store: register the
             # network's trainable pass-through parameters there (the tensors themselves,

@@ -317,6 +317,47 @@ def test_each_mixture_group_has_one_prior_factor_over_all_its_weights(shared):
         assert float(trace.nodes[name]["log_prob_sum"]) == 0.0
 
 
+def test_a_model_run_evaluates_each_group_prior_only_when_a_density_is_asked_for(monkeypatch):
+    # Predictive, evaluation and guide set-up run the model for its draws and outputs
+    # only: the group's prior (a kernel pass over all its weights) waits for log_prob.
+    import bayes_sws.model as model_module
+    calls = []
+    original = model_module.mixture_log_prob_sum
+    monkeypatch.setattr(model_module, "mixture_log_prob_sum",
+                        lambda *args, **kwargs: calls.append(1) or original(*args, **kwargs))
+    model = SoftWeightSharingModel(make_net(), prior=SoftWeightSharingPrior(n_components=3), likelihood=Categorical(),
+                                   prior_weight=0.37, shared=False)
+    x, y = random_data()
+    values = perturbed_initial_values(model)
+    trace = poutine.trace(poutine.condition(model, data=values)).get_trace(x, y)
+    assert calls == []
+    trace.compute_log_prob()
+    assert len(calls) == len(model.groups)
+    for group, names in model.groups.items():
+        mixture = model.mixtures(values)[group]
+        expected = sum(MixturePrior(mixture, event_shape=values[name].shape).log_prob(values[name]) for name in names)
+        torch.testing.assert_close(trace.nodes[f"{group}.{PRIOR_TERM}"]["fn"].log_factor, expected,
+                                   rtol=1e-12, atol=1e-12)
+
+
+def test_a_group_prior_broadcasts_weight_sites_of_different_batch_shapes():
+    # One site conditioned on two draws, the other a single value: the network runs
+    # once per draw (outputs broadcast the sites' leading dimensions), and the group's
+    # prior is, per draw, the sum of the sites' log-densities.
+    model = SoftWeightSharingModel(make_net(), prior=SoftWeightSharingPrior(n_components=3), likelihood=Categorical(),
+                                   prior_weight=0.37)
+    x, y = random_data()
+    values = perturbed_initial_values(model)
+    values["0.weight"] = torch.stack([values["0.weight"], -values["0.weight"]])
+    trace = poutine.trace(poutine.condition(model, data=values)).get_trace(x, y)
+    trace.compute_log_prob()
+    mixture = model.mixtures(values)["mixture"]
+    expected = sum(MixturePrior(mixture, event_shape=model.network.get_parameter(name).shape).log_prob(values[name])
+                   for name in model.prior_sites)
+    assert expected.shape == (2,) and trace.nodes["_RETURN"]["value"].shape == (2, *y.shape, 2)
+    torch.testing.assert_close(trace.nodes["mixture.prior"]["unscaled_log_prob"], expected, rtol=1e-12, atol=1e-12)
+
+
 def test_minibatch_loss_scales_nll_by_n_over_b_and_keeps_prior_and_hyperprior_unscaled():
     model = four_component_model(prior_weight=0.2)
     x, y = random_data(n=20)
