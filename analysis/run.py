@@ -11,12 +11,15 @@ notebooks read two environment variables, which the options set:
   as small PNGs (the README's gallery: ``python analysis/run.py --gallery docs/gallery``).
 
 A failing cell stops its notebook; the command then names the notebook, the
-cell and the error, and exits with status 1.
+cell and the error, and exits with status 1. Bad arguments (or a missing
+``[notebooks]`` extra) give one line and status 2; Ctrl-C stops the notebook's
+kernel and exits with status 130. Each kernel is shut down when its notebook ends.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import sys
@@ -92,7 +95,7 @@ def execute_notebook(path: str | os.PathLike[str], *, size: str = "full", galler
     """
     import nbformat
     from nbclient import NotebookClient
-    from nbclient.exceptions import CellExecutionError, CellTimeoutError
+    from nbclient.exceptions import CellExecutionError, CellTimeoutError, DeadKernelError
 
     if size not in SIZES:
         raise ValueError(f"size must be one of {', '.join(SIZES)}, got {size!r}")
@@ -106,20 +109,54 @@ def execute_notebook(path: str | os.PathLike[str], *, size: str = "full", galler
         env["BAYES_SWS_GALLERY"] = str(Path(gallery).resolve())
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bayes-sws-notebook-") as scratch:
-        client = NotebookClient(notebook, km=_kernel_manager(Path(scratch) / "kernels"), timeout=cell_timeout,
+        kernel = _kernel_manager(Path(scratch) / "kernels")
+        client = NotebookClient(notebook, km=kernel, timeout=cell_timeout,
                                 resources={"metadata": {"path": str(path.parent)}})
+        # Cell by cell under the plain setup_kernel: NotebookClient.execute traps SIGINT (Ctrl-C did nothing)
+        # and leaves a kernel it did not create running; here Ctrl-C raises and the kernel always stops.
         try:
-            client.execute(env=env, cwd=str(path.parent))
+            with client.setup_kernel(env=env, cwd=str(path.parent)):
+                for index, cell in enumerate(notebook.cells):
+                    client.execute_cell(cell, index)
         except CellTimeoutError as error:
             raise NotebookError(f"{path.name}: a cell ran past {cell_timeout} s: {error}") from None
         except CellExecutionError:
             number, message = _failed_cell(notebook)
             raise NotebookError(f"{path.name}: code cell {number} failed: {message}") from None
+        except DeadKernelError as error:
+            raise NotebookError(f"{path.name}: the kernel died (out of memory?): {error}") from None
         finally:
+            if client.kc is not None:
+                client.kc.stop_channels()
+            if kernel.has_kernel:
+                kernel.shutdown_kernel(now=True)
             if output_dir is not None:
                 Path(output_dir).mkdir(parents=True, exist_ok=True)
                 nbformat.write(notebook, Path(output_dir) / path.name)
     return time.perf_counter() - started
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) == 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text!r}")
+    return int(text)
+
+
+def _argument_problem(paths: list[Path], *, directories: tuple[Path | None, ...]) -> str | None:
+    """One line naming what is wrong with the arguments (or the installation), or None."""
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        return f"no such notebook: {', '.join(missing)}"
+    not_notebooks = [str(p) for p in paths if p.suffix != ".ipynb"]
+    if not_notebooks:
+        return f"not a notebook (.ipynb): {', '.join(not_notebooks)}"
+    files = [str(d) for d in directories if d is not None and d.exists() and not d.is_dir()]
+    if files:
+        return f"not a directory: {', '.join(files)}"
+    for module in ("nbclient", "nbformat", "ipykernel"):
+        if importlib.util.find_spec(module) is None:
+            return f"{module} is not installed: pip install 'bayes-sws[notebooks]' (or -e '.[notebooks]' in the clone)"
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -129,12 +166,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", choices=SIZES, default="full", help="full: real results; small: a minute or two")
     parser.add_argument("--gallery", type=Path, help="save the key figures there as small PNGs")
     parser.add_argument("--output-dir", type=Path, help="keep the executed notebooks there")
-    parser.add_argument("--cell-timeout", type=int, default=CELL_TIMEOUT_S, help="seconds one cell may run")
+    parser.add_argument("--cell-timeout", type=_positive_int, default=CELL_TIMEOUT_S, help="seconds one cell may run")
     args = parser.parse_args(argv)
     paths = args.notebooks or notebooks()
-    missing = [str(p) for p in paths if not p.is_file()]
-    if missing:
-        print(f"error: no such notebook: {', '.join(missing)}", file=sys.stderr)
+    problem = _argument_problem(paths, directories=(args.gallery, args.output_dir))
+    if problem is not None:
+        print(f"error: {problem}", file=sys.stderr)
         return 2
     for path in paths:
         try:
@@ -143,6 +180,9 @@ def main(argv: list[str] | None = None) -> int:
         except NotebookError as error:
             print(f"error: {error}", file=sys.stderr)
             return 1
+        except KeyboardInterrupt:
+            print(f"interrupted: {path.name} (its kernel was stopped)", file=sys.stderr)
+            return 130
         print(f"{path.name}: {seconds:.1f} s ({args.size})", flush=True)
     return 0
 
