@@ -264,13 +264,17 @@ def expected_loss(model, values, x, y, *, scale=1.0, nll=None):
     return total
 
 
-@pytest.mark.parametrize("case", list(LOSS_CASES))
-def test_auto_delta_loss_equals_nll_plus_lambda_omega_minus_log_hyperpriors(case):
+def loss_case_model(case: str) -> SoftWeightSharingModel:
     spec = LOSS_CASES[case]
-    model = SoftWeightSharingModel(
+    return SoftWeightSharingModel(
         make_net(), prior=SoftWeightSharingPrior(**spec["prior"]), likelihood=Categorical(),
         prior_weight=0.37, **spec["model"],
     )
+
+
+@pytest.mark.parametrize("case", list(LOSS_CASES))
+def test_auto_delta_loss_equals_nll_plus_lambda_omega_minus_log_hyperpriors(case):
+    model = loss_case_model(case)
     x, y = random_data()
     loss, values = auto_delta_loss(model, x, y)
     expected_groups = (
@@ -282,11 +286,7 @@ def test_auto_delta_loss_equals_nll_plus_lambda_omega_minus_log_hyperpriors(case
 
 @pytest.mark.parametrize("case", list(LOSS_CASES))
 def test_map_loss_and_its_gradients_equal_trace_elbo_on_an_auto_delta_guide(case):
-    spec = LOSS_CASES[case]
-    model = SoftWeightSharingModel(
-        make_net(), prior=SoftWeightSharingPrior(**spec["prior"]), likelihood=Categorical(),
-        prior_weight=0.37, **spec["model"],
-    )
+    model = loss_case_model(case)
     x, y = random_data()
     guide = AutoDelta(model, init_loc_fn=init_to_value(values=perturbed_initial_values(model)))
     guide(x, y, data_size=30)
