@@ -47,13 +47,14 @@ from .data import Dataset
 from .fitting import Callback, Evaluate, FitState, fit, library_scope, start_fit
 from .model import SoftWeightSharingModel
 from .errors import BayesSWSError
-from .local_reparam import LocalReparameterizationELBO, check_local_layers
+from .local_reparam import WeightPosterior, check_local_layers, mean_field_part, weight_posterior
 from .optim import LearningRates
 
 __all__ = [
     "EMUpdate",
     "MIXTURE_GUIDES",
     "NUTS_MAX_WEIGHTS",
+    "NegativeELBO",
     "WEIGHT_GUIDES",
     "PosteriorSamples",
     "check_nuts",
@@ -414,19 +415,138 @@ def vi_guide(
     return guide
 
 
-def vi_loss(*, num_particles: int = 1, local_reparameterization: bool = False):
+def vi_loss(*, num_particles: int = 1, local_reparameterization: bool = False) -> NegativeELBO:
     """The negative ELBO, ``loss(model, guide, x, y, data_size=N)``, with S vectorised particles.
 
     The prior term has no closed form against a mixture: it is the Monte Carlo
     average of λ·log p(w | π, μ, σ) over the S weight draws, as are the likelihood
     and entropy terms. ``local_reparameterization`` takes the likelihood term from
-    sampled pre-activations (:class:`~bayes_sws.local_reparam.LocalReparameterizationELBO`).
+    sampled pre-activations (:mod:`bayes_sws.local_reparam`). See :class:`NegativeELBO`.
     """
-    if num_particles < 1:
-        raise ValueError(f"num_particles must be at least 1, got {num_particles}")
-    if local_reparameterization:
-        return LocalReparameterizationELBO(num_particles=num_particles)
-    return Trace_ELBO(num_particles=num_particles, vectorize_particles=True, max_plate_nesting=1).differentiable_loss
+    return NegativeELBO(num_particles=num_particles, local_reparameterization=local_reparameterization)
+
+
+_PARTICLE_PLATE = "num_particles_vectorized"
+_MAX_PLATE_NESTING = 1
+"""The model's own plates (``data``); S > 1 particles take the next dimension to the left, as in ``Trace_ELBO``."""
+_HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
+
+
+class NegativeELBO:
+    """−ELBO of a guide, ``loss(model, guide, x, y, data_size=N)``: exactly ``Trace_ELBO``'s, cheaper for mean-field weights.
+
+    The rule: a guide with an ``AutoNormal`` part over exactly the model's weight sites
+    (:func:`vi_guide`'s default, ``weight_guide="diagonal"``;
+    :func:`~bayes_sws.local_reparam.mean_field_part`) takes the lean path below; any
+    other guide (``weight_guide="full"``, …) goes through
+    ``Trace_ELBO(vectorize_particles=True).differentiable_loss``.
+
+    The lean path, per step, with S particles drawn at once:
+
+    * each weight site w = m + s·ε, ε ~ N(0, I) drawn straight from the part's
+      locations and scales (same order and shapes as the part's own draws), and its
+      log q(w) = −Σ log s − ½ Σ ε² − (n/2) log 2π in closed form: the Normal's
+      log-density at its own reparameterised draw, in value and in gradient (its
+      derivative in m is zero, in s −1/s), without the per-site distribution
+      objects, traces and Delta sites of the guide;
+    * the other parts (the few mixture sites) traced as usual, their log q summed;
+    * the model's scaled log joint at that point summed as it runs
+      (:class:`_PointLogJoint`, as :func:`map_loss` does), λ on its prior factor only.
+
+    The loss is (Σ over particles of log q − log p(D, w, θ)) / S: the same draws as
+    ``Trace_ELBO`` from the same RNG state, hence the same value and gradients to float
+    round-off (``tests/test_vi.py``).
+
+    Parameters
+    ----------
+    num_particles : int
+        S ≥ 1, vectorised.
+    local_reparameterization : bool
+        Run the model under :func:`~bayes_sws.local_reparam.weight_posterior`, so its
+        likelihood term comes from sampled pre-activations; needs the mean-field part.
+    """
+
+    def __init__(self, *, num_particles: int = 1, local_reparameterization: bool = False) -> None:
+        if num_particles < 1:
+            raise ValueError(f"num_particles must be at least 1, got {num_particles}")
+        self.num_particles = num_particles
+        self.local_reparameterization = local_reparameterization
+        self.trace_elbo = Trace_ELBO(num_particles=num_particles, vectorize_particles=True,
+                                     max_plate_nesting=_MAX_PLATE_NESTING)
+
+    def __call__(self, model: SoftWeightSharingModel, guide: AutoGuide, *args, **kwargs) -> torch.Tensor:
+        if guide.prototype_trace is None:
+            guide(*args, **kwargs)  # creates the guide's parameters
+        weights = mean_field_part(guide, model.prior_sites)
+        if weights is None:
+            if self.local_reparameterization:
+                raise ValueError("local reparameterisation needs the weights under a mean-field AutoNormal guide")
+            return self.trace_elbo.differentiable_loss(model, guide, *args, **kwargs)
+        return self._lean_loss(model, guide, weights, *args, **kwargs)
+
+    def _particles(self) -> contextlib.AbstractContextManager:
+        if self.num_particles == 1:
+            return contextlib.nullcontext()
+        return pyro.plate(_PARTICLE_PLATE, self.num_particles, dim=-_MAX_PLATE_NESTING - 1)
+
+    def _lean_loss(self, model: SoftWeightSharingModel, guide: AutoGuide, weights: AutoNormal,
+                   *args, **kwargs) -> torch.Tensor:
+        particles = self.num_particles
+        lead = (particles, 1) if particles > 1 else ()
+        point: dict[str, torch.Tensor] = {}
+        posterior: WeightPosterior = {}
+        log_q: torch.Tensor | float = 0.0
+        for part in guide if isinstance(guide, AutoGuideList) else [guide]:
+            if part is weights:
+                # read as the part's own forward reads them (Pyro's param store outside library_scope)
+                with part._pyro_context:
+                    posterior = {name: part._get_loc_and_scale(name) for name in part._event_dims}
+                noise_squares, count = 0.0, 0
+                for name, (loc, scale) in posterior.items():
+                    noise = torch.empty(lead + loc.shape, dtype=loc.dtype, device=loc.device).normal_()
+                    point[name], log_scale_sum = _MeanFieldDraw.apply(loc, scale, noise)
+                    log_q = log_q - particles * log_scale_sum
+                    flat = noise.reshape(-1)
+                    noise_squares = noise_squares + flat.dot(flat)
+                    count += flat.numel()
+                log_q = log_q - 0.5 * noise_squares - count * _HALF_LOG_2PI
+            else:
+                with self._particles():
+                    trace = poutine.trace(part).get_trace(*args, **kwargs)
+                log_q = log_q + trace.log_prob_sum()
+                point.update((name, site["value"]) for name, site in trace.iter_stochastic_nodes())
+        joint = _PointLogJoint(point)
+        local = weight_posterior(posterior) if self.local_reparameterization else contextlib.nullcontext()
+        with local, self._particles(), joint:
+            model(*args, **kwargs)
+        return (log_q - joint.total) / particles
+
+
+class _MeanFieldDraw(torch.autograd.Function):
+    """w = m + s·ε (ε ``(*particles, *shape)``, m and s ``shape``) and Σ log s, with their exact gradients.
+
+    Two passes over the weights forward and two backward, where autograd's graph of
+    ``loc + noise * scale`` and ``scale.log().sum()`` takes three and three.
+    """
+
+    @staticmethod
+    def forward(loc: torch.Tensor, scale: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.addcmul(loc, noise, scale), scale.log().sum()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        _, scale, noise = inputs
+        ctx.save_for_backward(scale, noise)
+
+    @staticmethod
+    def backward(ctx, grad_draw: torch.Tensor, grad_log_scale_sum: torch.Tensor):
+        scale, noise = ctx.saved_tensors
+        particles = tuple(range(noise.dim() - scale.dim()))
+        grad_loc = grad_draw.sum(particles) if particles else grad_draw
+        grad_scale = grad_draw * noise
+        if particles:
+            grad_scale = grad_scale.sum(particles)
+        return grad_loc, grad_scale.addcdiv_(grad_log_scale_sum.expand_as(scale), scale), None
 
 
 def fit_vi(

@@ -7,7 +7,8 @@ conv(x, m) + b and variance conv(x², s²) (+ s_b²). Sampling ``a`` directly, w
 independent noise per example, gives the likelihood term a lower-variance estimate
 (Kingma, Salimans & Welling 2015).
 
-What is sampled where, in :class:`LocalReparameterizationELBO`:
+What is sampled where, in the ELBO of :func:`~bayes_sws.inference.vi_loss` with
+``local_reparameterization=True`` (:class:`~bayes_sws.inference.NegativeELBO`):
 
 * the **prior and entropy terms** (λ·log p(w | π, μ, σ), log p(π, μ, σ), −log q) use
   weights w drawn from the guide, exactly as ``Trace_ELBO`` does: the mixture prior
@@ -35,17 +36,16 @@ from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
-from pyro.infer import Trace_ELBO
 from pyro.infer.autoguide import AutoGuideList, AutoNormal
+from torch.distributions import constraints
 from torch import nn
 
 __all__ = [
-    "LocalReparameterizationELBO",
     "WeightPosterior",
     "active_weight_posterior",
     "check_local_layers",
-    "guide_weight_posterior",
     "local_outputs",
+    "mean_field_part",
     "weight_posterior",
 ]
 
@@ -156,36 +156,22 @@ def local_outputs(network: nn.Module, posterior: WeightPosterior, x: torch.Tenso
     return outputs.reshape(*particles, batch, *outputs.shape[1:])
 
 
-def guide_weight_posterior(guide: AutoGuideList | AutoNormal, sites: list[str]) -> WeightPosterior:
-    """The mean-field Normal posterior of ``sites`` from an ``AutoNormal`` guide, or the one inside a list."""
+def mean_field_part(guide: AutoGuideList | AutoNormal, sites: list[str]) -> AutoNormal | None:
+    """The ``AutoNormal`` (the guide itself, or a part of a guide list) over exactly ``sites``, all of real support.
+
+    Such a part draws each site as loc + scale·ε, ε ~ N(0, I): the weights' mean-field
+    Normal posterior, whose locations and scales the trick uses. ``None`` if there is none.
+    """
     parts = list(guide) if isinstance(guide, AutoGuideList) else [guide]
     for part in parts:
-        if isinstance(part, AutoNormal) and all(site in part._event_dims for site in sites):
-            return {site: (operator.attrgetter(site)(part.locs), operator.attrgetter(site)(part.scales))
-                    for site in sites}
-    raise ValueError("local reparameterisation needs the weights under a mean-field AutoNormal guide")
+        if isinstance(part, AutoNormal) and part.prototype_trace is not None and set(part._event_dims) == set(sites) \
+                and all(_is_real(site["fn"].support) and not site["cond_indep_stack"]
+                        for _, site in part.prototype_trace.iter_stochastic_nodes()):
+            return part
+    return None
 
 
-class LocalReparameterizationELBO:
-    """``Trace_ELBO``'s loss with the likelihood term from locally reparameterised pre-activations.
-
-    Called as ``loss(model, guide, x, y, data_size=N)``: the model's weight sites
-    take guide draws (prior and entropy terms), its network the pre-activation
-    draws of :func:`local_outputs` (likelihood term); see the module docstring for
-    exactly what is sampled. The guide must give the weights a mean-field
-    ``AutoNormal`` (as :func:`~bayes_sws.inference.vi_guide` does).
-
-    Parameters
-    ----------
-    num_particles : int
-        S, vectorised.
-    """
-
-    def __init__(self, *, num_particles: int = 1) -> None:
-        self.elbo = Trace_ELBO(num_particles=num_particles, vectorize_particles=True, max_plate_nesting=1)
-
-    def __call__(self, model, guide, *args, **kwargs) -> torch.Tensor:
-        if guide.prototype_trace is None:
-            guide(*args, **kwargs)
-        with weight_posterior(guide_weight_posterior(guide, model.prior_sites)):
-            return self.elbo.differentiable_loss(model, guide, *args, **kwargs)
+def _is_real(support: constraints.Constraint) -> bool:
+    while isinstance(support, constraints.independent):
+        support = support.base_constraint
+    return support is constraints.real

@@ -1,4 +1,4 @@
-"""Benchmark: one training epoch of LeNet-300-100 on Fashion-MNIST, plain, plain-torch SWS and the library's MAP fit.
+"""Benchmark: one training epoch of LeNet-300-100 on Fashion-MNIST, plain, plain-torch SWS, the library's MAP and VI fits.
 
   (a) plain  a plain torch loop: fused Adam on the summed cross-entropy, no prior
   (b) sws    the MAP objective E·N/B + λΩ − log p(π, μ, 1/σ²) written as a plain torch
@@ -8,23 +8,33 @@
              No Pyro: a lower bound for (c)
   (c) map    ``bayes_sws.fit_map`` itself, one epoch: the library's own fit loop with
              AutoDelta and map_loss
+  (d) vi     ``bayes_sws.fit_vi`` itself, one epoch from the network's initial weights,
+             with the specification's ``[inference.vi]`` settings (S particles, guide,
+             initial scale, learning rates): the fit loop with vi_guide and vi_loss
+
+``--methods`` picks which run (plain always: it is the baseline); by default a, b and c.
 
 The model, its prior (17 components, π0 = 0.999 fixed, Gamma hyperpriors), λ and the
 learning rates are those of ``models/fashion-lenet-300-100.toml`` (``--spec``); all three
 take the same shuffled minibatches of ``--batch-size`` over the 60,000 training images,
 float32, ``--threads`` torch threads. (c) is timed by the fit's own clock
-(``FitState.seconds``), which a 512-image test split keeps free of evaluation time;
-with ``--clock cpu`` (one thread) every trainer is timed by this thread's CPU time, for
-(c) around ``fit`` (its end-of-epoch evaluation on the 512 images included), which other
+(``FitState.seconds``), which a 512-image test split keeps free of evaluation time, and
+so is (d); with ``--clock cpu`` (one thread) every trainer is timed by this thread's CPU
+time, for (c) around ``fit`` and for (d) around ``fit_vi`` (their end-of-epoch evaluation
+on the 512 images included, and for (d) the guide's set-up), which other
 processes on a shared machine move far less than the wall clock. The
-machine's speed drifts, so the three take turns for ``--rounds`` rounds; the ratios b/a
-and c/a are formed within each round and their medians and ranges are printed. Before
-timing, the library's loss and (b)'s on one batch are checked against the objective in
-float64. After the rounds, ``--breakdown-steps`` steps of (c) are taken apart: each piece
-of the library's step timed alone (median per step), the rest by difference.
+machine's speed drifts, so the trainers take turns for ``--rounds`` rounds; the ratios
+b/a, c/a and d/a are formed within each round and their medians and ranges are printed.
+Before timing, the library's MAP loss and (b)'s on one batch are checked against the
+objective in float64, and with (d) the library's VI loss against
+``Trace_ELBO(vectorize_particles=True).differentiable_loss`` on the same draws. After the
+rounds, ``--breakdown-steps`` steps of (c) are taken apart: each piece of the library's
+step timed alone (median per step), the rest by difference.
 
 Run:  PYTHONPATH=. .venv/bin/python benchmarks/bench_epoch.py --rounds 3 --batch-size 128 256
       (on a loaded machine: --threads 1 --clock cpu)
+      PYTHONPATH=. .venv/bin/python benchmarks/bench_epoch.py --methods plain map vi --batch-size 256 \
+          --breakdown-steps 0 --threads 1 --clock cpu
 """
 
 from __future__ import annotations
@@ -39,6 +49,7 @@ from pathlib import Path
 
 import pyro
 import torch
+from pyro.infer import Trace_ELBO
 from torch import nn
 from torch.distributions import constraints, transform_to
 
@@ -134,6 +145,34 @@ def map_epoch(spec: sws.Spec, data: sws.Dataset, batch_size: int, seed: int, clo
     return state.seconds if clock is time.perf_counter else clock() - started
 
 
+def vi_epoch(spec: sws.Spec, data: sws.Dataset, batch_size: int, seed: int, clock: Callable[[], float]) -> float:
+    """One epoch of ``fit_vi`` from the network's initial weights: the fit's own clock, or the CPU clock around the call."""
+    model = spec_model(spec, seed)
+    vi = spec.inference.vi
+    started = clock()
+    state = sws.fit_vi(model, data, epochs=1, batch_size=batch_size, learning_rates=vi.learning_rates,
+                       num_particles=vi.num_particles, init_scale=vi.init_scale, mixture_guide=vi.mixture_guide,
+                       local_reparameterization=vi.local_reparameterization, seed=seed, progress=False)
+    return state.seconds if clock is time.perf_counter else clock() - started
+
+
+def check_vi_loss(spec: sws.Spec, data: sws.Dataset, batch_size: int) -> float:
+    """Relative difference of the library's VI loss from ``Trace_ELBO``'s on one batch, the same draws."""
+    model = spec_model(spec, 0)
+    vi = spec.inference.vi
+    x, y, n = data.train_x[:batch_size], data.train_y[:batch_size], data.train_x.shape[0]
+    elbo = Trace_ELBO(num_particles=vi.num_particles, vectorize_particles=True, max_plate_nesting=1)
+    with torch.no_grad(), fitting.library_scope():
+        guide = sws.vi_guide(model, init_scale=vi.init_scale, mixture_guide=vi.mixture_guide)
+        guide(x, y, data_size=n)
+        losses = []
+        for loss in (sws.vi_loss(num_particles=vi.num_particles), elbo.differentiable_loss):
+            with torch.random.fork_rng():
+                torch.manual_seed(0)
+                losses.append(float(loss(model, guide, x, y, data_size=n)))
+    return abs(losses[0] - losses[1]) / abs(losses[1])
+
+
 def check_objective(spec: sws.Spec, data: sws.Dataset, batch_size: int) -> dict[str, float]:
     """Relative differences of the library's loss and (b)'s from the objective in float64, on one batch."""
     model = spec_model(spec, 0)
@@ -219,40 +258,51 @@ def step_breakdown(spec: sws.Spec, data: sws.Dataset, batch_size: int, steps: in
     return ms
 
 
+TRAINERS = {"plain": ("a", plain_epoch), "sws": ("b", sws_epoch), "map": ("c", map_epoch), "vi": ("d", vi_epoch)}
+
+
 def run_batch_size(spec: sws.Spec, data: sws.Dataset, batch_size: int, args: argparse.Namespace) -> dict:
     differences = check_objective(spec, data, batch_size)
     print(f"batch {batch_size}: loss vs the float64 objective on one batch, relative difference: "
           f"(c) map {differences['map']:.1e}, (b) sws {differences['sws']:.1e}")
+    if "vi" in args.methods:
+        differences["vi"] = check_vi_loss(spec, data, batch_size)
+        print(f"  (d) vi loss vs Trace_ELBO's on the same draws, relative difference: {differences['vi']:.1e}")
     if max(differences.values()) > 1e-5:
         raise SystemExit("error: a timed loop does not compute the objective")
     clock = CLOCKS[args.clock]
-    map_epoch(spec, data, batch_size, seed=99, clock=clock)  # warm-up: builds the kernel, first-touch allocations
-    trainers = {"plain": plain_epoch, "sws": sws_epoch, "map": map_epoch}
+    trainers = {name: TRAINERS[name] for name in TRAINERS if name in args.methods}
+    warm_up = next(TRAINERS[name][1] for name in ("map", "vi", "sws", "plain") if name in trainers)
+    warm_up(spec, data, batch_size, seed=99, clock=clock)  # builds the kernel, first-touch allocations
+    ratios = [f"{letter}/a" for name, (letter, _) in trainers.items() if name != "plain"]
     records = []
     for round_ in range(1, args.rounds + 1):
         record = {"round": round_, "load_average": loadavg()}
-        for name, epoch in trainers.items():
+        for name, (_, epoch) in trainers.items():
             wait_until_idle(args.wait_idle)
             with ForeignLoad() as load:
                 record[name] = epoch(spec, data, batch_size, seed=round_, clock=clock)
             record["foreign_cpu_load"] = max(record.get("foreign_cpu_load", 0.0), load.fraction)
-        record["b/a"], record["c/a"] = record["sws"] / record["plain"], record["map"] / record["plain"]
+        for name, (letter, _) in trainers.items():
+            if name != "plain":
+                record[f"{letter}/a"] = record[name] / record["plain"]
         records.append(record)
         busy = record["foreign_cpu_load"]
-        print(f"  round {round_}: (a) plain {record['plain']:.2f} s, (b) sws {record['sws']:.2f} s, "
-              f"(c) map {record['map']:.2f} s; b/a {record['b/a']:.2f}, c/a {record['c/a']:.2f}; "
-              f"load average {record['load_average']}{'  * busy %.0f%%' % (100 * busy) if busy > 0.1 else ''}",
+        print(f"  round {round_}: " + ", ".join(f"({letter}) {name} {record[name]:.2f} s"
+                                               for name, (letter, _) in trainers.items())
+              + "; " + ", ".join(f"{ratio} {record[ratio]:.2f}" for ratio in ratios)
+              + f"; load average {record['load_average']}{'  * busy %.0f%%' % (100 * busy) if busy > 0.1 else ''}",
               flush=True)
-    median = {k: statistics.median(r[k] for r in records) for k in ("plain", "sws", "map", "b/a", "c/a")}
-    spread = {k: (min(r[k] for r in records), max(r[k] for r in records)) for k in median}
-    print(f"  median s/epoch: (a) {median['plain']:.2f} ({spread['plain'][0]:.2f}-{spread['plain'][1]:.2f}), "
-          f"(b) {median['sws']:.2f} ({spread['sws'][0]:.2f}-{spread['sws'][1]:.2f}), "
-          f"(c) {median['map']:.2f} ({spread['map'][0]:.2f}-{spread['map'][1]:.2f})")
-    print(f"  b/a median {median['b/a']:.2f} (range {spread['b/a'][0]:.2f}-{spread['b/a'][1]:.2f}); "
-          f"c/a median {median['c/a']:.2f} (range {spread['c/a'][0]:.2f}-{spread['c/a'][1]:.2f})")
+    keys = [*trainers, *ratios]
+    median = {k: statistics.median(r[k] for r in records) for k in keys}
+    spread = {k: (min(r[k] for r in records), max(r[k] for r in records)) for k in keys}
+    print("  median s/epoch: " + ", ".join(f"({letter}) {median[name]:.2f} ({spread[name][0]:.2f}-{spread[name][1]:.2f})"
+                                           for name, (letter, _) in trainers.items()))
+    print("  " + "; ".join(f"{ratio} median {median[ratio]:.2f} (range {spread[ratio][0]:.2f}-{spread[ratio][1]:.2f})"
+                           for ratio in ratios))
     warn_if_loaded(records, "rounds")
     result = {"objective_difference": differences, "rounds": records, "median": median, "spread": spread}
-    if args.breakdown_steps:
+    if args.breakdown_steps and "map" in trainers:
         breakdown = step_breakdown(spec, data, batch_size, args.breakdown_steps, clock)
         steps = -(-data.train_x.shape[0] // batch_size)
         print(f"  (c) per step, {args.breakdown_steps} steps, load average {loadavg()} "
@@ -267,6 +317,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--spec", default=str(SPEC))
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--methods", nargs="+", choices=tuple(TRAINERS), default=["plain", "sws", "map"],
+                        help="trainers to time (plain is always timed: the ratios' baseline)")
     parser.add_argument("--batch-size", type=int, nargs="+", default=[128])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--kernels", default="auto", choices=("auto", "torch", "compile", "native"))
@@ -277,6 +329,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="before each measurement wait up to this long for idle CPUs")
     parser.add_argument("--json", metavar="PATH")
     args = parser.parse_args(argv)
+    args.methods = ["plain", *(m for m in args.methods if m != "plain")]
     if args.clock == "cpu" and args.threads != 1:
         parser.error("--clock cpu measures one thread: pass --threads 1")
     torch.set_num_threads(args.threads)

@@ -1,20 +1,24 @@
 """Tests of the variational half: guide draws, VI fits against analytic posteriors, local
 reparameterisation, what λ means, resume, and a VI run end to end."""
 
+import contextlib
 import math
 from pathlib import Path
 
 import pyro
 import pytest
 import torch
+from pyro.infer import Trace_ELBO
+from torch import nn
 
 import bayes_linear as linear
 from bayes_sws.experiment import load_checkpoint, run
 from bayes_sws.fitting import Callback, library_scope
 from bayes_sws.inference import fit_map, fit_vi, sample_guide, vi_guide, vi_loss
-from bayes_sws.model import SoftWeightSharingModel
+from bayes_sws.local_reparam import mean_field_part, weight_posterior
+from bayes_sws.model import Categorical, SoftWeightSharingModel
 from bayes_sws.optim import LearningRates
-from bayes_sws.prior import MixturePrior
+from bayes_sws.prior import MixturePrior, SoftWeightSharingPrior
 from bayes_sws.spec import load_spec
 from test_inference import toy_dataset, toy_model
 
@@ -211,8 +215,6 @@ def test_in_the_elbo_lambda_scales_the_models_weight_log_density_and_not_the_gui
 
 @pytest.mark.parametrize("layer", ["linear", "conv2d"])
 def test_local_pre_activations_have_the_weight_sampling_mean_and_variance(layer):
-    from torch import nn
-
     from bayes_sws.local_reparam import local_outputs
 
     torch.manual_seed(0)
@@ -244,3 +246,86 @@ def test_a_joint_mixture_guide_trains_at_the_slowest_mixture_rate_not_the_weight
     weights_part, mixture_part = guide[0], guide[1]
     assert {rate_of[id(p)] for p in weights_part.parameters()} == {0.5}
     assert {rate_of[id(p)] for p in mixture_part.parameters()} == {0.02}
+
+
+def _digits_sized_model():
+    """A 64-16-10 network (digits' input and classes), λ = 0.25, in float64: round-off far below the tolerances."""
+    torch.manual_seed(0)
+    network = nn.Sequential(nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10)).double()
+    model = SoftWeightSharingModel(network, prior=SoftWeightSharingPrior(n_components=4, init_means=(-0.5, 0.5)),
+                                   likelihood=Categorical(), prior_weight=0.25)
+    x = torch.randn(32, 64, dtype=torch.float64)
+    return model, x, torch.randint(0, 10, (32,)), 500
+
+
+def _loss_and_gradients(loss, model, guide, x, y, n, *, seed: int, local_posterior=None):
+    parameters = [*guide.parameters(), *model.network.parameters()]
+    for parameter in parameters:
+        parameter.grad = None
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        with weight_posterior(local_posterior) if local_posterior else contextlib.nullcontext():
+            value = loss(model, guide, x, y, data_size=n)
+    value.backward()
+    return value.detach(), [parameter.grad for parameter in parameters]
+
+
+@pytest.mark.parametrize("mixture_guide", ["full", "diagonal"])
+@pytest.mark.parametrize("local", [False, True], ids=["weights", "local"])
+@pytest.mark.parametrize("particles", [1, 3])
+def test_the_lean_elbo_equals_trace_elbos_in_value_and_every_gradient(particles, local, mixture_guide):
+    # Same seed, same draws in the same order: the closed-form log q of the weights and the
+    # untraced model run give Trace_ELBO's value and gradients, λ scaling the prior factor only.
+    model, x, y, n = _digits_sized_model()
+    with library_scope():
+        guide = vi_guide(model, init_scale=0.1, mixture_guide=mixture_guide)
+        guide(x, y, data_size=n)
+        assert mean_field_part(guide, model.prior_sites) is guide[0]
+        lean = _loss_and_gradients(vi_loss(num_particles=particles, local_reparameterization=local),
+                                   model, guide, x, y, n, seed=5)
+        part = guide[0]
+        posterior = {name: part._get_loc_and_scale(name) for name in model.prior_sites} if local else None
+        elbo = Trace_ELBO(num_particles=particles, vectorize_particles=True, max_plate_nesting=1)
+        reference = _loss_and_gradients(elbo.differentiable_loss, model, guide, x, y, n, seed=5,
+                                        local_posterior=posterior)
+        other_draws = _loss_and_gradients(vi_loss(num_particles=particles, local_reparameterization=local),
+                                          model, guide, x, y, n, seed=6)
+    torch.testing.assert_close(lean[0], reference[0], rtol=1e-12, atol=0)
+    assert abs(float(other_draws[0] - reference[0])) > 1e-3 * abs(float(reference[0]))  # the draws matter
+    compared = 0
+    for mine, theirs in zip(lean[1], reference[1]):
+        assert (mine is None) == (theirs is None)
+        if theirs is not None:  # the prior sites' network tensors are replaced by draws: no gradient
+            torch.testing.assert_close(mine, theirs, rtol=1e-10, atol=1e-12 * float(theirs.abs().max()))
+            compared += 1
+    assert compared == len(list(guide.parameters())) + len(model.passthrough)
+
+
+def test_a_guide_without_mean_field_weights_takes_trace_elbos_path():
+    model, x, y, n = _digits_sized_model()
+    with library_scope():
+        guide = vi_guide(model, init_scale=0.1, weight_guide="full")
+        guide(x, y, data_size=n)
+        assert mean_field_part(guide, model.prior_sites) is None
+        lean = _loss_and_gradients(vi_loss(num_particles=2), model, guide, x, y, n, seed=5)
+        elbo = Trace_ELBO(num_particles=2, vectorize_particles=True, max_plate_nesting=1)
+        reference = _loss_and_gradients(elbo.differentiable_loss, model, guide, x, y, n, seed=5)
+        with pytest.raises(ValueError, match="mean-field"):
+            vi_loss(local_reparameterization=True)(model, guide, x, y, data_size=n)
+    assert torch.equal(lean[0], reference[0])
+    assert all(torch.equal(a, b) for a, b in zip(lean[1], reference[1]) if b is not None)
+
+
+def test_pyros_own_svi_trains_every_guide_parameter_through_the_lean_elbo():
+    # Outside library_scope the guide's parameters live in Pyro's global param store: SVI
+    # finds them through the loss's parameter reads, the weights' locations and scales included.
+    model, x, y, n = _digits_sized_model()
+    guide = vi_guide(model, init_scale=0.1)
+    svi = pyro.infer.SVI(model, guide, pyro.optim.Adam({"lr": 0.01}), loss=vi_loss(num_particles=2))
+    svi.step(x, y, data_size=n)
+    before = {name: value.detach().clone() for name, value in pyro.get_param_store().items()}
+    assert any(name.endswith("locs.0.weight") for name in before) and any(name.endswith("scales.2.weight")
+                                                                         for name in before)
+    svi.step(x, y, data_size=n)
+    after = pyro.get_param_store()
+    assert all(not torch.equal(after[name], value) for name, value in before.items())
