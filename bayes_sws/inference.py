@@ -31,6 +31,7 @@ from pyro.distributions.torch_distribution import MaskedDistribution
 from pyro.distributions.util import scale_and_mask
 from pyro.infer import MCMC, NUTS, Trace_ELBO
 from pyro.infer.autoguide import (
+    AutoContinuous,
     AutoDelta,
     AutoGuide,
     AutoGuideList,
@@ -41,7 +42,7 @@ from pyro.infer.autoguide import (
 )
 from pyro.infer.autoguide.initialization import InitMessenger
 from pyro.poutine.messenger import Messenger
-from torch.distributions import transform_to
+from torch.distributions import biject_to, transform_to
 
 from .data import Dataset
 from .fitting import Callback, Evaluate, FitState, fit, library_scope, start_fit
@@ -449,7 +450,9 @@ class NegativeELBO:
       log-density at its own reparameterised draw, in value and in gradient (its
       derivative in m is zero, in s −1/s), without the per-site distribution
       objects, traces and Delta sites of the guide;
-    * the other parts (the few mixture sites) traced as usual, their log q summed;
+    * a multivariate normal part over the mixture sites (``AutoContinuous``: ``"full"``,
+      ``"lowrank"``) drawn from its posterior and unpacked as its forward does, log q
+      its log-density plus the transforms' log |Jacobian|; any other part traced;
     * the model's scaled log joint at that point summed as it runs
       (:class:`_PointLogJoint`, as :func:`map_loss` does), λ on its prior factor only.
 
@@ -492,34 +495,72 @@ class NegativeELBO:
     def _lean_loss(self, model: SoftWeightSharingModel, guide: AutoGuide, weights: AutoNormal,
                    *args, **kwargs) -> torch.Tensor:
         particles = self.num_particles
-        lead = (particles, 1) if particles > 1 else ()
+        lead = torch.Size((particles, 1) if particles > 1 else ())
         point: dict[str, torch.Tensor] = {}
         posterior: WeightPosterior = {}
         log_q: torch.Tensor | float = 0.0
         for part in guide if isinstance(guide, AutoGuideList) else [guide]:
             if part is weights:
-                # read as the part's own forward reads them (Pyro's param store outside library_scope)
-                with part._pyro_context:
-                    posterior = {name: part._get_loc_and_scale(name) for name in part._event_dims}
-                noise_squares, count = 0.0, 0
-                for name, (loc, scale) in posterior.items():
-                    noise = torch.empty(lead + loc.shape, dtype=loc.dtype, device=loc.device).normal_()
-                    point[name], log_scale_sum = _MeanFieldDraw.apply(loc, scale, noise)
-                    log_q = log_q - particles * log_scale_sum
-                    flat = noise.reshape(-1)
-                    noise_squares = noise_squares + flat.dot(flat)
-                    count += flat.numel()
-                log_q = log_q - 0.5 * noise_squares - count * _HALF_LOG_2PI
+                posterior, values, part_log_q = _mean_field_draw(part, lead)
+            elif isinstance(part, AutoContinuous) and not any(part._cond_indep_stacks.values()):
+                values, part_log_q = _continuous_draw(part, lead, *args, **kwargs)
             else:
                 with self._particles():
                     trace = poutine.trace(part).get_trace(*args, **kwargs)
-                log_q = log_q + trace.log_prob_sum()
-                point.update((name, site["value"]) for name, site in trace.iter_stochastic_nodes())
+                values = {name: site["value"] for name, site in trace.iter_stochastic_nodes()}
+                part_log_q = trace.log_prob_sum()
+            point.update(values)
+            log_q = log_q + part_log_q
         joint = _PointLogJoint(point)
         local = weight_posterior(posterior) if self.local_reparameterization else contextlib.nullcontext()
         with local, self._particles(), joint:
             model(*args, **kwargs)
         return (log_q - joint.total) / particles
+
+
+def _mean_field_draw(part: AutoNormal, lead: torch.Size) -> tuple[WeightPosterior, dict[str, torch.Tensor],
+                                                                   torch.Tensor]:
+    """An ``AutoNormal`` part's draw of its real-valued sites, ``(*lead, *site_shape)``, and its log q, in closed form.
+
+    Returns
+    -------
+    The sites' (location, scale), the draws, and log q summed over every site and draw.
+    """
+    with part._pyro_context:  # read as the part's forward reads them (Pyro's param store outside library_scope)
+        posterior = {name: part._get_loc_and_scale(name) for name in part._event_dims}
+    values: dict[str, torch.Tensor] = {}
+    log_q: torch.Tensor | float = 0.0
+    noise_squares: torch.Tensor | float = 0.0
+    count = 0
+    for name, (loc, scale) in posterior.items():
+        noise = torch.empty(lead + loc.shape, dtype=loc.dtype, device=loc.device).normal_()
+        values[name], log_scale_sum = _MeanFieldDraw.apply(loc, scale, noise)
+        log_q = log_q - lead.numel() * log_scale_sum
+        flat = noise.reshape(-1)
+        noise_squares = noise_squares + flat.dot(flat)
+        count += flat.numel()
+    return posterior, values, log_q - 0.5 * noise_squares - count * _HALF_LOG_2PI
+
+
+def _continuous_draw(part: AutoContinuous, lead: torch.Size, *args, **kwargs) -> tuple[dict[str, torch.Tensor],
+                                                                                        torch.Tensor]:
+    """An ``AutoContinuous`` part's draw of its sites and its log q, as its forward and a trace's log-density give them.
+
+    One draw of the joint latent from the part's posterior (``(*lead, D)``, its own
+    shapes under the particle plate), unpacked and transformed site by site; log q is
+    the latent's log-density plus each transform's log |Jacobian| (the part's Delta
+    sites), without recording a trace.
+    """
+    with part._pyro_context:
+        posterior = part.get_posterior(*args, **kwargs)
+    latent = posterior.rsample(lead)
+    log_q = posterior.log_prob(latent).sum()
+    values = {}
+    for site, unconstrained in part._unpack_latent(latent):
+        transform = biject_to(site["fn"].support)
+        values[site["name"]] = value = transform(unconstrained)
+        log_q = log_q + transform.inv.log_abs_det_jacobian(value, unconstrained).sum()
+    return values, log_q
 
 
 class _MeanFieldDraw(torch.autograd.Function):

@@ -270,7 +270,7 @@ def _loss_and_gradients(loss, model, guide, x, y, n, *, seed: int, local_posteri
     return value.detach(), [parameter.grad for parameter in parameters]
 
 
-@pytest.mark.parametrize("mixture_guide", ["full", "diagonal"])
+@pytest.mark.parametrize("mixture_guide", ["full", "lowrank", "diagonal"])
 @pytest.mark.parametrize("local", [False, True], ids=["weights", "local"])
 @pytest.mark.parametrize("particles", [1, 3])
 def test_the_lean_elbo_equals_trace_elbos_in_value_and_every_gradient(particles, local, mixture_guide):
