@@ -31,14 +31,13 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import operator
 from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 from pyro.infer.autoguide import AutoGuideList, AutoNormal
-from torch.distributions import constraints
 from torch import nn
+from torch.distributions import constraints
 
 __all__ = [
     "WeightPosterior",
