@@ -1,7 +1,7 @@
 """Benchmark: MAP vs VI predictive uncertainty on Fashion-MNIST; VI vs NUTS on the sunspots net.
 
 Fashion-MNIST (issue 8's table), for each of ``--models`` (LeNet-300-100, LeNet-5-Caffe,
-their specifications in ``models/``), one run each with ``--seed``:
+their specifications ``models/fashion-<model>-vi.toml``, or ``--spec``), one run each with ``--seed``:
 
   plain  a plain torch epoch (Adam on the summed cross-entropy, no prior), for the time ratio
   map    the specification's MAP fit (pretraining, then the mixture prior), ``fit_map``
@@ -54,8 +54,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import write_json  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-SPECS = {"lenet-300-100": ROOT / "models" / "fashion-lenet-300-100.toml",
-         "lenet5": ROOT / "models" / "fashion-lenet5.toml"}
+SPECS = {"lenet-300-100": ROOT / "models" / "fashion-lenet-300-100-vi.toml",
+         "lenet5": ROOT / "models" / "fashion-lenet5-vi.toml"}
 SUNSPOTS = ROOT / "models" / "sunspots.toml"
 PROPER_HYPERPRIORS = ["prior.hyperpriors.dirichlet=1.0", "prior.hyperpriors.means_scale=1.0",
                       "prior.hyperpriors.zero_proportion_beta=[1.0, 1.0]"]
