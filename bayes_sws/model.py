@@ -160,14 +160,11 @@ def group_log_prob(
 
     Returns
     -------
-    Tensor of shape ``broadcast(batch, batch_m)``: the sum over every weight of every tensor.
-    Tensors of different ``batch`` (one site conditioned on several draws, the others
-    single values) are summed one by one, their batches broadcast.
+    Tensor of shape ``broadcast(batch, batch_m)``: the sum over every weight of every tensor
+    (tensors of different ``batch``, one site conditioned on several draws beside single
+    values, broadcast: :func:`~bayes_sws.prior.mixture_log_prob_sum`).
     """
-    event_dims = [len(shape) for shape in event_shapes]
-    if len({w.shape[: w.dim() - k] for w, k in zip(weights, event_dims)}) > 1:
-        return sum(mixture_log_prob_sum(w, mixture, event_dim=k) for w, k in zip(weights, event_dims))
-    return mixture_log_prob_sum(list(weights), mixture, event_dim=event_dims)
+    return mixture_log_prob_sum(list(weights), mixture, event_dim=[len(shape) for shape in event_shapes])
 
 
 class _GroupPriorFactor(dist.Unit):

@@ -289,8 +289,11 @@ def _checked_group(weights: torch.Tensor | Sequence[torch.Tensor],
         if not 0 <= k <= t.dim():
             raise ValueError(f"event_dim must lie in [0, {t.dim()}] for weights of shape {tuple(t.shape)}, got {k}")
     batches = {tuple(t.shape[: t.dim() - k]) for t, k in zip(tensors, event_dims)}
-    if len(batches) > 1:
-        raise ValueError(f"the weight tensors must share one batch shape, got {', '.join(map(str, sorted(batches)))}")
+    try:
+        torch.broadcast_shapes(*batches)
+    except RuntimeError:
+        raise ValueError(f"the weight tensors' batch shapes do not broadcast: "
+                         f"{', '.join(map(str, sorted(batches)))}") from None
     devices = {str(t.device) for t in tensors}
     if len(devices) > 1:  # (moving one would copy it on every call)
         raise ValueError(f"the weight tensors must be on one device, got {', '.join(sorted(devices))}")
@@ -314,14 +317,17 @@ def mixture_log_prob_sum(
     A sequence of tensors (e.g. the layers of one mixture group) gives one sum over
     all of them: the kernel reads them in one pass, in place (no concatenation), and
     accumulates the mixture's gradients once; each tensor's gradient comes back in
-    its own shape. It equals the sum of the single-tensor calls.
+    its own shape. It equals the sum of the single-tensor calls, which is what tensors
+    of different (broadcastable) batch shapes get: e.g. one site conditioned on S draws,
+    ``(S, 1, 300)``, beside single values ``(300,)``.
 
     Parameters
     ----------
     weights : Tensor of shape ``(*batch_w, *event)``, or a sequence of them
         Independent weight tensors of ``event_dim`` dimensions, e.g. ``(B, N)``; in a
-        sequence, tensors ``(*batch_w, *event_k)`` sharing one ``batch_w`` and device, e.g.
-        ``[(S, 1, 300, 784), (S, 1, 300)]`` with ``event_dim=(2, 1)``.
+        sequence, tensors ``(*batch_k, *event_k)`` on one device, e.g.
+        ``[(S, 1, 300, 784), (S, 1, 300)]`` with ``event_dim=(2, 1)``; ``batch_w`` is
+        their broadcast batch shape (one kernel pass when they all share it).
     mixture : GaussianMixture with fields of shape ``(*batch_m, J)``
         One mixture per batch element: ``batch_m`` broadcasts against ``batch_w``,
         e.g. ``(S, 1, J)`` against weights ``(S, 1, 300, 784)``.
@@ -348,6 +354,9 @@ def mixture_log_prob_sum(
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     tensors, event_dims = _checked_group(weights, event_dim)
     _check_mixture(mixture)
+    if len({t.shape[: t.dim() - k] for t, k in zip(tensors, event_dims)}) > 1:
+        return sum(mixture_log_prob_sum(t, mixture, event_dim=k, chunk_size=chunk_size)
+                   for t, k in zip(tensors, event_dims))
     # One dtype for weights and mixture (as torch's own promotion would give), so every
     # backend reads its inputs as the type they are and returns gradients of that type.
     dtype = tensors[0].dtype

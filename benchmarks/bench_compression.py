@@ -30,6 +30,7 @@ Cut version (one model, one seed, shorter schedules):
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -67,7 +68,9 @@ def _arguments() -> argparse.Namespace:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--progress", action="store_true")
-    parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--json", help="also write the results here (after every seed)")
+    parser.add_argument("--table-from", nargs="+", metavar="JSON",
+                        help="run nothing: print the table of these --json files (e.g. one per seed)")
     return parser.parse_args()
 
 
@@ -103,8 +106,56 @@ def _spread(values: list[float], scale: float = 1.0, digits: int = 1) -> str:
     return f"{mean:.{digits}f}±{statistics.stdev(values) * scale:.{digits}f}"
 
 
+def _print_table(results: dict[tuple[str, str], list[dict]], *, seeds: str, tolerance: float) -> None:
+    """The table: per model and method, the chosen setting's figures, mean ± sd over the seeds."""
+    header = (f"{'model':<14} {'method':<6} {'setting(s)':<22} {'fine-tune':>9} {'test err % before -> after':>27} "
+              f"{'non-zero %':>11} {'Han huffman':>12} {'Han fixed':>10} {'file':>9} {'|W|/nnz':>9} {'wall s':>9}")
+    print("\n" + header + "\n" + "-" * len(header))
+    for (name, method), outcomes in results.items():
+        chosen = [o["chosen"] for o in outcomes]
+        before = [1 - r["test_accuracy_before"] for r in chosen]
+        after = [1 - r["test_accuracy_after"] for r in chosen]
+        settings = ",".join(sorted({r["setting"] for r in chosen}))
+        finetune = f"{chosen[0]['finetune_epochs']} ep" if chosen[0]["finetune_epochs"] else "no"
+        print(f"{name:<14} {method:<6} {settings:<22} {finetune:>9} "
+              f"{_spread(before, 100, 2) + ' -> ' + _spread(after, 100, 2):>27} "
+              f"{_spread([r['nonzero_fraction'] for r in chosen], 100, 2):>11} "
+              f"{_spread([r['han_huffman_rate'] for r in chosen]) + 'x':>12} "
+              f"{_spread([r['han_fixed_rate'] for r in chosen]) + 'x':>10} "
+              f"{_spread([r['file_rate'] for r in chosen]) + 'x':>9} "
+              f"{_spread([r['parameter_rate'] for r in chosen]) + 'x':>9} "
+              f"{_spread([r['wall_seconds'] for r in chosen], digits=0):>9}")
+    print(f"\nseeds {seeds}; pretraining not in wall s; settings chosen on validation (tolerance {tolerance})")
+
+
+def _tables_from(paths: list[str]) -> None:
+    """Print the table of one or more ``--json`` files (e.g. one per seed, run side by side)."""
+    results: dict[tuple[str, str], list[dict]] = {}
+    tolerances = set()
+    for path in paths:
+        payload = json.loads(Path(path).read_text())
+        tolerances.add(payload["config"]["tolerance"])
+        listed = [int(seed) for seed in payload["config"]["seeds"].split(",")]
+        for entry in payload["results"]:
+            # (files written before runs recorded their seed hold them in --seeds order)
+            runs = [{"seed": listed[i], **run} for i, run in enumerate(entry["runs"])]
+            results.setdefault((entry["model"], entry["method"]), []).extend(runs)
+    if len(tolerances) > 1:
+        raise SystemExit(f"the files chose their settings with different tolerances: {sorted(tolerances)}")
+    seeds = sorted({run["seed"] for runs in results.values() for run in runs})
+    _print_table(results, seeds=",".join(map(str, seeds)), tolerance=tolerances.pop())
+
+
+def _write(arguments: argparse.Namespace, results: dict[tuple[str, str], list[dict]]) -> None:
+    write_json(arguments.json, "compression", config=vars(arguments),
+               results=[{"model": n, "method": m, "runs": o} for (n, m), o in results.items()])
+
+
 def main() -> None:
     arguments = _arguments()
+    if arguments.table_from:
+        _tables_from(arguments.table_from)
+        return
     torch.set_num_threads(arguments.threads)
     base = []
     if arguments.pretrain_epochs is not None:
@@ -128,29 +179,12 @@ def main() -> None:
             for method in methods:
                 outcome = _run(spec_path, seed, method, arguments, base, data, state)
                 outcome["chosen"]["pretrain_seconds"] = pretrain_seconds
+                outcome["seed"] = seed
                 results.setdefault((name, method), []).append(outcome)
-    header = (f"{'model':<14} {'method':<6} {'setting(s)':<22} {'fine-tune':>9} {'test err % before -> after':>27} "
-              f"{'non-zero %':>11} {'Han huffman':>12} {'Han fixed':>10} {'file':>9} {'|W|/nnz':>9} {'wall s':>9}")
-    print("\n" + header + "\n" + "-" * len(header))
-    for (name, method), outcomes in results.items():
-        chosen = [o["chosen"] for o in outcomes]
-        before = [1 - r["test_accuracy_before"] for r in chosen]
-        after = [1 - r["test_accuracy_after"] for r in chosen]
-        settings = ",".join(sorted({r["setting"] for r in chosen}))
-        finetune = f"{chosen[0]['finetune_epochs']} ep" if chosen[0]["finetune_epochs"] else "no"
-        print(f"{name:<14} {method:<6} {settings:<22} {finetune:>9} "
-              f"{_spread(before, 100, 2) + ' -> ' + _spread(after, 100, 2):>27} "
-              f"{_spread([r['nonzero_fraction'] for r in chosen], 100, 2):>11} "
-              f"{_spread([r['han_huffman_rate'] for r in chosen]) + 'x':>12} "
-              f"{_spread([r['han_fixed_rate'] for r in chosen]) + 'x':>10} "
-              f"{_spread([r['file_rate'] for r in chosen]) + 'x':>9} "
-              f"{_spread([r['parameter_rate'] for r in chosen]) + 'x':>9} "
-              f"{_spread([r['wall_seconds'] for r in chosen], digits=0):>9}")
-    print(f"\nseeds {arguments.seeds}; pretraining not in wall s; settings chosen on validation "
-          f"(tolerance {arguments.tolerance}); load average at end: {loadavg()}")
-    if arguments.json:
-        write_json(arguments.json, "compression", config=vars(arguments),
-                   results=[{"model": n, "method": m, "runs": o} for (n, m), o in results.items()])
+            if arguments.json:  # after every seed, so that an interrupted run keeps what it finished
+                _write(arguments, results)
+    _print_table(results, seeds=arguments.seeds, tolerance=arguments.tolerance)
+    print(f"load average at end: {loadavg()}")
 
 
 if __name__ == "__main__":

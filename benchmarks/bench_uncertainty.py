@@ -1,7 +1,7 @@
 """Benchmark: MAP vs VI predictive uncertainty on Fashion-MNIST; VI vs NUTS on the sunspots net.
 
 Fashion-MNIST (issue 8's table), for each of ``--models`` (LeNet-300-100, LeNet-5-Caffe,
-their specifications in ``models/``), one run each with ``--seed``:
+their specifications ``models/fashion-<model>-vi.toml``, or ``--spec``), one run each with ``--seed``:
 
   plain  a plain torch epoch (Adam on the summed cross-entropy, no prior), for the time ratio
   map    the specification's MAP fit (pretraining, then the mixture prior), ``fit_map``
@@ -54,8 +54,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import write_json  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-SPECS = {"lenet-300-100": ROOT / "models" / "fashion-lenet-300-100.toml",
-         "lenet5": ROOT / "models" / "fashion-lenet5.toml"}
+SPECS = {"lenet-300-100": ROOT / "models" / "fashion-lenet-300-100-vi.toml",
+         "lenet5": ROOT / "models" / "fashion-lenet5-vi.toml"}
 SUNSPOTS = ROOT / "models" / "sunspots.toml"
 PROPER_HYPERPRIORS = ["prior.hyperpriors.dirichlet=1.0", "prior.hyperpriors.means_scale=1.0",
                       "prior.hyperpriors.zero_proportion_beta=[1.0, 1.0]"]
@@ -108,7 +108,7 @@ def fashion(name: str, arguments) -> dict:
         overrides.append(f"inference.epochs={arguments.epochs}")
     if arguments.pretrain_epochs is not None:
         overrides.append(f"inference.pretrain_epochs={arguments.pretrain_epochs}")
-    spec = sws.load_spec(SPECS[name], overrides=overrides)
+    spec = sws.load_spec(arguments.spec.get(name, SPECS[name]), overrides=overrides)
     data, _ = load_run_data(spec)
     view = _fit_view(data)
     settings = spec.inference
@@ -251,10 +251,22 @@ def _print_sunspots(result: dict) -> None:
         print(f"{method:10}" + "".join(f"{value:>14.4f}" for value in periods.values()))
 
 
+def _spec_paths(parser: argparse.ArgumentParser, pairs: list[str]) -> dict[str, Path]:
+    paths = {}
+    for pair in pairs:
+        name, separator, path = pair.partition("=")
+        if not separator or name not in SPECS:
+            parser.error(f"--spec {pair!r}: expected MODEL=PATH with MODEL one of {', '.join(SPECS)}")
+        paths[name] = Path(path)
+    return paths
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", nargs="*", default=list(SPECS), choices=list(SPECS))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--spec", action="append", default=[], metavar="MODEL=PATH",
+                        help="fit MODEL from this specification instead of models/'s (repeatable)")
     parser.add_argument("--epochs", type=int, help="MAP epochs with the prior (default: the specification's)")
     parser.add_argument("--pretrain-epochs", type=int, help="MAP epochs without it (default: the specification's)")
     parser.add_argument("--vi-epochs", type=int, help="VI epochs (default: the specification's inference.vi.epochs)")
@@ -274,6 +286,7 @@ def main() -> None:
     parser.add_argument("--progress", action="store_true")
     parser.add_argument("--json", help="also write the results here")
     arguments = parser.parse_args()
+    arguments.spec = _spec_paths(parser, arguments.spec)
     torch.set_num_threads(arguments.threads)
     torch.set_flush_denormal(True)
     results = {"fashion": [], "sunspots": None}

@@ -105,9 +105,24 @@ def test_a_group_in_float64_promotes_float32_tensors_and_returns_their_gradients
     assert [w.grad.dtype for w in weights] == [torch.float32, F64]
 
 
+def test_tensors_of_broadcastable_batch_shapes_sum_as_their_single_calls_broadcast():
+    g = torch.Generator().manual_seed(45)
+    mixture = _mixture(g)
+    draws, single = torch.randn(3, 1, 5, generator=g).requires_grad_(), torch.randn(4, generator=g).requires_grad_()
+    value = mixture_log_prob_sum([draws, single], mixture, event_dim=1)
+    expected = mixture_log_prob_sum(draws, mixture) + mixture_log_prob_sum(single, mixture)
+    assert value.shape == (3, 1)
+    torch.testing.assert_close(value, expected)
+    value.sum().backward()
+    assert single.grad.shape == single.shape and draws.grad.shape == draws.shape
+    alone = single.detach().clone().requires_grad_()
+    mixture_log_prob_sum(alone, mixture).backward()
+    torch.testing.assert_close(single.grad, 3 * alone.grad)  # the broadcast sum counts it once per draw
+
+
 @pytest.mark.parametrize(("weights", "event_dim", "message"), [
     ([], 1, "non-empty sequence of tensors"),
-    ([torch.zeros(2, 3), torch.zeros(3, 3)], 1, r"share one batch shape, got \(2,\), \(3,\)"),
+    ([torch.zeros(2, 3), torch.zeros(3, 3)], 1, r"batch shapes do not broadcast: \(2,\), \(3,\)"),
     ([torch.zeros(2, 3), torch.zeros(3)], (1, 2), r"event_dim must lie in \[0, 1\]"),
     ([torch.zeros(3), torch.zeros(3)], (1,), "gives 1 dimension counts for 2 weight tensors"),
     ([torch.zeros(3), torch.zeros(3, device="meta")], 1, "on one device, got cpu, meta"),
