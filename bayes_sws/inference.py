@@ -436,11 +436,14 @@ _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 class NegativeELBO:
     """−ELBO of a guide, ``loss(model, guide, x, y, data_size=N)``: exactly ``Trace_ELBO``'s, cheaper for mean-field weights.
 
-    The rule: a guide with an ``AutoNormal`` part over exactly the model's weight sites
-    (:func:`vi_guide`'s default, ``weight_guide="diagonal"``;
-    :func:`~bayes_sws.local_reparam.mean_field_part`) takes the lean path below; any
-    other guide (``weight_guide="full"``, …) goes through
-    ``Trace_ELBO(vectorize_particles=True).differentiable_loss``.
+    The rule: a :class:`~bayes_sws.model.SoftWeightSharingModel` with a guide of Pyro's
+    reparameterised autoguides (``AutoNormal``, ``AutoDelta``, ``AutoContinuous``, or a
+    list of them over disjoint sites), one an ``AutoNormal`` over exactly the model's
+    weight sites (:func:`vi_guide`'s default, ``weight_guide="diagonal"``;
+    :func:`~bayes_sws.local_reparam.mean_field_part`), takes the lean path below; any
+    other pair (``weight_guide="full"``, a hand-written guide or part, a wrapped model, …)
+    goes through ``Trace_ELBO(vectorize_particles=True).differentiable_loss``, which
+    also adds score-function terms and refuses a site two parts draw.
 
     The lean path, per step, with S particles drawn at once:
 
@@ -478,9 +481,11 @@ class NegativeELBO:
                                      max_plate_nesting=_MAX_PLATE_NESTING)
 
     def __call__(self, model: SoftWeightSharingModel, guide: AutoGuide, *args, **kwargs) -> torch.Tensor:
-        if guide.prototype_trace is None:
-            guide(*args, **kwargs)  # creates the guide's parameters
-        weights = mean_field_part(guide, model.prior_sites)
+        weights = None
+        if isinstance(model, SoftWeightSharingModel) and isinstance(guide, AutoGuide):
+            if guide.prototype_trace is None:
+                guide(*args, **kwargs)  # creates the guide's parameters
+            weights = _lean_weights_part(model, guide)
         if weights is None:
             if self.local_reparameterization:
                 raise ValueError("local reparameterisation needs the weights under a mean-field AutoNormal guide")
@@ -516,6 +521,24 @@ class NegativeELBO:
         with local, self._particles(), joint:
             model(*args, **kwargs)
         return (log_q - joint.total) / particles
+
+
+_REPARAMETERIZED_PARTS = (AutoNormal, AutoDelta, AutoContinuous)
+"""Pyro's autoguides whose every draw is reparameterised (no score-function term in the gradient)."""
+
+
+def _lean_weights_part(model: SoftWeightSharingModel, guide: AutoGuide) -> AutoNormal | None:
+    """The guide's mean-field weights part where the lean loss is ``Trace_ELBO``'s, else ``None``.
+
+    Every part must be one of :data:`_REPARAMETERIZED_PARTS`, set up, and the parts' sites disjoint.
+    """
+    parts = list(guide) if isinstance(guide, AutoGuideList) else [guide]
+    if not all(isinstance(part, _REPARAMETERIZED_PARTS) and part.prototype_trace is not None for part in parts):
+        return None
+    sites = [name for part in parts for name, _ in part.prototype_trace.iter_stochastic_nodes()]
+    if len(sites) != len(set(sites)):
+        return None
+    return mean_field_part(guide, model.prior_sites)
 
 
 def _mean_field_draw(part: AutoNormal, lead: torch.Size) -> tuple[WeightPosterior, dict[str, torch.Tensor],

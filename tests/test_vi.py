@@ -9,6 +9,8 @@ import pyro
 import pytest
 import torch
 from pyro.infer import Trace_ELBO
+from pyro.infer.autoguide import AutoGuide, AutoNormal, init_to_value
+from pyro.infer.autoguide.initialization import InitMessenger
 from torch import nn
 
 import bayes_linear as linear
@@ -348,3 +350,77 @@ def test_pyros_own_svi_trains_every_guide_parameter_through_the_lean_elbo():
     svi.step(x, y, data_size=n)
     after = pyro.get_param_store()
     assert all(not torch.equal(after[name], value) for name, value in before.items())
+
+
+class _ScoreFunctionDraws(pyro.poutine.messenger.Messenger):
+    """Draws the unconstrained latents of a guide under it without reparameterisation: Pyro's score-function path."""
+
+    def _pyro_sample(self, msg) -> None:
+        if msg["name"].endswith("_unconstrained"):
+            normal = getattr(msg["fn"], "base_dist", msg["fn"])
+            msg["fn"] = pyro.distributions.Normal(normal.loc, normal.scale).has_rsample_(False).to_event(
+                len(msg["fn"].event_shape))
+
+
+class _ScoreFunctionPart(AutoGuide):
+    """A hand-written guide part: another part's sites, drawn by the score-function path."""
+
+    def __init__(self, part: AutoGuide) -> None:
+        super().__init__(part.model)
+        self.part = part
+
+    def forward(self, *args, **kwargs):
+        if self.prototype_trace is None:
+            self._setup_prototype(*args, **kwargs)
+        with _ScoreFunctionDraws():
+            return self.part(*args, **kwargs)
+
+
+def _guide_and_model_outside_the_lean_rule(case, model):
+    """A model-guide pair the lean path cannot vouch for (built inside library_scope), and the guide to train."""
+    guide = vi_guide(model, init_scale=0.1, mixture_guide="diagonal")
+    if case == "function guide":
+        return model, lambda *args, **kwargs: guide(*args, **kwargs), guide
+    if case == "wrapped model":
+        return pyro.poutine.scale(model, scale=0.5), guide, guide
+    mixture = guide.pop(1)
+    if case == "function part":  # an AutoCallable, which has no prototype trace
+        guide.append(lambda *args, **kwargs: mixture(*args, **kwargs))
+    else:
+        guide.append(_ScoreFunctionPart(mixture))
+    return model, guide, torch.nn.ModuleList([guide, mixture])
+
+
+@pytest.mark.parametrize("case", ["function guide", "wrapped model", "function part", "score-function part"])
+def test_a_guide_or_model_the_lean_elbo_does_not_know_gets_trace_elbos_value_and_gradients(case):
+    # A callable guide or part, a model wrapped by a handler, a part with non-reparameterised draws
+    # (whose gradient needs Trace_ELBO's score-function term): Trace_ELBO's loss, not an error or another gradient.
+    model, x, y, n = _digits_sized_model()
+    with library_scope():
+        model_fn, guide, owner = _guide_and_model_outside_the_lean_rule(case, model)
+        guide(x, y, data_size=n)
+        results = []
+        for loss in (vi_loss(), Trace_ELBO(max_plate_nesting=1).differentiable_loss):
+            parameters = list(owner.parameters())
+            for parameter in parameters:
+                parameter.grad = None
+            with torch.random.fork_rng():
+                torch.manual_seed(5)
+                value = loss(model_fn, guide, x, y, data_size=n)
+            value.backward()
+            results.append((value.detach(), [parameter.grad for parameter in parameters]))
+    (lean, lean_grads), (reference, reference_grads) = results
+    torch.testing.assert_close(lean, reference, rtol=1e-12, atol=0)
+    for mine, theirs in zip(lean_grads, reference_grads):
+        torch.testing.assert_close(mine, theirs, rtol=1e-10, atol=1e-12)
+
+
+def test_a_site_drawn_by_two_guide_parts_is_trace_elbos_error_not_a_loss():
+    model, x, y, n = _digits_sized_model()
+    with library_scope():
+        guide = vi_guide(model, init_scale=0.1, mixture_guide="diagonal")
+        init = init_to_value(values=model.initial_values())
+        guide.append(AutoNormal(InitMessenger(init)(model), init_loc_fn=init))  # every site again
+        guide(x, y, data_size=n)
+        with pytest.raises(RuntimeError, match="Multiple sample sites named"):
+            vi_loss(num_particles=2)(model, guide, x, y, data_size=n)
