@@ -108,5 +108,7 @@ def write_json(path: str, benchmark: str, *, config: dict, **results) -> None:
     }
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(json.dumps(payload, indent=2))
+    partial = target.with_name(target.name + ".partial")
+    partial.write_text(json.dumps(payload, indent=2))
+    os.replace(partial, target)  # a stop mid-write leaves the previous file whole (bench_compression rewrites it per seed)
     print(f"wrote {target}")

@@ -257,6 +257,8 @@ def _spec_paths(parser: argparse.ArgumentParser, pairs: list[str]) -> dict[str, 
         name, separator, path = pair.partition("=")
         if not separator or name not in SPECS:
             parser.error(f"--spec {pair!r}: expected MODEL=PATH with MODEL one of {', '.join(SPECS)}")
+        if not Path(path).is_file():
+            parser.error(f"--spec {pair!r}: no specification file {path}")
         paths[name] = Path(path)
     return paths
 
