@@ -76,12 +76,18 @@ def test_compiled_kernels_on_cuda_match_eager() -> None:
         torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-3)
 
 
-def test_map_fit_runs_on_cuda_and_keeps_every_value_there() -> None:
+def _digits_on_cuda() -> tuple[sws.Dataset, sws.SoftWeightSharingModel]:
+    """The digits data and a 64-32-10 model under a 5-component prior, both on CUDA."""
     data = sws.load_dataset("digits").to("cuda")
     torch.manual_seed(0)
     net = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10)).cuda()
     model = sws.SoftWeightSharingModel(net, prior=sws.SoftWeightSharingPrior(n_components=5, init_scale=0.1),
                                        likelihood=sws.Categorical(), prior_weight=0.1)
+    return data, model
+
+
+def test_map_fit_runs_on_cuda_and_keeps_every_value_there() -> None:
+    data, model = _digits_on_cuda()
     result = sws.fit_map(model, data, epochs=3, batch_size=64, em_every=10, progress=False,
                          learning_rates=sws.LearningRates(weights=3e-3, means=1e-3, precisions=3e-2, pi=3e-2))
     assert all(value.is_cuda for value in result.values.values())
@@ -129,11 +135,7 @@ def test_the_lean_vi_loss_on_cuda_equals_trace_elbos_in_value_and_gradients(loca
 
 
 def test_a_vi_fit_runs_on_cuda_and_keeps_every_value_there() -> None:
-    data = sws.load_dataset("digits").to("cuda")
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10)).cuda()
-    model = sws.SoftWeightSharingModel(net, prior=sws.SoftWeightSharingPrior(n_components=5, init_scale=0.1),
-                                       likelihood=sws.Categorical(), prior_weight=0.1)
+    data, model = _digits_on_cuda()
     state = sws.fit_vi(model, data, epochs=3, batch_size=64, num_particles=2, local_reparameterization=True,
                        learning_rates=sws.LearningRates(weights=3e-3, means=1e-3, precisions=3e-2, pi=3e-2),
                        progress=False)
