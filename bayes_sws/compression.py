@@ -12,6 +12,11 @@
   weights by k-means per layer (linear initialisation), fine-tune the centres;
 * ``"prune"``: magnitude pruning and retraining alone (float32 values kept).
 
+Every method ends with :func:`fold_dead_units`: the weights of units that are switched
+off (no non-zero incoming weight; their constant output moves into the next layer's
+bias) or never read are set to zero. It is exact (outputs change by float round-off in
+the folded biases); ``compression.fold_dead_units = false`` leaves it out.
+
 The retraining runs in the library's fit loop (:func:`~bayes_sws.inference.fit_map`);
 every method gets ``inference.epochs + compression.finetune_epochs`` epochs after
 pretraining. The result holds a :class:`~bayes_sws.codec.QuantisedNetwork`, which
@@ -60,6 +65,7 @@ __all__ = [
     "choose_on_validation",
     "compress",
     "finetune_codebooks",
+    "fold_dead_units",
     "kmeans_centres",
     "layer_from_values",
     "load_compressed_data",
@@ -168,6 +174,105 @@ def layer_from_values(name: str, kind: str, values: torch.Tensor, *, raw: bool =
         codebook = torch.cat([torch.zeros(1), distinct])
         indices[nonzero] = torch.searchsorted(distinct, flat[nonzero]) + 1
     return QuantisedLayer(name=name, kind=kind, indices=indices.reshape(values.shape), codebook=codebook, raw=raw)
+
+
+_CONSTANT_PRESERVING = (nn.Flatten, nn.Identity, nn.MaxPool1d, nn.MaxPool2d, nn.ReLU, nn.Tanh, nn.Sigmoid)
+_ELEMENTWISE = (nn.ReLU, nn.Tanh, nn.Sigmoid)
+
+
+def _foldable_pairs(network: nn.Module) -> list[tuple[str, str, list[nn.Module]]]:
+    """Names of consecutive weight layers ``a → b`` of a Sequential network with only
+    activations, max-pools and flattening between them (each maps a constant channel to a
+    constant), and the modules between them."""
+    if not isinstance(network, nn.Sequential):
+        return []
+    pairs, previous, between = [], None, []
+    for name, module in network.named_children():
+        if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)):
+            if previous is not None:
+                pairs.append((previous, name, between))
+            previous, between = name, []
+        elif isinstance(module, _CONSTANT_PRESERVING):
+            between.append(module)
+        else:
+            previous, between = None, []
+    return pairs
+
+
+def _pads(module: nn.Module) -> bool:
+    if not isinstance(module, nn.modules.conv._ConvNd):
+        return False
+    return module.padding == "same" if isinstance(module.padding, str) else any(module.padding)
+
+
+def fold_dead_units(network: nn.Module, layers: list[QuantisedLayer]) -> tuple[list[QuantisedLayer], int]:
+    """Zero the weights that cannot change the network's output; the network ends holding them.
+
+    For consecutive layers ``a → b`` of a Sequential network with only activations,
+    max-pools and flattening between them, two exact simplifications, repeated until
+    neither applies:
+
+    * a unit (channel) of ``a`` that ``b`` never reads (all its weights in ``b`` zero)
+      gets its incoming weights zeroed;
+    * a unit of ``a`` with no non-zero incoming weight outputs the constant
+      ``activation(bias)``: its contribution goes into ``b``'s bias and its weights in
+      ``b`` become zero (for a convolution ``b`` only without padding, where the
+      contribution is the same at every position).
+
+    Outputs change only by float round-off in the folded biases. Soft weight-sharing
+    switches off whole units; this removes the weights they leave behind.
+
+    Parameters
+    ----------
+    network : nn.Module
+        Holding the weights of ``layers``; its biases are updated in place.
+    layers : list of QuantisedLayer
+
+    Returns
+    -------
+    layers : list of QuantisedLayer
+        The simplified layers, in the same order.
+    removed : int
+        Non-zero weights set to zero.
+
+    Examples
+    --------
+    >>> layers, removed = fold_dead_units(network, layers)
+    """
+    weights = {layer.name: layer.weight.to(torch.float32).clone() for layer in layers}
+    modules = dict(network.named_children())
+    pairs = [(a, b, between) for a, b, between in _foldable_pairs(network)
+             if f"{a}.weight" in weights and f"{b}.weight" in weights
+             and weights[f"{b}.weight"].shape[1] % weights[f"{a}.weight"].shape[0] == 0]
+    before = sum(int((w != 0).sum()) for w in weights.values())
+    changed = True
+    with torch.no_grad():
+        while changed:
+            changed = False
+            for a, b, between in pairs:
+                weight_a, weight_b = weights[f"{a}.weight"], weights[f"{b}.weight"]
+                channels = weight_a.shape[0]
+                incoming = weight_a.view(channels, -1)
+                outgoing = weight_b.view(weight_b.shape[0], channels, -1)
+                read = (outgoing != 0).any(2).any(0)
+                if (incoming[~read] != 0).any():
+                    incoming[~read] = 0
+                    changed = True
+                dead = read & ~(incoming != 0).any(1)
+                bias_a, bias_b = modules[a].bias, modules[b].bias
+                if not dead.any() or bias_b is None or _pads(modules[b]):
+                    continue
+                constant = bias_a.detach().to(torch.float32).cpu() if bias_a is not None else torch.zeros(channels)
+                for module in between:
+                    if isinstance(module, _ELEMENTWISE):
+                        constant = module(constant)
+                contribution = (outgoing[:, dead].sum(-1) * constant[dead]).sum(1)
+                bias_b.add_(contribution.to(bias_b))
+                outgoing[:, dead] = 0
+                changed = True
+    simplified = [layer_from_values(layer.name, layer.kind, weights[layer.name], raw=layer.raw) for layer in layers]
+    _load_layers(network, simplified)
+    return simplified, before - sum(int((w != 0).sum()) for w in weights.values())
 
 
 def magnitude_masks(weights: dict[str, torch.Tensor], *, fraction: float) -> dict[str, torch.Tensor]:
@@ -550,6 +655,10 @@ def _compress_pretrained(spec: Spec, method: str, model: SoftWeightSharingModel,
                                     learning_rate=settings.finetune_learning_rate,
                                     batch_size=spec.inference.batch_size, seed=spec.seed, progress=progress)
     network.eval()
+    metrics["folded_weights"] = 0
+    if settings.fold_dead_units:
+        layers, metrics["folded_weights"] = fold_dead_units(network, layers)
+        assignments = {layer.name: torch.where(layer.indices == 0, 0, assignments[layer.name]) for layer in layers}
     metrics.update({f"{split}_accuracy_after": accuracy(network, x, y) for split, (x, y) in splits.items()})
     weight_names = set(names)
     quantised_network = QuantisedNetwork(

@@ -360,6 +360,8 @@ class CompressionSpec:
     (``fc_clusters`` / ``conv_clusters`` centres including zero) and fine-tunes the
     centres ``finetune_epochs``; ``prune`` prunes and retrains ``inference.epochs +
     finetune_epochs``, keeping float32 values. Every method gets the same epochs.
+    ``fold_dead_units`` zeroes, at the end, the weights of units that are switched
+    off or never read (:func:`bayes_sws.compression.fold_dead_units`; exact).
     """
 
     method: str = "sws"
@@ -369,6 +371,7 @@ class CompressionSpec:
     prune_fraction: float = 0.95
     fc_clusters: int = 32
     conv_clusters: int = 256
+    fold_dead_units: bool = True
 
     def __post_init__(self) -> None:
         if self.method not in COMPRESSION_METHODS:

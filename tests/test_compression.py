@@ -16,6 +16,7 @@ from bayes_sws.compression import (
     accuracy,
     choose_on_validation,
     finetune_codebooks,
+    fold_dead_units,
     kmeans_centres,
     layer_from_values,
     load_compressed_data,
@@ -143,6 +144,67 @@ def test_codebook_fine_tune_keeps_assignments_and_zeros_and_moves_the_shared_val
     assert training_loss() < before - 0.1
 
 
+def _quantised_layers(network: torch.nn.Module) -> list:
+    return [layer_from_values(name, "conv" if parameter.dim() == 4 else "fc", parameter)
+            for name, parameter in network.named_parameters() if name.endswith("weight")]
+
+
+def _shared_values(network: torch.nn.Module) -> torch.nn.Module:
+    """Every weight one of ±0.25, ±0.5 (no zeros), as after quantising."""
+    values = torch.tensor([-0.5, -0.25, 0.25, 0.5])
+    with torch.no_grad():
+        for name, parameter in network.named_parameters():
+            if name.endswith("weight"):
+                parameter.copy_(values[torch.randint(4, parameter.shape)])
+    return network
+
+
+def test_folding_removes_the_weights_of_switched_off_and_unread_units_and_keeps_the_outputs() -> None:
+    torch.manual_seed(0)
+    network = _shared_values(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(6, 5), torch.nn.ReLU(),
+                                           torch.nn.Linear(5, 4), torch.nn.Tanh(), torch.nn.Linear(4, 3)))
+    with torch.no_grad():
+        network[1].weight[0] = 0              # hidden unit 0 of layer 1: constant relu(bias)
+        network[1].bias[0] = 0.7
+        network[3].weight[:, 1] = 0           # hidden unit 1 of layer 1: never read
+        network[5].weight[:, 2] = 0           # hidden unit 2 of layer 3: never read
+    x = torch.randn(50, 6)
+    expected = network(x).detach()
+    nonzero = [int((network[i].weight != 0).sum()) for i in (1, 3, 5)]
+    zeroed = torch.zeros(4, 5, dtype=torch.bool)
+    zeroed[:, 0] = zeroed[2] = True           # folded into layer 3's bias; unread
+    expected_removed = int((network[3].weight[zeroed] != 0).sum()) + int((network[1].weight[1] != 0).sum())
+    layers, removed = fold_dead_units(network, _quantised_layers(network))
+    assert removed == expected_removed > 0
+    assert sum(layer.n_nonzero for layer in layers) == sum(nonzero) - removed
+    assert (network[3].weight[:, 0] == 0).all() and (network[1].weight[1] == 0).all()
+    assert (network[3].weight[2] == 0).all()
+    assert torch.allclose(network(x), expected, atol=1e-6)
+    assert fold_dead_units(network, layers)[1] == 0
+
+
+@pytest.mark.parametrize("padding", [0, 2])
+def test_folding_a_dead_channel_goes_through_pooling_and_flattening_and_skips_padded_convolutions(
+        padding: int) -> None:
+    torch.manual_seed(1)
+    network = _shared_values(torch.nn.Sequential(
+        torch.nn.Conv2d(1, 3, 3), torch.nn.MaxPool2d(2), torch.nn.Conv2d(3, 4, 3, padding=padding),
+        torch.nn.MaxPool2d(2), torch.nn.Flatten(), torch.nn.Linear(4 * (2 + padding) ** 2, 5)))
+    with torch.no_grad():
+        network[0].weight[1] = 0              # channel 1 of conv 0: constant bias after pooling
+        network[2].weight[2] = 0              # channel 2 of conv 2: constant bias, read by the Linear layer
+    x = torch.randn(20, 1, 14, 14)
+    expected = network(x).detach()
+    fed_by_channel_1 = int((network[2].weight[:, 1] != 0).sum())
+    positions = network[5].weight.shape[1] // 4
+    fed_by_channel_2 = int((network[5].weight[:, 2 * positions:3 * positions] != 0).sum())
+    layers, removed = fold_dead_units(network, _quantised_layers(network))
+    assert removed == fed_by_channel_2 + (fed_by_channel_1 if padding == 0 else 0)
+    assert (network[5].weight[:, 2 * positions:3 * positions] == 0).all()
+    assert ((network[2].weight[:, 1] == 0).all()) == (padding == 0)
+    assert torch.allclose(network(x), expected, atol=1e-5)
+
+
 @pytest.fixture(scope="module")
 def compressed(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("compressed") / "sws"
@@ -155,7 +217,7 @@ def test_compress_writes_the_file_its_report_and_the_figure(compressed: Path) ->
     assert report["file_bytes"] == (compressed / "model.sws").stat().st_size
     assert (compressed / "compression.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for key in ("valid_accuracy_before", "test_accuracy_after", "weights", "nonzero_fraction", "distinct_values",
-                "han_huffman_rate", "han_fixed_rate", "file_rate", "parameter_rate", "layers"):
+                "han_huffman_rate", "han_fixed_rate", "file_rate", "parameter_rate", "layers", "folded_weights"):
         assert key in report
     assert report["weights"] == 64 * 64 + 64 * 10
     assert {"zero_precision", "zero_fraction", "valid_quantised_accuracy"} <= set(report["history"][-1])
@@ -170,13 +232,15 @@ def test_evaluate_reports_the_compressed_networks_accuracy(compressed: Path, cap
     assert accuracy(load_compressed(compressed / "model.sws"), data.test_x, data.test_y) == report["test_accuracy_after"]
 
 
-@pytest.mark.parametrize("method", ["dc", "prune"])
-def test_baselines_compress_through_the_same_path(tmp_path: Path, method: str) -> None:
+@pytest.mark.parametrize("method,fold", [("dc", True), ("prune", True), ("dc", False)])
+def test_baselines_compress_through_the_same_path(tmp_path: Path, method: str, fold: bool) -> None:
     out = tmp_path / method
-    assert main(["compress", DIGITS, "--method", method, "--out", str(out), "--quiet", *SHORT]) == 0
+    assert main(["compress", DIGITS, "--method", method, "--out", str(out), "--quiet", *SHORT,
+                 "--set", f"compression.fold_dead_units={str(fold).lower()}"]) == 0
     report = json.loads((out / "compression.json").read_text())
     assert report["method"] == method and report["epochs"] == 2 + 1
-    assert report["nonzero_fraction"] == pytest.approx(0.4, abs=0.01)
+    assert report["nonzero"] + report["folded_weights"] == pytest.approx(0.4 * report["weights"], abs=10)
+    assert (report["folded_weights"] > 0) == fold
     if method == "dc":
         assert all(layer["distinct_values"] <= 32 for layer in report["layers"].values())
 
