@@ -41,6 +41,7 @@ import torch
 from bayes_sws.codec import encode_compressed, storage_report
 from bayes_sws.compression import choose_on_validation, compress, pretrained_model
 from bayes_sws.data import load_dataset
+from bayes_sws.errors import BayesSWSError
 from bayes_sws.spec import load_spec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -64,6 +65,8 @@ def _arguments() -> argparse.Namespace:
     parser.add_argument("--dc-fractions", default="0.9,0.95,0.97", help="Deep Compression pruning fractions")
     parser.add_argument("--prune-fractions", default="0.9,0.95,0.97", help="pruning-alone fractions")
     parser.add_argument("--methods", default="sws,dc,prune")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a specification value for every run (repeatable), as bayes-sws --set")
     parser.add_argument("--tolerance", type=float, default=0.01, help="validation accuracy loss allowed when choosing")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=2)
@@ -95,7 +98,8 @@ def _run(spec_path: Path, seed: int, method: str, arguments: argparse.Namespace,
                      **{k: v for k, v in report.items() if k != "layers"}, "history": result.history})
         print(f"  {spec.name} seed {seed} {method} {label}: valid {rows[-1]['valid_accuracy_before']:.4f} -> "
               f"{rows[-1]['valid_accuracy_after']:.4f} (quantised {rows[-1]['valid_accuracy_quantised']:.4f}), non-zero {100 * report['nonzero_fraction']:.2f}%, "
-              f"Han huffman {report['han_huffman_rate']:.1f}x, {wall:.0f} s", flush=True)
+              f"Han huffman {report['han_huffman_rate']:.1f}x, folded {result.metrics['folded_weights']} weights, "
+              f"{wall:.0f} s", flush=True)
     return {"chosen": rows[choose_on_validation(rows, tolerance=arguments.tolerance)], "all": rows}
 
 
@@ -157,7 +161,7 @@ def main() -> None:
         _tables_from(arguments.table_from)
         return
     torch.set_num_threads(arguments.threads)
-    base = []
+    base = list(arguments.set)
     if arguments.pretrain_epochs is not None:
         base.append(f"inference.pretrain_epochs={arguments.pretrain_epochs}")
     if arguments.epochs is not None:
@@ -165,6 +169,11 @@ def main() -> None:
     if arguments.finetune_epochs is not None:
         base.append(f"compression.finetune_epochs={arguments.finetune_epochs}")
     methods = arguments.methods.split(",")
+    for name in arguments.models.split(","):
+        try:
+            load_spec(ROOT / "models" / f"fashion-{name}.toml", overrides=base)
+        except BayesSWSError as error:
+            raise SystemExit(f"bench_compression: {error}") from None
     results: dict[tuple[str, str], list[dict]] = {}
     for name in arguments.models.split(","):
         spec_path = ROOT / "models" / f"fashion-{name}.toml"
