@@ -3,12 +3,14 @@
 Fashion-MNIST (issue 8's table), for each of ``--models`` (LeNet-300-100, LeNet-5-Caffe,
 their specifications ``models/fashion-<model>-vi.toml``, or ``--spec``), one run each with ``--seed``:
 
-  plain  a plain torch epoch (Adam on the summed cross-entropy, no prior), for the time ratio
+  plain  plain torch epochs (Adam on the summed cross-entropy, no prior; the median of three
+         after a warm-up epoch), for the time ratio
   map    the specification's MAP fit (pretraining, then the mixture prior), ``fit_map``
   vi     ``fit_vi`` started from the MAP point with the specification's ``[inference.vi]``
-         settings, for each pair of ``--vi-init-scales`` (the guide's initial weight
-         scales) and ``--vi-weight-rates`` (Adam's rate for the weights' locations and
-         scales); the one with the lowest validation NLL of the S-draw predictive is kept
+         settings, for each combination of ``--vi-epochs``, ``--vi-init-scales`` (the
+         guide's initial weight scales) and ``--vi-weight-rates`` (Adam's rate for the
+         weights' locations and scales); the one with the lowest validation NLL of the
+         S-draw predictive is kept
 
 Settings are chosen on the validation split (the specifications' 10 %); during fitting the
 per-epoch evaluation sees 512 validation images only (it also keeps the epoch clock free of
@@ -73,17 +75,22 @@ def _point(values: dict[str, torch.Tensor]) -> PosteriorSamples:
 
 
 def _plain_epoch_seconds(network: torch.nn.Module, data: sws.Dataset, *, batch_size: int, rate: float,
-                         seed: int) -> float:
+                         seed: int, epochs: int = 3) -> float:
+    """Median seconds of ``epochs`` plain epochs, after one untimed warm-up epoch."""
     network = copy.deepcopy(network)
     optimizer = torch.optim.Adam(network.parameters(), lr=rate)
     generator = torch.Generator().manual_seed(seed)
-    started = time.perf_counter()
-    for index in sws.data.batches(data.train_x.shape[0], batch_size=batch_size, generator=generator):
-        optimizer.zero_grad()
-        loss = torch.nn.functional.cross_entropy(network(data.train_x[index]), data.train_y[index], reduction="sum")
-        loss.backward()
-        optimizer.step()
-    return time.perf_counter() - started
+    seconds = []
+    for _ in range(epochs + 1):
+        started = time.perf_counter()
+        for index in sws.data.batches(data.train_x.shape[0], batch_size=batch_size, generator=generator):
+            optimizer.zero_grad()
+            loss = torch.nn.functional.cross_entropy(network(data.train_x[index]), data.train_y[index],
+                                                     reduction="sum")
+            loss.backward()
+            optimizer.step()
+        seconds.append(time.perf_counter() - started)
+    return statistics.median(seconds[1:])
 
 
 def _scores(model, posterior: PosteriorSamples, x, y, ood: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -129,11 +136,11 @@ def fashion(name: str, arguments) -> dict:
     network_state = copy.deepcopy(model.network.state_dict())
 
     vi = settings.vi
-    vi_epochs = arguments.vi_epochs or vi.epochs
     candidates = []
-    settings_grid = itertools.product(arguments.vi_init_scales or [vi.init_scale],
+    settings_grid = itertools.product(arguments.vi_epochs or [vi.epochs],
+                                      arguments.vi_init_scales or [vi.init_scale],
                                       arguments.vi_weight_rates or [vi.learning_rates.weights])
-    for init_scale, weight_rate in settings_grid:
+    for vi_epochs, init_scale, weight_rate in settings_grid:
         vi_model = _fresh_copy(spec, data, network_state, map_values)
         rates = dataclasses.replace(vi.learning_rates, weights=weight_rate)
         state = fit_vi(vi_model, view, epochs=vi_epochs, batch_size=settings.batch_size,
@@ -144,9 +151,11 @@ def fashion(name: str, arguments) -> dict:
         posterior = sample_guide(vi_model, state.guide, num_draws=arguments.draws, seed=spec.seed)
         valid = predict(vi_model, posterior.flat(), data.valid_x, data.valid_y)
         valid_nll = metrics.negative_log_likelihood(valid.probabilities, data.valid_y)
-        print(f"  {name} vi init_scale={init_scale:g} weights' rate={weight_rate:g}: validation NLL {valid_nll:.4f}")
-        candidates.append((valid_nll, init_scale, weight_rate, vi_model, state, posterior))
-    valid_nll, init_scale, weight_rate, vi_model, vi_state, vi_posterior = min(candidates, key=lambda c: c[0])
+        print(f"  {name} vi epochs={vi_epochs} init_scale={init_scale:g} weights' rate={weight_rate:g}: "
+              f"validation NLL {valid_nll:.4f}")
+        candidates.append((valid_nll, vi_epochs, init_scale, weight_rate, vi_model, state, posterior))
+    valid_nll, vi_epochs, init_scale, weight_rate, vi_model, vi_state, vi_posterior = min(candidates,
+                                                                                         key=lambda c: c[0])
 
     ood = {"noise": sws.load_ood("noise", like=data, seed=spec.seed)}
     try:
@@ -235,7 +244,8 @@ def _print_fashion(result: dict) -> None:
     for method, row in result["rows"].items():
         print(f"{method:8}" + "".join(f"{row.get(c, math.nan):>22.4f}" for c in columns))
     vi = result["rows"]["vi"]
-    print(f"VI settings chosen on validation: init_scale={vi['init_scale']:g}, weights' rate={vi['weight_rate']:g}")
+    print(f"VI settings chosen on validation: epochs={result['vi_epochs']}, init_scale={vi['init_scale']:g}, "
+          f"weights' rate={vi['weight_rate']:g}")
 
 
 def _print_sunspots(result: dict) -> None:
@@ -271,7 +281,9 @@ def main() -> None:
                         help="fit MODEL from this specification instead of models/'s (repeatable)")
     parser.add_argument("--epochs", type=int, help="MAP epochs with the prior (default: the specification's)")
     parser.add_argument("--pretrain-epochs", type=int, help="MAP epochs without it (default: the specification's)")
-    parser.add_argument("--vi-epochs", type=int, help="VI epochs (default: the specification's inference.vi.epochs)")
+    parser.add_argument("--vi-epochs", type=int, nargs="+",
+                        help="candidate VI epoch counts, chosen by validation NLL (default: the specification's "
+                             "inference.vi.epochs)")
     parser.add_argument("--vi-init-scales", type=float, nargs="+", default=[1e-2, 1e-3],
                         help="candidate initial guide scales, chosen by validation NLL")
     parser.add_argument("--vi-weight-rates", type=float, nargs="+",
