@@ -676,7 +676,6 @@ def _compress_pretrained(spec: Spec, method: str, model: SoftWeightSharingModel,
                     shared[masks[name]] = centres[(kept[:, None] - centres[None, :]).abs().argmin(1)]
                 layers.append(layer_from_values(name, kinds[name], shared))
             finetune_epochs = settings.finetune_epochs
-        assignments = {layer.name: layer.indices for layer in layers}
     _load_layers(network, layers)
     metrics.update({f"{split}_accuracy_quantised": accuracy(network, x, y) for split, (x, y) in splits.items()})
     if finetune_epochs:
@@ -687,7 +686,8 @@ def _compress_pretrained(spec: Spec, method: str, model: SoftWeightSharingModel,
     metrics["folded_weights"] = 0
     if settings.fold_dead_units:
         layers, metrics["folded_weights"] = fold_dead_units(network, layers)
-        assignments = {layer.name: torch.where(layer.indices == 0, 0, assignments[layer.name]) for layer in layers}
+    assignments = ({layer.name: torch.where(layer.indices == 0, 0, assignments[layer.name]) for layer in layers}
+                   if method == "sws" else {layer.name: layer.indices for layer in layers})
     metrics.update({f"{split}_accuracy_after": accuracy(network, x, y) for split, (x, y) in splits.items()})
     weight_names = set(names)
     quantised_network = QuantisedNetwork(

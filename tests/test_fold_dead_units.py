@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
 
-from bayes_sws.compression import fold_dead_units, layer_from_values
+from bayes_sws.compression import compress, fold_dead_units, layer_from_values
+from bayes_sws.spec import load_spec
+
+DIGITS = Path(__file__).resolve().parents[1] / "models" / "digits.toml"
 
 
 def _layers(network: nn.Module) -> list:
@@ -93,3 +98,12 @@ def test_folding_through_strided_dilated_one_dimensional_convolutions_and_padded
     removed = _assert_folding_keeps_the_outputs(network, torch.randn(10, 2, 21))
     assert removed == 2 * 3          # row 2 of conv 3 is zero already
     assert (network[3].weight[:, 1] == 0).all() and (network[6].weight[:, 6:] != 0).any()
+
+
+def test_after_folding_a_pruned_networks_assignments_are_its_layers_codebook_indices() -> None:
+    spec = load_spec(DIGITS, overrides=["inference.pretrain_epochs=2", "inference.epochs=1",
+                                        "compression.finetune_epochs=0", "compression.prune_fraction=0.6"])
+    result = compress(spec, method="prune", progress=False)
+    assert result.metrics["folded_weights"] > 0
+    for layer in result.quantised.layers:
+        assert torch.equal(result.assignments[layer.name], layer.indices)
