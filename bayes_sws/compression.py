@@ -207,16 +207,17 @@ def _reads_units(a: nn.Module, b: nn.Module, between: list[nn.Module]) -> bool:
 def _foldable_pairs(network: nn.Module) -> list[tuple[str, str, list[nn.Module]]]:
     """Names of consecutive weight layers ``a → b`` of a Sequential network where ``b``
     reads ``a``'s units (:func:`_reads_units`), and the modules between them. A weight
-    layer the network holds twice (applied twice) is in no pair."""
-    if not isinstance(network, nn.Sequential):
+    layer the network holds twice (applied twice), or whose weight another layer holds
+    too, is in no pair; a subclass with its own ``forward`` has no pairs."""
+    if not isinstance(network, nn.Sequential) or type(network).forward is not nn.Sequential.forward:
         return []
     children = list(network._modules.items())
-    uses = Counter(id(module) for _, module in children)
+    uses = Counter(id(getattr(module, "weight", module)) for _, module in children)
     pairs, previous, between = [], None, []
     for name, module in children:
         weighted = isinstance(module, nn.Linear) or (isinstance(module, nn.modules.conv._ConvNd)
                                                      and not module.transposed)
-        if weighted and uses[id(module)] == 1:
+        if weighted and uses[id(module.weight)] == 1:
             if previous is not None and _reads_units(network._modules[previous], module, between):
                 pairs.append((previous, name, between))
             previous, between = name, []
@@ -239,7 +240,8 @@ def fold_dead_units(network: nn.Module, layers: list[QuantisedLayer]) -> tuple[l
     For consecutive layers ``a → b`` of a Sequential network with only activations,
     max-pools and flattening between them, where ``b``'s input units are ``a``'s (a
     Linear layer after a Linear layer, a convolution after one of its dimension, a Linear
-    layer after a flattened convolution; not transposed, not applied twice), two exact
+    layer after a flattened convolution; not transposed, not applied twice or tied; the
+    network not a Sequential subclass with its own ``forward``), two exact
     simplifications, repeated until neither applies:
 
     * a unit (channel) of ``a`` that ``b`` never reads (all its weights in ``b`` zero)

@@ -59,6 +59,30 @@ def test_a_weight_layer_applied_twice_is_left_alone() -> None:
     _assert_folding_keeps_the_outputs(network, torch.randn(30, 4))
 
 
+
+def test_layers_sharing_one_weight_tensor_are_left_alone() -> None:
+    torch.manual_seed(6)
+    network = _with_shared_values(nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 3), nn.ReLU(),
+                                                nn.Linear(3, 3)))
+    network[4].weight = network[2].weight     # tied: the last layer reads non-constant inputs with it
+    with torch.no_grad():
+        network[0].weight[1] = 0              # unit 1 of layer 0: constant relu(bias)
+    _assert_folding_keeps_the_outputs(network, torch.randn(30, 4))
+
+
+class _Residual(nn.Sequential):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = self[1](self[0](x))
+        return self[2](hidden) + hidden[:, :2]
+
+
+def test_a_sequential_subclass_with_its_own_forward_is_left_alone() -> None:
+    torch.manual_seed(7)
+    network = _with_shared_values(_Residual(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2)))
+    with torch.no_grad():
+        network[2].weight[:, 0] = 0           # the Linear layer never reads unit 0, the residual does
+    assert _assert_folding_keeps_the_outputs(network, torch.randn(30, 4)) == 0
+
 def test_max_pooling_across_a_linear_layers_features_is_not_folded_through() -> None:
     torch.manual_seed(2)
     network = _with_shared_values(nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.MaxPool1d(3, stride=1, padding=1),
