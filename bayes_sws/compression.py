@@ -293,7 +293,8 @@ def fold_dead_units(network: nn.Module, layers: list[QuantisedLayer]) -> tuple[l
                 bias_a, bias_b = modules[a].bias, modules[b].bias
                 if not dead.any() or bias_b is None or _pads(modules[b]):
                     continue
-                constant = bias_a.detach().to(torch.float32).cpu() if bias_a is not None else torch.zeros(channels)
+                constant = (bias_a.detach().to("cpu", torch.float32, copy=True) if bias_a is not None
+                            else torch.zeros(channels))
                 for module in between:
                     if isinstance(module, _ELEMENTWISE):
                         constant = module(constant)

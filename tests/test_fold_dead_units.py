@@ -48,6 +48,16 @@ def test_a_shared_activation_module_is_applied_to_the_folded_constant() -> None:
     assert _assert_folding_keeps_the_outputs(network, torch.randn(30, 4)) > 0
 
 
+
+def test_an_in_place_activation_leaves_the_biases_of_the_live_units_as_they_are() -> None:
+    torch.manual_seed(8)
+    network = _with_shared_values(nn.Sequential(nn.Linear(4, 3), nn.ReLU(inplace=True), nn.Linear(3, 2)))
+    with torch.no_grad():
+        network[0].bias.copy_(torch.tensor([-0.5, 0.3, -0.8]))
+        network[0].weight[1] = 0              # unit 1: constant relu(0.3); units 0 and 2 keep their negative biases
+    assert _assert_folding_keeps_the_outputs(network, torch.randn(30, 4)) > 0
+    assert network[0].bias.tolist() == pytest.approx([-0.5, 0.3, -0.8])
+
 def test_a_weight_layer_applied_twice_is_left_alone() -> None:
     torch.manual_seed(1)
     twice = nn.Linear(3, 3)
