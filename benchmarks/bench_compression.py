@@ -67,7 +67,7 @@ def _arguments() -> argparse.Namespace:
     parser.add_argument("--methods", default="sws,dc,prune")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a specification value for every run (repeatable), as bayes-sws --set; "
-                             "--taus and the pruning fractions still set prior.weight and prune_fraction")
+                             "--seeds, --taus and the pruning fractions still set seed, prior.weight and prune_fraction")
     parser.add_argument("--tolerance", type=float, default=0.01, help="validation accuracy loss allowed when choosing")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=2)
