@@ -36,6 +36,7 @@ import math
 import os
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -176,23 +177,51 @@ def layer_from_values(name: str, kind: str, values: torch.Tensor, *, raw: bool =
     return QuantisedLayer(name=name, kind=kind, indices=indices.reshape(values.shape), codebook=codebook, raw=raw)
 
 
-_CONSTANT_PRESERVING = (nn.Flatten, nn.Identity, nn.MaxPool1d, nn.MaxPool2d, nn.ReLU, nn.Tanh, nn.Sigmoid)
-_ELEMENTWISE = (nn.ReLU, nn.Tanh, nn.Sigmoid)
+_ELEMENTWISE = (nn.Identity, nn.ReLU, nn.Tanh, nn.Sigmoid)
+_MAX_POOLS = {1: nn.MaxPool1d, 2: nn.MaxPool2d}
+
+
+def _flattens(module: nn.Module) -> bool:
+    return isinstance(module, nn.Flatten) and (module.start_dim, module.end_dim) == (1, -1)
+
+
+def _reads_units(a: nn.Module, b: nn.Module, between: list[nn.Module]) -> bool:
+    """Whether input unit (channel) ``i`` of ``b`` is unit ``i`` of ``a`` passed through
+    ``between``, every module of which maps a constant unit to the same constant at
+    every position: element-wise activations; for a convolution ``a`` also max-pools of
+    its dimension, then flattening (channel-major) into a Linear ``b``."""
+    if isinstance(a, nn.Linear):
+        return (isinstance(b, nn.Linear) and b.in_features == a.out_features
+                and all(isinstance(m, _ELEMENTWISE) or _flattens(m) for m in between))
+    flat = next((i for i, m in enumerate(between) if _flattens(m)), len(between))
+    pool = _MAX_POOLS.get(len(a.kernel_size), ())
+    if not (all(isinstance(m, (*_ELEMENTWISE, pool)) for m in between[:flat])
+            and all(isinstance(m, _ELEMENTWISE) for m in between[flat + 1:])):
+        return False
+    if flat < len(between):
+        return isinstance(b, nn.Linear) and b.in_features % a.out_channels == 0
+    return (isinstance(b, nn.modules.conv._ConvNd) and not b.transposed and b.groups == 1
+            and len(b.kernel_size) == len(a.kernel_size) and b.in_channels == a.out_channels)
 
 
 def _foldable_pairs(network: nn.Module) -> list[tuple[str, str, list[nn.Module]]]:
-    """Names of consecutive weight layers ``a → b`` of a Sequential network with only
-    activations, max-pools and flattening between them (each maps a constant channel to a
-    constant), and the modules between them."""
-    if not isinstance(network, nn.Sequential):
+    """Names of consecutive weight layers ``a → b`` of a Sequential network where ``b``
+    reads ``a``'s units (:func:`_reads_units`), and the modules between them. A weight
+    layer the network holds twice (applied twice), or whose weight another layer holds
+    too, is in no pair; a subclass with its own ``forward`` has no pairs."""
+    if not isinstance(network, nn.Sequential) or type(network).forward is not nn.Sequential.forward:
         return []
+    children = list(network._modules.items())
+    uses = Counter(id(getattr(module, "weight", module)) for _, module in children)
     pairs, previous, between = [], None, []
-    for name, module in network.named_children():
-        if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)):
-            if previous is not None:
+    for name, module in children:
+        weighted = isinstance(module, nn.Linear) or (isinstance(module, nn.modules.conv._ConvNd)
+                                                     and not module.transposed)
+        if weighted and uses[id(module.weight)] == 1:
+            if previous is not None and _reads_units(network._modules[previous], module, between):
                 pairs.append((previous, name, between))
             previous, between = name, []
-        elif isinstance(module, _CONSTANT_PRESERVING):
+        elif isinstance(module, (*_ELEMENTWISE, *_MAX_POOLS.values(), nn.Flatten)):
             between.append(module)
         else:
             previous, between = None, []
@@ -209,8 +238,11 @@ def fold_dead_units(network: nn.Module, layers: list[QuantisedLayer]) -> tuple[l
     """Zero the weights that cannot change the network's output; the network ends holding them.
 
     For consecutive layers ``a → b`` of a Sequential network with only activations,
-    max-pools and flattening between them, two exact simplifications, repeated until
-    neither applies:
+    max-pools and flattening between them, where ``b``'s input units are ``a``'s (a
+    Linear layer after a Linear layer, a convolution after one of its dimension, a Linear
+    layer after a flattened convolution; not transposed, not applied twice or tied; the
+    network not a Sequential subclass with its own ``forward``), two exact
+    simplifications, repeated until neither applies:
 
     * a unit (channel) of ``a`` that ``b`` never reads (all its weights in ``b`` zero)
       gets its incoming weights zeroed;
@@ -242,8 +274,7 @@ def fold_dead_units(network: nn.Module, layers: list[QuantisedLayer]) -> tuple[l
     weights = {layer.name: layer.weight.to(torch.float32).clone() for layer in layers}
     modules = dict(network.named_children())
     pairs = [(a, b, between) for a, b, between in _foldable_pairs(network)
-             if f"{a}.weight" in weights and f"{b}.weight" in weights
-             and weights[f"{b}.weight"].shape[1] % weights[f"{a}.weight"].shape[0] == 0]
+             if f"{a}.weight" in weights and f"{b}.weight" in weights]
     before = sum(int((w != 0).sum()) for w in weights.values())
     changed = True
     with torch.no_grad():
@@ -262,7 +293,8 @@ def fold_dead_units(network: nn.Module, layers: list[QuantisedLayer]) -> tuple[l
                 bias_a, bias_b = modules[a].bias, modules[b].bias
                 if not dead.any() or bias_b is None or _pads(modules[b]):
                     continue
-                constant = bias_a.detach().to(torch.float32).cpu() if bias_a is not None else torch.zeros(channels)
+                constant = (bias_a.detach().to("cpu", torch.float32, copy=True) if bias_a is not None
+                            else torch.zeros(channels))
                 for module in between:
                     if isinstance(module, _ELEMENTWISE):
                         constant = module(constant)
@@ -647,7 +679,6 @@ def _compress_pretrained(spec: Spec, method: str, model: SoftWeightSharingModel,
                     shared[masks[name]] = centres[(kept[:, None] - centres[None, :]).abs().argmin(1)]
                 layers.append(layer_from_values(name, kinds[name], shared))
             finetune_epochs = settings.finetune_epochs
-        assignments = {layer.name: layer.indices for layer in layers}
     _load_layers(network, layers)
     metrics.update({f"{split}_accuracy_quantised": accuracy(network, x, y) for split, (x, y) in splits.items()})
     if finetune_epochs:
@@ -658,7 +689,8 @@ def _compress_pretrained(spec: Spec, method: str, model: SoftWeightSharingModel,
     metrics["folded_weights"] = 0
     if settings.fold_dead_units:
         layers, metrics["folded_weights"] = fold_dead_units(network, layers)
-        assignments = {layer.name: torch.where(layer.indices == 0, 0, assignments[layer.name]) for layer in layers}
+    assignments = ({layer.name: torch.where(layer.indices == 0, 0, assignments[layer.name]) for layer in layers}
+                   if method == "sws" else {layer.name: layer.indices for layer in layers})
     metrics.update({f"{split}_accuracy_after": accuracy(network, x, y) for split, (x, y) in splits.items()})
     weight_names = set(names)
     quantised_network = QuantisedNetwork(

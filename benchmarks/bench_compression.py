@@ -66,7 +66,8 @@ def _arguments() -> argparse.Namespace:
     parser.add_argument("--prune-fractions", default="0.9,0.95,0.97", help="pruning-alone fractions")
     parser.add_argument("--methods", default="sws,dc,prune")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a specification value for every run (repeatable), as bayes-sws --set")
+                        help="override a specification value for every run (repeatable), as bayes-sws --set; "
+                             "--seeds, --taus and the pruning fractions still set seed, prior.weight and prune_fraction")
     parser.add_argument("--tolerance", type=float, default=0.01, help="validation accuracy loss allowed when choosing")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=2)
@@ -169,11 +170,14 @@ def main() -> None:
     if arguments.finetune_epochs is not None:
         base.append(f"compression.finetune_epochs={arguments.finetune_epochs}")
     methods = arguments.methods.split(",")
-    for name in arguments.models.split(","):
-        try:
-            load_spec(ROOT / "models" / f"fashion-{name}.toml", overrides=base)
-        except BayesSWSError as error:
-            raise SystemExit(f"bench_compression: {error}") from None
+    try:  # every run's specification, before any training
+        for name in arguments.models.split(","):
+            for method in methods:
+                for _, overrides in _settings(method, arguments):
+                    load_spec(ROOT / "models" / f"fashion-{name}.toml",
+                              overrides=[*base, f"compression.method={method}", *overrides])
+    except (BayesSWSError, ValueError) as error:
+        raise SystemExit(f"bench_compression: {error}") from None
     results: dict[tuple[str, str], list[dict]] = {}
     for name in arguments.models.split(","):
         spec_path = ROOT / "models" / f"fashion-{name}.toml"

@@ -273,6 +273,12 @@ def _spec_paths(parser: argparse.ArgumentParser, pairs: list[str]) -> dict[str, 
     return paths
 
 
+def _positive_int(text: str) -> int:
+    if not text.strip().lstrip("+").isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer of at least 1, got {text!r}")
+    return int(text)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", nargs="*", default=list(SPECS), choices=list(SPECS))
@@ -281,7 +287,7 @@ def main() -> None:
                         help="fit MODEL from this specification instead of models/'s (repeatable)")
     parser.add_argument("--epochs", type=int, help="MAP epochs with the prior (default: the specification's)")
     parser.add_argument("--pretrain-epochs", type=int, help="MAP epochs without it (default: the specification's)")
-    parser.add_argument("--vi-epochs", type=int, nargs="+",
+    parser.add_argument("--vi-epochs", type=_positive_int, nargs="+",
                         help="candidate VI epoch counts, chosen by validation NLL (default: the specification's "
                              "inference.vi.epochs)")
     parser.add_argument("--vi-init-scales", type=float, nargs="+", default=[1e-2, 1e-3],
