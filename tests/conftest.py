@@ -1,8 +1,16 @@
 """Shared fixtures."""
 
+import signal
+
 import pytest
 
 from bayes_sws import kernels
+
+# A test run started in the background by a non-interactive shell (``pytest &``) inherits
+# SIGINT ignored, and so would every process it starts; the Ctrl-C tests need Python's own
+# handler.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(params=["torch", "native", "compile"])
