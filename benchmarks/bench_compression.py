@@ -138,7 +138,10 @@ def _tables_from(paths: list[str]) -> None:
     results: dict[tuple[str, str], list[dict]] = {}
     tolerances = set()
     for path in paths:
-        payload = json.loads(Path(path).read_text())
+        try:
+            payload = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as error:
+            raise SystemExit(f"bench_compression: cannot read {path}: {error}") from None
         tolerances.add(payload["config"]["tolerance"])
         listed = [int(seed) for seed in payload["config"]["seeds"].split(",")]
         for entry in payload["results"]:

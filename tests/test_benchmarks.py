@@ -51,3 +51,12 @@ def test_a_vi_epoch_candidate_below_one_is_an_argument_error(monkeypatch, capsys
         bench.main()
     assert stopped.value.code == 2
     assert "--vi-epochs" in capsys.readouterr().err
+
+
+def test_a_missing_table_file_stops_the_benchmark_with_one_line(monkeypatch, tmp_path: Path) -> None:
+    bench = _benchmark("bench_compression", monkeypatch, blocked=("pretrained_model", "load_dataset"))
+    monkeypatch.setattr(sys, "argv", ["bench_compression.py", "--table-from", str(tmp_path / "missing.json")])
+    with pytest.raises(SystemExit) as stopped:
+        bench.main()
+    text = str(stopped.value.code)
+    assert text.startswith("bench_compression: cannot read ") and "\n" not in text
