@@ -248,8 +248,9 @@ def fold_dead_units(network: nn.Module, layers: list[QuantisedLayer]) -> tuple[l
       gets its incoming weights zeroed;
     * a unit of ``a`` with no non-zero incoming weight outputs the constant
       ``activation(bias)``: its contribution goes into ``b``'s bias and its weights in
-      ``b`` become zero (for a convolution ``b`` only without padding, where the
-      contribution is the same at every position).
+      ``b`` become zero. Where ``b`` has no bias, or is a padded convolution (there the
+      contribution differs at the borders), only a constant of exactly zero (e.g. a
+      ReLU unit with a bias ≤ 0) is folded: it contributes nothing anywhere.
 
     Outputs change only by float round-off in the folded biases. Soft weight-sharing
     switches off whole units; this removes the weights they leave behind.
@@ -290,16 +291,21 @@ def fold_dead_units(network: nn.Module, layers: list[QuantisedLayer]) -> tuple[l
                     incoming[~read] = 0
                     changed = True
                 dead = read & ~(incoming != 0).any(1)
-                bias_a, bias_b = modules[a].bias, modules[b].bias
-                if not dead.any() or bias_b is None or _pads(modules[b]):
+                if not dead.any():
                     continue
+                bias_a, bias_b = modules[a].bias, modules[b].bias
                 constant = (bias_a.detach().to("cpu", torch.float32, copy=True) if bias_a is not None
                             else torch.zeros(channels))
                 for module in between:
                     if isinstance(module, _ELEMENTWISE):
                         constant = module(constant)
-                contribution = (outgoing[:, dead].sum(-1) * constant[dead]).sum(1)
-                bias_b.add_(contribution.to(bias_b))
+                if bias_b is None or _pads(modules[b]):
+                    dead &= constant == 0  # a zero output needs no bias to carry it, padded or not
+                    if not dead.any():
+                        continue
+                else:
+                    contribution = (outgoing[:, dead].sum(-1) * constant[dead]).sum(1)
+                    bias_b.add_(contribution.to(bias_b))
                 outgoing[:, dead] = 0
                 changed = True
     simplified = [layer_from_values(layer.name, layer.kind, weights[layer.name], raw=layer.raw) for layer in layers]

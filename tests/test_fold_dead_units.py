@@ -134,6 +134,25 @@ def test_folding_through_strided_dilated_one_dimensional_convolutions_and_padded
     assert (network[3].weight[:, 1] == 0).all() and (network[6].weight[:, 6:] != 0).any()
 
 
+@pytest.mark.parametrize("next_layer", ["linear without bias", "padded convolution"])
+def test_a_unit_that_outputs_zero_is_folded_even_where_the_next_layer_cannot_take_a_constant(next_layer: str) -> None:
+    torch.manual_seed(6)
+    if next_layer == "linear without bias":
+        network = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2, bias=False))
+        x = torch.randn(30, 4)
+    else:
+        network = nn.Sequential(nn.Conv2d(1, 3, 3), nn.ReLU(), nn.Conv2d(3, 2, 3, padding=1))
+        x = torch.randn(10, 1, 8, 8)
+    _with_shared_values(network)
+    with torch.no_grad():
+        network[0].bias.copy_(torch.tensor([-0.5, 0.3, -0.8]))
+        network[0].weight[0] = 0              # constant relu(-0.5) = 0: nothing to carry, folded
+        network[0].weight[1] = 0              # constant relu(0.3) > 0: it has to stay
+    removed = _assert_folding_keeps_the_outputs(network, x)
+    assert removed == network[2].weight[:, 0].numel()
+    assert (network[2].weight[:, 0] == 0).all() and (network[2].weight[:, 1] != 0).all()
+
+
 def test_after_folding_a_pruned_networks_assignments_are_its_layers_codebook_indices() -> None:
     spec = load_spec(DIGITS, overrides=["inference.pretrain_epochs=2", "inference.epochs=1",
                                         "compression.finetune_epochs=0", "compression.prune_fraction=0.6"])
