@@ -22,6 +22,7 @@ Example (``models/digits.toml``)::
 from __future__ import annotations
 
 import dataclasses
+import importlib.resources
 import math
 import os
 import tomllib
@@ -55,6 +56,7 @@ __all__ = [
     "PriorSpec",
     "Spec",
     "apply_overrides",
+    "bundled_specs",
     "load_spec",
     "parse_spec",
 ]
@@ -545,13 +547,46 @@ def _deep_copy(table: dict[str, Any]) -> dict[str, Any]:
     return {k: _deep_copy(v) if isinstance(v, dict) else v for k, v in table.items()}
 
 
+def _bundled_spec_files() -> list[Path]:
+    try:  # installed: the package's copy of models/
+        entries = importlib.resources.files("bayes_sws.models").iterdir()
+    except ModuleNotFoundError:  # a source checkout on sys.path
+        directory = Path(__file__).resolve().parents[1] / "models"
+        entries = directory.iterdir() if directory.is_dir() else []
+    return [Path(entry) for entry in entries if entry.name.endswith(".toml")]
+
+
+def bundled_specs() -> dict[str, Path]:
+    """The ready specifications shipped with the package (the repository's ``models/``), by name.
+
+    Examples
+    --------
+    >>> sorted(bundled_specs())[:2]
+    ['digits', 'digits-nuts']
+    """
+    return dict(sorted((path.stem, path) for path in _bundled_spec_files()))
+
+
+def _resolve_spec_path(path: Path) -> Path:
+    """``path`` itself where it exists; else a bundled specification named by ``NAME``, ``NAME.toml`` or ``models/NAME.toml``."""
+    if path.exists() or path.is_absolute() or str(path.parent) not in (".", "models"):
+        return path
+    if path.suffix not in ("", ".toml"):
+        return path
+    return bundled_specs().get(path.stem if path.suffix == ".toml" else path.name, path)
+
+
 def load_spec(path: str | os.PathLike[str], *, overrides: list[str] = ()) -> Spec:
     """Read, override and validate a TOML specification file.
+
+    A relative ``NAME``, ``NAME.toml`` or ``models/NAME.toml`` that does not exist
+    names a bundled specification (:func:`bundled_specs`), so ``load_spec("digits")``
+    and ``bayes-sws fit models/digits.toml`` work outside a checkout too.
 
     Parameters
     ----------
     path : path-like
-        The ``.toml`` file.
+        The ``.toml`` file, or a bundled specification's name.
     overrides : list of str
         ``key.path=value`` settings applied before validation.
 
@@ -559,10 +594,10 @@ def load_spec(path: str | os.PathLike[str], *, overrides: list[str] = ()) -> Spe
     -------
     Spec
     """
-    path = Path(path)
+    path = _resolve_spec_path(Path(path))
     try:
         if not path.exists():
-            raise SpecError(f"specification {path} not found")
+            raise SpecError(f"specification {path} not found (bundled: {', '.join(bundled_specs())})")
         if not path.is_file():  # a FIFO or device would block or never end
             raise SpecError(f"specification {path} is not a regular file")
         with path.open("rb") as handle:

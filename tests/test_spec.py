@@ -111,3 +111,16 @@ def test_a_toml_prior_table_becomes_a_mixture_spec_with_hyperpriors():
 def test_invalid_values_raise_spec_errors_naming_the_setting(table, key):
     with pytest.raises(SpecError, match=key):
         spec.parse_spec({"name": "m", **table})
+
+
+def test_a_bundled_specification_loads_by_name_from_any_directory(tmp_path: Path, monkeypatch) -> None:
+    assert set(spec.bundled_specs()) == {p.stem for p in (ROOT / "models").glob("*.toml")}
+    monkeypatch.chdir(tmp_path)
+    for name in ("digits", "digits.toml", "models/digits.toml"):
+        assert spec.load_spec(name).name == "digits"
+    (tmp_path / "digits.toml").write_text('name = "mine"\n')
+    assert spec.load_spec("digits.toml").name == "mine"       # a file that exists comes first
+    with pytest.raises(SpecError, match=r"not found \(bundled: .*sunspots"):
+        spec.load_spec("models/no-such-model.toml")
+    with pytest.raises(SpecError, match="not found"):
+        spec.load_spec(tmp_path / "elsewhere" / "digits.toml")  # only NAME, NAME.toml, models/NAME.toml
