@@ -225,41 +225,55 @@ def _reference_group_log_prob_sum(weights: Sequence[torch.Tensor], mixture: Gaus
     return sum(_reference_log_prob_sum(t, mixture, k) for t, k in zip(weights, event_dims))
 
 
+def _fused_rows(event_dims: tuple[int, ...], chunk_size: int | None, mixture: GaussianMixture,
+                weights: Sequence[torch.Tensor]) -> tuple[torch.Size, list[torch.Tensor], torch.Tensor]:
+    """The kernel over every row: ``(batch_shape, grad_weights, summaries)``.
+
+    ``grad_weights[k]`` is shaped like the (broadcast) ``weights[k]``; ``summaries``
+    ``(R, 1 + 3J)`` holds each row's value, then its gradients with respect to log π, μ and σ.
+    """
+    weight_batch = weights[0].shape[: weights[0].dim() - event_dims[0]]
+    rows = _broadcast_rows(weight_batch, mixture)
+    components = mixture.means.shape[-1]
+    row_functions = kernels.backend(weights[0], components)
+    # Shaped like the (broadcast) weights rather than views of one flattened tensor,
+    # so that autograd can add the network's gradient into each in place.
+    grad_weights = [t.new_empty(rows.batch_shape + _event_shape(t, k)) for t, k in zip(weights, event_dims)]
+    summaries = weights[0].new_empty(rows.batch_shape.numel(), 1 + 3 * components)
+    weight_rows = _weight_rows(weights, event_dims)
+    grad_rows = [g.view(len(summaries), t.shape[1]) for g, t in zip(grad_weights, weight_rows)]
+    for row, (index, row_summary, *row_mixture) in enumerate(zip(rows.weight_index, summaries, *rows.mixture)):
+        row_functions.value_and_grads([t[index] for t in weight_rows], row_mixture,
+                                      [g[row] for g in grad_rows], row_summary, chunk_size=chunk_size)
+    return rows.batch_shape, grad_weights, summaries
+
+
 class _FusedLogProbSum(torch.autograd.Function):
     """Sums of log p(w) over each tensor's event dimensions, gradients computed in the same pass.
 
     The output is a sum, so the first-order backward pass only rescales the
     gradients that the forward pass accumulated: nothing of size N×J is ever
-    stored. Gradients are summed back to each input's own shape where it was
-    broadcast. A backward pass that builds a graph (``create_graph=True``)
-    differentiates the autograd reference instead, so second derivatives exist.
+    stored. The first backward pass scales the weights' gradients in place and hands
+    them on; a second one (``retain_graph=True``) runs the kernel again. Gradients are
+    summed back to each input's own shape where it was broadcast. A backward pass that
+    builds a graph (``create_graph=True``) differentiates the autograd reference
+    instead, so second derivatives exist.
     """
 
     @staticmethod
     def forward(ctx, event_dims, chunk_size, log_proportions, means, scales, *weights):
-        weight_batch = weights[0].shape[: weights[0].dim() - event_dims[0]]
-        rows = _broadcast_rows(weight_batch, GaussianMixture(log_proportions, means, scales))
-        components = means.shape[-1]
-        row_functions = kernels.backend(weights[0], components)
-        # Shaped like the (broadcast) weights rather than views of one flattened tensor,
-        # so that autograd can add the network's gradient into each in place.
-        grad_weights = [t.new_empty(rows.batch_shape + _event_shape(t, k)) for t, k in zip(weights, event_dims)]
-        # per row: the value, then its gradients with respect to log π, μ and σ (each J)
-        summaries = weights[0].new_empty(rows.batch_shape.numel(), 1 + 3 * components)
-        weight_rows = _weight_rows(weights, event_dims)
-        grad_rows = [g.view(len(summaries), t.shape[1]) for g, t in zip(grad_weights, weight_rows)]
-        for row, (index, row_summary, *row_mixture) in enumerate(zip(rows.weight_index, summaries, *rows.mixture)):
-            row_functions.value_and_grads([t[index] for t in weight_rows], row_mixture,
-                                          [g[row] for g in grad_rows], row_summary, chunk_size=chunk_size)
-        ctx.save_for_backward(log_proportions, means, scales, *weights, *grad_weights, summaries)
-        ctx.event_dims = event_dims
-        return summaries[:, 0].view(rows.batch_shape)
+        batch_shape, grad_weights, summaries = _fused_rows(event_dims, chunk_size,
+                                                          GaussianMixture(log_proportions, means, scales), weights)
+        ctx.save_for_backward(log_proportions, means, scales, *weights)
+        # kept on ctx, not saved: the first backward pass scales them in place
+        ctx.buffers = (grad_weights, summaries)
+        ctx.event_dims, ctx.chunk_size = event_dims, chunk_size
+        return summaries[:, 0].view(batch_shape)
 
     @staticmethod
     def backward(ctx, grad_values):
         saved = ctx.saved_tensors
-        count = len(ctx.event_dims)
-        mixture, weights, grad_weights, summaries = saved[:3], saved[3 : 3 + count], saved[3 + count : -1], saved[-1]
+        mixture, weights = saved[:3], saved[3:]
         inputs = (*mixture, *weights)
         needed = ctx.needs_input_grad[2:]
         if torch.is_grad_enabled():
@@ -267,9 +281,14 @@ class _FusedLogProbSum(torch.autograd.Function):
             wanted = [t for t, need in zip(inputs, needed) if need]
             grads = iter(torch.autograd.grad(value, wanted, grad_values, create_graph=True))
             return (None, None, *(next(grads) if need else None for need in needed))
+        if ctx.buffers is None:  # handed on to autograd (and maybe into .grad) by an earlier pass
+            _, grad_weights, summaries = _fused_rows(ctx.event_dims, ctx.chunk_size, GaussianMixture(*mixture),
+                                                     weights)
+        else:
+            (grad_weights, summaries), ctx.buffers = ctx.buffers, None
         per_row = grad_values.reshape(-1, 1) * summaries[:, 1:]
         grad_mixture = per_row.view(*grad_values.shape, 3, mixture[1].shape[-1]).unbind(-2)
-        grad_tensors = [g * grad_values.reshape(grad_values.shape + (1,) * k)
+        grad_tensors = [g.mul_(grad_values.reshape(grad_values.shape + (1,) * k))
                         for g, k in zip(grad_weights, ctx.event_dims)]
         grads = (*grad_mixture, *grad_tensors)
         return (None, None,
