@@ -58,6 +58,7 @@ import functools
 import hashlib
 import math
 import os
+import platform
 import subprocess
 import tempfile
 import warnings
@@ -304,6 +305,9 @@ class _Native:
 # link adds crtfastmath.o, which turns on flush-to-zero for the whole process on load.
 _COMPILE_FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fassociative-math",
                   "-fno-signed-zeros", "-freciprocal-math", "-ffp-contract=fast", "-fPIC")
+# x86 compilers default to 256-bit vectors even where the CPU has AVX-512; the kernel's
+# loops run 1.2-1.3 times faster on 512-bit ones (benchmarks/README.md). No effect without AVX-512.
+_X86_FLAGS = ("-mprefer-vector-width=512",) if platform.machine().lower() in ("x86_64", "amd64") else ()
 _LINK_FLAGS = ("-shared", "-fPIC")
 
 
@@ -327,7 +331,7 @@ def _compile_native(openmp: bool) -> tuple[Path, bool]:
     """
     compiler = os.environ.get("CC", "cc")
     openmp_flags = ["-fopenmp"] if openmp else []
-    compile_command = [compiler, *_COMPILE_FLAGS, *openmp_flags, "-c"]
+    compile_command = [compiler, *_COMPILE_FLAGS, *_X86_FLAGS, *openmp_flags, "-c"]
     link_command = [compiler, *_LINK_FLAGS, *openmp_flags]
     key = hashlib.sha256(b"\0".join([
         _SOURCE.read_bytes(), _compiler_identity(compiler),

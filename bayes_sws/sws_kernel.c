@@ -65,6 +65,17 @@
  * J) is bounded again in sub-blocks of SUB_BLOCK weights, used where they drop a
  * quarter of the pairs.
  * The weights are not reordered (a permutation would cost two more passes over them).
+ *
+ * BLOCK REFERENCE (float). Each weight's terms are exponentiated relative to a reference
+ * log-density: its top term, found in a pass of its own, or, where the block's bounds
+ * allow, the term of the block's floor component t (the j of top_floor). That is allowed
+ * when every kept component's v_j - v_t lies in [MIN_LOG_RATIO, -MIN_LOG_RATIO] over the
+ * block (worst_j - best_t and best_j - worst_t), so no term needs clamping and none
+ * overflows; then v_j - v_t and its exp are computed in one loop, and t's own term is
+ * exactly 1, as a weight's top term is in the other form (which keeps the responsibilities
+ * of the dominant component exact, where sums like sum_i gamma_i0 d_i cancel). It saves
+ * the pass that finds each weight's top and the clamping pass: 1.5 times faster on broad
+ * early-training mixtures. The float64 kernel keeps the top-term form.
  */
 #include <float.h>
 #include <math.h>
@@ -80,8 +91,8 @@ __attribute__((__simd__("notinbranch"))) double log(double);
 __attribute__((__simd__("notinbranch"))) float logf(float);
 #endif
 
-/* exp(x) for float x in [MIN_LOG_RATIO, 0] only (the caller clamps; below about -87
- * the exponent arithmetic overflows): x = n ln2 + r, |r| <= ln2/2, with Cephes'
+/* exp(x) for float x in [MIN_LOG_RATIO, -MIN_LOG_RATIO] only (the caller clamps or
+ * checks; beyond about +-87 the exponent arithmetic overflows): x = n ln2 + r, |r| <= ln2/2, with Cephes'
  * polynomial for exp(r) and n added to the exponent bits. Inline and branch-free, so
  * the loops calling it vectorise (glibc's vector expf is a call per vector and 1.4
  * times slower here). Within 1.2e-7 relative (about one ulp) where the CPU has FMA:
@@ -144,14 +155,15 @@ static inline double log_above_f64(double x)
 #define HALF_LOG_2PI 0.91893853320467274178
 #define SUMMARY(J) (1 + 3 * (J))
 
-#define DEFINE_KERNEL(NAME, REAL, REAL_MAX, REAL_INF, EXP, LOG, LOG_ABOVE)                  \
+#define DEFINE_KERNEL(NAME, REAL, REAL_MAX, REAL_INF, EXP, LOG, LOG_ABOVE, REFERENCE)       \
     /* The components of a block that can matter (see SKIPPING above): their count, into */ \
     /* active[]. A block holding a non-finite weight keeps them all. */                     \
     static int NAME##_active(const REAL *wb, int b, const REAL *log_norm,                   \
                              const REAL *means, const REAL *precisions, const REAL *scales, \
-                             int J, double margin, int *active)                             \
+                             int J, double margin, int *active, int *reference)            \
     {                                                                                       \
         int K = 0;                                                                          \
+        *reference = -1;    \
         /* min and max by halving: elementwise loops vectorise where a reduction with */    \
         /* IEEE comparisons would not */                                                    \
         /* (a sum of w - w here would be reassociated away: bad + w - w = bad) */           \
@@ -203,12 +215,22 @@ static inline double log_above_f64(double x)
         for (int j = 0; j < J; j++)                                                         \
             if (!(bound[j] < threshold)) /* a NaN bound keeps its component */              \
                 active[K++] = j;                                                            \
+        /* BLOCK REFERENCE: the component of the floor, t, is every weight's reference */   \
+        /* where each kept v_j - v_t lies in [MIN_LOG_RATIO, -MIN_LOG_RATIO] */             \
+        int t = 0;                                                                          \
+        for (int j = 1; j < J; j++)                                                         \
+            t = worst[j] > worst[t] ? j : t;                                                \
+        int within = 1;                                                                     \
+        for (int k = 0; k < K; k++)                                                         \
+            within &= worst[active[k]] - best[t] >= (REAL)MIN_LOG_RATIO                     \
+                      && best[active[k]] - worst[t] <= -(REAL)MIN_LOG_RATIO;                \
+        *reference = REFERENCE && within ? t : -1;                                          \
         return K;                                                                           \
     }                                                                                       \
                                                                                             \
     /* adds one block's terms into summary: the value, then sum gamma, sum gamma d, */      \
     /* sum gamma d^2 (each J), over the K components in active[] */                         \
-    static void NAME##_block(const REAL *wb, int b, const int *active, int K,               \
+    static void NAME##_block(const REAL *wb, int b, const int *active, int K, int reference,\
                              const REAL *log_norm, const REAL *means, const REAL *precisions, \
                              int J, REAL *grad_w, double *summary)                          \
     {                                                                                       \
@@ -223,28 +245,52 @@ static inline double log_above_f64(double x)
             grad[i] = wb[i] - wb[i];                                                        \
             bad += grad[i];                                                                 \
         }                                                                                   \
-        for (int k = 0; k < K; k++) {                                                       \
-            const int j = active[k];                                                        \
-            const REAL mu = means[j], p = precisions[j], ln = log_norm[j];                  \
+        if (reference >= 0) { /* BLOCK REFERENCE (see _active): one pass a component */     \
+            const REAL mu_t = means[reference], p_t = precisions[reference];                \
             for (int i = 0; i < b; i++) {                                                   \
-                const REAL d = wb[i] - mu;                                                  \
-                const REAL v = ln - (REAL)0.5 * p * d * d;                                  \
-                table[k][i] = v;                                                            \
-                top[i] = v > top[i] ? v : top[i];                                           \
+                const REAL d = wb[i] - mu_t;                                                \
+                top[i] = log_norm[reference] - (REAL)0.5 * p_t * d * d;                     \
             }                                                                               \
-        }                                                                                   \
-        /* Clamped in a loop of its own: in the loop calling EXP, GCC would rewrite */      \
-        /* exp(max(x, m)) as x > m ? exp(x) : exp(m), and call exp on the unclamped */      \
-        /* x, whose vector version takes a slow path far below m. */                        \
-        for (int k = 0; k < K; k++) {                                                       \
-            for (int i = 0; i < b; i++) {                                                   \
-                const REAL x = table[k][i] - top[i];                                        \
-                table[k][i] = x > (REAL)MIN_LOG_RATIO ? x : (REAL)MIN_LOG_RATIO;            \
+            for (int k = 0; k < K; k++) {                                                   \
+                const int j = active[k];                                                    \
+                const REAL mu = means[j], p = precisions[j], ln = log_norm[j];              \
+                if (j == reference)                                                         \
+                    for (int i = 0; i < b; i++) {                                           \
+                        table[k][i] = 1;                                                    \
+                        total[i] += 1;                                                      \
+                    }                                                                       \
+                else                                                                        \
+                    for (int i = 0; i < b; i++) {                                           \
+                        const REAL d = wb[i] - mu;                                          \
+                        const REAL e = EXP((ln - (REAL)0.5 * p * d * d) - top[i]);          \
+                        table[k][i] = e;                                                    \
+                        total[i] += e;                                                      \
+                    }                                                                       \
             }                                                                               \
-            for (int i = 0; i < b; i++) {                                                   \
-                const REAL e = EXP(table[k][i]);                                            \
-                table[k][i] = e;                                                            \
-                total[i] += e;                                                              \
+        } else {                                                                            \
+            for (int k = 0; k < K; k++) {                                                   \
+                const int j = active[k];                                                    \
+                const REAL mu = means[j], p = precisions[j], ln = log_norm[j];              \
+                for (int i = 0; i < b; i++) {                                               \
+                    const REAL d = wb[i] - mu;                                              \
+                    const REAL v = ln - (REAL)0.5 * p * d * d;                              \
+                    table[k][i] = v;                                                        \
+                    top[i] = v > top[i] ? v : top[i];                                       \
+                }                                                                           \
+            }                                                                               \
+            /* Clamped in a loop of its own: in the loop calling EXP, GCC would rewrite */  \
+            /* exp(max(x, m)) as x > m ? exp(x) : exp(m), and call exp on the unclamped */  \
+            /* x, whose vector version takes a slow path far below m. */                    \
+            for (int k = 0; k < K; k++) {                                                   \
+                for (int i = 0; i < b; i++) {                                               \
+                    const REAL x = table[k][i] - top[i];                                    \
+                    table[k][i] = x > (REAL)MIN_LOG_RATIO ? x : (REAL)MIN_LOG_RATIO;        \
+                }                                                                           \
+                for (int i = 0; i < b; i++) {                                               \
+                    const REAL e = EXP(table[k][i]);                                        \
+                    table[k][i] = e;                                                        \
+                    total[i] += e;                                                          \
+                }                                                                           \
             }                                                                               \
         }                                                                                   \
         REAL block_value = 0;                                                               \
@@ -283,11 +329,12 @@ static inline double log_above_f64(double x)
                              double margin, REAL *grad_w, double *summary)                  \
     {                                                                                       \
         int active[MAX_COMPONENTS];                                                         \
+        int reference, sub_reference[BLOCK / SUB_BLOCK];                                   \
         for (long start = 0; start < n; start += BLOCK) {                                   \
             const int b = (n - start < BLOCK) ? (int)(n - start) : BLOCK;                   \
             const REAL *wb = w + start;                                                     \
-            const int K = NAME##_active(wb, b, log_norm, means, precisions, scales, J, margin, \
-                                        active);                                            \
+            const int K = NAME##_active(wb, b, log_norm, means, precisions, scales, J, margin,\
+                                        active, &reference);                                \
             int sub_active[BLOCK / SUB_BLOCK][MAX_COMPONENTS], sub_K[BLOCK / SUB_BLOCK];    \
             long split_cost = 0;                                                            \
             /* (a block that keeps all J, e.g. under broad early-training components, */    \
@@ -295,18 +342,20 @@ static inline double log_above_f64(double x)
             const int try_split = K > SPLIT_COMPONENTS && K < J && margin < HUGE_VAL && b == BLOCK; \
             if (try_split)                                                                  \
                 for (int s = 0; s < BLOCK / SUB_BLOCK; s++) {                               \
-                    sub_K[s] = NAME##_active(wb + s * SUB_BLOCK, SUB_BLOCK, log_norm, means, \
-                                             precisions, scales, J, margin, sub_active[s]); \
+                    sub_K[s] = NAME##_active(wb + s * SUB_BLOCK, SUB_BLOCK, log_norm, means,\
+                                             precisions, scales, J, margin, sub_active[s],  \
+                                             &sub_reference[s]);                            \
                     split_cost += sub_K[s];                                                 \
                 }                                                                           \
             /* sub-blocks pay where they drop a quarter of the pairs */                     \
             if (!try_split || 4 * split_cost > 3 * (BLOCK / SUB_BLOCK) * K) {               \
-                NAME##_block(wb, b, active, K, log_norm, means, precisions, J,              \
+                NAME##_block(wb, b, active, K, reference, log_norm, means, precisions, J,   \
                              grad_w ? grad_w + start : NULL, summary);                      \
                 continue;                                                                   \
             }                                                                               \
             for (int s = 0; s < BLOCK / SUB_BLOCK; s++)                                     \
-                NAME##_block(wb + s * SUB_BLOCK, SUB_BLOCK, sub_active[s], sub_K[s], log_norm, \
+                NAME##_block(wb + s * SUB_BLOCK, SUB_BLOCK, sub_active[s], sub_K[s],        \
+                             sub_reference[s], log_norm,                                    \
                              means, precisions, J,                                          \
                              grad_w ? grad_w + start + s * SUB_BLOCK : NULL, summary);      \
         }                                                                                   \
@@ -375,8 +424,8 @@ static inline double log_above_f64(double x)
         return 0;                                                                           \
     }
 
-DEFINE_KERNEL(sws_mixture_f32, float, FLT_MAX, HUGE_VALF, exp_f32, logf, log_above_f32)
-DEFINE_KERNEL(sws_mixture_f64, double, DBL_MAX, HUGE_VAL, exp, log, log_above_f64)
+DEFINE_KERNEL(sws_mixture_f32, float, FLT_MAX, HUGE_VALF, exp_f32, logf, log_above_f32, 1)
+DEFINE_KERNEL(sws_mixture_f64, double, DBL_MAX, HUGE_VAL, exp, log, log_above_f64, 0)
 
 /* Whether this build runs the parts on OpenMP threads (else one after another). */
 int sws_openmp(void)
