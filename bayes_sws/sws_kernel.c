@@ -149,6 +149,7 @@ static inline double log_above_f64(double x)
 #define BLOCK 256
 #define SUB_BLOCK 64
 #define SPLIT_COMPONENTS 3
+#define SPLIT_EXCESS 2
 #define MAX_COMPONENTS 64
 #define MAX_PARTS 256 /* the partial sums live on the stack */
 #define MIN_LOG_RATIO (-80) /* exp below this is subnormal in float32 */
@@ -322,14 +323,16 @@ static inline double log_above_f64(double x)
     }                                                                                       \
                                                                                             \
     /* Blocks of BLOCK weights; one whose bound keeps more than SPLIT_COMPONENTS */         \
-    /* components is bounded again in sub-blocks of SUB_BLOCK (a few outlying weights */    \
-    /* widen a block's range) */                                                            \
+    /* components, and more than SPLIT_EXCESS over the fewest any block of the range */     \
+    /* kept so far, is bounded again in sub-blocks of SUB_BLOCK (a few outlying weights */  \
+    /* widen a block's range; a block that keeps about what every block keeps has none) */  \
     static void NAME##_range(const REAL *w, long n, const REAL *log_norm, const REAL *means, \
                              const REAL *precisions, const REAL *scales, int J,             \
                              double margin, REAL *grad_w, double *summary)                  \
     {                                                                                       \
         int active[MAX_COMPONENTS];                                                         \
-        int reference, sub_reference[BLOCK / SUB_BLOCK];                                   \
+        int reference, sub_reference[BLOCK / SUB_BLOCK];                                    \
+        int fewest = J;                                                                     \
         for (long start = 0; start < n; start += BLOCK) {                                   \
             const int b = (n - start < BLOCK) ? (int)(n - start) : BLOCK;                   \
             const REAL *wb = w + start;                                                     \
@@ -339,7 +342,9 @@ static inline double log_above_f64(double x)
             long split_cost = 0;                                                            \
             /* (a block that keeps all J, e.g. under broad early-training components, */    \
             /* is not tried: its sub-blocks would mostly keep all too) */                   \
-            const int try_split = K > SPLIT_COMPONENTS && K < J && margin < HUGE_VAL && b == BLOCK; \
+            fewest = K < fewest ? K : fewest;                                               \
+            const int try_split = K > SPLIT_COMPONENTS && K > fewest + SPLIT_EXCESS && K < J\
+                                  && margin < HUGE_VAL && b == BLOCK;                       \
             if (try_split)                                                                  \
                 for (int s = 0; s < BLOCK / SUB_BLOCK; s++) {                               \
                     sub_K[s] = NAME##_active(wb + s * SUB_BLOCK, SUB_BLOCK, log_norm, means,\
