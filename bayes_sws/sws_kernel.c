@@ -62,7 +62,8 @@
  * The bound costs O(J) per block; late in training, with narrow components and most
  * weights near zero, a block needs a few components of J. A few outlying weights
  * widen a block's range: a block that keeps more than SPLIT_COMPONENTS (and fewer than
- * J) is bounded again in sub-blocks of SUB_BLOCK weights, used where they drop a
+ * J), and more than SPLIT_EXCESS over the fewest that any block of its range has kept so
+ * far, is bounded again in sub-blocks of SUB_BLOCK weights, used where they drop a
  * quarter of the pairs.
  * The weights are not reordered (a permutation would cost two more passes over them).
  *
