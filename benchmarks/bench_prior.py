@@ -351,6 +351,11 @@ def compare_skipping(args: argparse.Namespace) -> list[dict]:
     if native is None:
         print("skipping comparison: the native kernel is unavailable here")
         return []
+    dense_native = native
+    if args.dense_kernel:
+        import ctypes
+        dense_native = kernels._Native(ctypes.CDLL(str(Path(args.dense_kernel).resolve())))
+        print(f"kernel dense: {args.dense_kernel}, every pair (the call columns use this library's kernel)")
     records = []
     print(f"{'case':<14} {'N':>8} {'kernel dense':>13} {'skipping':>10} {'speed-up':>9} "
           f"{'call dense':>11} {'skipping':>10} {'speed-up':>9}")
@@ -362,10 +367,10 @@ def compare_skipping(args: argparse.Namespace) -> list[dict]:
             leaves = [t.clone().requires_grad_() for t in mixture]
             w = weights.clone().requires_grad_()
 
-            def kernel() -> None:
-                native.value_and_grads([weights], list(mixture), [grad], summary)
+            def kernel(dense: bool) -> None:
+                (dense_native if dense else native).value_and_grads([weights], list(mixture), [grad], summary)
 
-            def call() -> None:
+            def call(dense: bool) -> None:
                 w.grad = None
                 for leaf in leaves:
                     leaf.grad = None
@@ -380,7 +385,7 @@ def compare_skipping(args: argparse.Namespace) -> list[dict]:
                         for dense in (True, False):
                             with kernels.use_skipping(not dense):
                                 start = clock()
-                                function()
+                                function(dense)
                                 times[what, dense].append(clock() - start)
             median = {key: statistics.median(values[1:]) for key, values in times.items()}
             record = {"case": name, "n": n, "foreign_cpu_load": load.fraction,
@@ -433,6 +438,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cpu-time", action="store_true",
                         help="--skipping: time with this process's CPU time instead of the wall clock "
                              "(robust on a loaded machine; with --threads 1 it is the work done)")
+    parser.add_argument("--dense-kernel", metavar="LIBRARY.so",
+                        help="--skipping: time the dense kernel columns with this build of a kernel source "
+                             "(e.g. an earlier commit's sws_kernel.c) instead of this library's")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON here")
     parser.add_argument("--_worker", nargs=2, metavar=("METHOD", "N"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -442,6 +450,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(measure(method, int(n), args)), flush=True)
         return 0
 
+    if args.dense_kernel and not (args.skipping and Path(args.dense_kernel).is_file()):
+        parser.error(f"--dense-kernel takes an existing shared library, with --skipping: {args.dense_kernel}")
     if args.skipping:
         args.sizes = args.sizes or [10**6]
         print(f"bench_prior --skipping: J={args.components}, float32, cpu, threads={args.threads}, "

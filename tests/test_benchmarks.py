@@ -60,3 +60,13 @@ def test_a_missing_table_file_stops_the_benchmark_with_one_line(monkeypatch, tmp
         bench.main()
     text = str(stopped.value.code)
     assert text.startswith("bench_compression: cannot read ") and "\n" not in text
+
+
+@pytest.mark.parametrize("arguments", [["--skipping", "--dense-kernel", "missing.so"], ["--dense-kernel", __file__]])
+def test_a_dense_kernel_that_is_no_file_or_without_skipping_is_an_argument_error(monkeypatch, capsys,
+                                                                                 arguments: list[str]) -> None:
+    bench = _benchmark("bench_prior", monkeypatch, blocked=("compare_skipping", "measure"))
+    with pytest.raises(SystemExit) as stopped:
+        bench.main(arguments)
+    assert stopped.value.code == 2
+    assert "--dense-kernel" in capsys.readouterr().err
