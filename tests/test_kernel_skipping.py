@@ -71,8 +71,12 @@ def _cases():
     near_zero = GaussianMixture(late.log_proportions.clone(), late.means, late.scales)
     near_zero.log_proportions[3] = math.log(1e-30)
     near_zero.log_proportions[5] = -math.inf
+    # a broad component of π = e^-150 has the floor of every block, and the narrow one
+    # rises up to 155 nats above it: beyond what float32 exp can take against the floor
+    faded = GaussianMixture(torch.tensor([0.0, -150.0]), torch.zeros(2), torch.tensor([0.01, 1.0]))
     return {
         "late_training": (late, _draw(late, 40_000, g)),
+        "a_faded_broad_component_under_a_narrow_one": (faded, 0.4 * torch.rand(40_000, generator=g) - 0.2),
         "early_training": (early, 0.15 * torch.randn(40_000, generator=g)),
         "a_component_no_weight_is_near": (far, _draw(late, 40_000, g)),
         "pi_zero_near_one": (near_one, _draw(late, 40_000, g)),
