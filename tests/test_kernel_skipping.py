@@ -247,3 +247,19 @@ def test_float64_skipping_of_components_at_the_margin_is_as_exact_as_the_dense_k
         skipping = _relative_errors(_results(weights, mixture, dense=False, dtype=F64), reference)
         for name, skip_error, dense_error in zip(("value", "w", "log pi", "mu", "sigma"), skipping, dense):
             assert skip_error <= 2 * dense_error + 1e-13, (name, skip_error, dense_error)
+
+
+def test_float32_block_reference_stays_finite_where_the_log_densities_are_huge():
+    # 256 equal weights 1e4-1e6 sigma past four narrow components whose log-densities
+    # there, -1e8 to -1e12, differ by under 60 nats: the bounds pass the block-reference
+    # guard, but float32 round-off of each log-density is up to thousands of nats, far
+    # past the [-87, 87] that exp_f32 takes
+    for scale in torch.logspace(-6.5, -4, 11).tolist():
+        p, w0 = scale**-2, 1.2
+        mixture = GaussianMixture(torch.tensor([0.1, 0.2, 0.3, 0.4]).log(),
+                                  60 / (p * w0) * torch.tensor([0.0, 0.3, 0.6, 0.9]), torch.full((4,), scale))
+        weights = torch.full((256,), w0)
+        skipping = _results(weights, mixture, dense=False, dtype=torch.float32)
+        dense = _results(weights, mixture, dense=True, dtype=torch.float32)
+        assert all(bool(torch.isfinite(x).all()) for x in skipping), scale
+        torch.testing.assert_close(skipping[0], dense[0], rtol=1e-6, atol=0)
