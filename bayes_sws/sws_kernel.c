@@ -219,14 +219,16 @@ static inline double log_above_f64(double x)
             const REAL factor = widest / scales[j] * (near_z2[j] > 1 ? 1 + near_z2[j] : 2); \
             bound[j] = best[j] + LOG_ABOVE(factor > 1 ? factor : 1);                        \
         }                                                                                   \
-        for (int j = 0; j < J; j++)                                                         \
-            if (!(bound[j] < threshold)) /* a NaN bound keeps its component */              \
-                active[K++] = j;                                                            \
-        /* BLOCK REFERENCE: the component of the floor, t, is every weight's reference */   \
-        /* where each kept v_j - v_t lies in [MIN_LOG_RATIO, -MIN_LOG_RATIO] */             \
+        /* the floor's component t stays even where round-off of huge |v| drops best_t */  \
+        /* under worst_t (else a block could keep none and every weight get log 0) */        \
         int t = 0;                                                                          \
         for (int j = 1; j < J; j++)                                                         \
             t = worst[j] > worst[t] ? j : t;                                                \
+        for (int j = 0; j < J; j++)                                                         \
+            if (!(bound[j] < threshold) || j == t) /* a NaN bound keeps its component */    \
+                active[K++] = j;                                                            \
+        /* BLOCK REFERENCE: t is every weight's reference where each kept v_j - v_t */      \
+        /* lies in [MIN_LOG_RATIO, -MIN_LOG_RATIO] */                                       \
         int within = 1;                                                                     \
         for (int k = 0; k < K; k++)                                                         \
             within &= worst[active[k]] - best[t] >= (REAL)MIN_LOG_RATIO                     \

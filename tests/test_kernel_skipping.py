@@ -263,3 +263,15 @@ def test_float32_block_reference_stays_finite_where_the_log_densities_are_huge()
         dense = _results(weights, mixture, dense=True, dtype=torch.float32)
         assert all(bool(torch.isfinite(x).all()) for x in skipping), scale
         torch.testing.assert_close(skipping[0], dense[0], rtol=1e-6, atol=0)
+
+
+def test_float32_skipping_keeps_a_component_for_equal_weights_far_past_narrow_ones():
+    # at log-densities near -8e8 round-off put every component's bound under the
+    # threshold: the block kept none and the value was -inf (the dense kernel's is finite)
+    mixture = GaussianMixture(torch.tensor([-1.5796948671340942, -4.066702365875244, -0.6928619742393494, -1.2848732471466064]),
+                              torch.tensor([9.298034342464234e-09, 5.068531550023181e-08, 1.0655427651329319e-08,
+                                            2.9901923159769694e-09]), torch.full((4,), 6.368058631858488e-05))
+    weights = torch.full((256,), 2.507568836212158)
+    skipping = _results(weights, mixture, dense=False, dtype=torch.float32)
+    dense = _results(weights, mixture, dense=True, dtype=torch.float32)
+    torch.testing.assert_close(skipping[0], dense[0], rtol=1e-6, atol=0)
