@@ -71,9 +71,10 @@
  * log-density: its top term, found in a pass of its own, or, where the block's bounds
  * allow, the term of the block's floor component t (the j of top_floor). That is allowed
  * when every kept component's v_j - v_t lies in [MIN_LOG_RATIO, -MIN_LOG_RATIO] over the
- * block (worst_j - best_t and best_j - worst_t), so no term needs clamping and none
- * overflows; then v_j - v_t and its exp are computed in one loop, and t's own term is
- * exactly 1, as a weight's top term is in the other form (which keeps the responsibilities
+ * block (worst_j - best_t and best_j - worst_t), and every kept worst_j is above
+ * -MAX_REFERENCE_MAGNITUDE (so that round-off cannot carry a term past exp_f32's range),
+ * so no term needs clamping and none overflows; then v_j - v_t and its exp are computed
+ * in one loop, and t's own term is exactly 1, as a weight's top term is in the other form (which keeps the responsibilities
  * of the dominant component exact, where sums like sum_i gamma_i0 d_i cancel). It saves
  * the pass that finds each weight's top and the clamping pass: 1.5 times faster on broad
  * early-training mixtures. The float64 kernel keeps the top-term form.
@@ -154,6 +155,10 @@ static inline double log_above_f64(double x)
 #define MAX_COMPONENTS 64
 #define MAX_PARTS 256 /* the partial sums live on the stack */
 #define MIN_LOG_RATIO (-80) /* exp below this is subnormal in float32 */
+/* The block reference needs |v| under this: float32 round-off of each term, a few
+ * 2^-24 |v| (0.3 nats here), then stays well inside the 7 nats from 80 to 87, where
+ * exp_f32 breaks down; at |v| near 1e10 it is hundreds of nats. */
+#define MAX_REFERENCE_MAGNITUDE 1048576
 #define HALF_LOG_2PI 0.91893853320467274178
 #define SUMMARY(J) (1 + 3 * (J))
 
@@ -214,18 +219,21 @@ static inline double log_above_f64(double x)
             const REAL factor = widest / scales[j] * (near_z2[j] > 1 ? 1 + near_z2[j] : 2); \
             bound[j] = best[j] + LOG_ABOVE(factor > 1 ? factor : 1);                        \
         }                                                                                   \
-        for (int j = 0; j < J; j++)                                                         \
-            if (!(bound[j] < threshold)) /* a NaN bound keeps its component */              \
-                active[K++] = j;                                                            \
-        /* BLOCK REFERENCE: the component of the floor, t, is every weight's reference */   \
-        /* where each kept v_j - v_t lies in [MIN_LOG_RATIO, -MIN_LOG_RATIO] */             \
+        /* the floor's component t stays even where round-off of huge |v| drops best_t */  \
+        /* under worst_t (else a block could keep none and every weight get log 0) */        \
         int t = 0;                                                                          \
         for (int j = 1; j < J; j++)                                                         \
             t = worst[j] > worst[t] ? j : t;                                                \
+        for (int j = 0; j < J; j++)                                                         \
+            if (!(bound[j] < threshold) || j == t) /* a NaN bound keeps its component */    \
+                active[K++] = j;                                                            \
+        /* BLOCK REFERENCE: t is every weight's reference where each kept v_j - v_t */      \
+        /* lies in [MIN_LOG_RATIO, -MIN_LOG_RATIO] */                                       \
         int within = 1;                                                                     \
         for (int k = 0; k < K; k++)                                                         \
             within &= worst[active[k]] - best[t] >= (REAL)MIN_LOG_RATIO                     \
-                      && best[active[k]] - worst[t] <= -(REAL)MIN_LOG_RATIO;                \
+                      && best[active[k]] - worst[t] <= -(REAL)MIN_LOG_RATIO                 \
+                      && worst[active[k]] >= -(REAL)MAX_REFERENCE_MAGNITUDE;                \
         *reference = REFERENCE && within ? t : -1;                                          \
         return K;                                                                           \
     }                                                                                       \

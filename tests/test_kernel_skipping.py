@@ -71,8 +71,12 @@ def _cases():
     near_zero = GaussianMixture(late.log_proportions.clone(), late.means, late.scales)
     near_zero.log_proportions[3] = math.log(1e-30)
     near_zero.log_proportions[5] = -math.inf
+    # a broad component of π = e^-150 has the floor of every block, and the narrow one
+    # rises up to 155 nats above it: beyond what float32 exp can take against the floor
+    faded = GaussianMixture(torch.tensor([0.0, -150.0]), torch.zeros(2), torch.tensor([0.01, 1.0]))
     return {
         "late_training": (late, _draw(late, 40_000, g)),
+        "a_faded_broad_component_under_a_narrow_one": (faded, 0.4 * torch.rand(40_000, generator=g) - 0.2),
         "early_training": (early, 0.15 * torch.randn(40_000, generator=g)),
         "a_component_no_weight_is_near": (far, _draw(late, 40_000, g)),
         "pi_zero_near_one": (near_one, _draw(late, 40_000, g)),
@@ -243,3 +247,31 @@ def test_float64_skipping_of_components_at_the_margin_is_as_exact_as_the_dense_k
         skipping = _relative_errors(_results(weights, mixture, dense=False, dtype=F64), reference)
         for name, skip_error, dense_error in zip(("value", "w", "log pi", "mu", "sigma"), skipping, dense):
             assert skip_error <= 2 * dense_error + 1e-13, (name, skip_error, dense_error)
+
+
+def test_float32_block_reference_stays_finite_where_the_log_densities_are_huge():
+    # 256 equal weights 1e4-1e6 sigma past four narrow components whose log-densities
+    # there, -1e8 to -1e12, differ by under 60 nats: the bounds pass the block-reference
+    # guard, but float32 round-off of each log-density is up to thousands of nats, far
+    # past the [-87, 87] that exp_f32 takes
+    for scale in torch.logspace(-6.5, -4, 11).tolist():
+        p, w0 = scale**-2, 1.2
+        mixture = GaussianMixture(torch.tensor([0.1, 0.2, 0.3, 0.4]).log(),
+                                  60 / (p * w0) * torch.tensor([0.0, 0.3, 0.6, 0.9]), torch.full((4,), scale))
+        weights = torch.full((256,), w0)
+        skipping = _results(weights, mixture, dense=False, dtype=torch.float32)
+        dense = _results(weights, mixture, dense=True, dtype=torch.float32)
+        assert all(bool(torch.isfinite(x).all()) for x in skipping), scale
+        torch.testing.assert_close(skipping[0], dense[0], rtol=1e-6, atol=0)
+
+
+def test_float32_skipping_keeps_a_component_for_equal_weights_far_past_narrow_ones():
+    # at log-densities near -8e8 round-off put every component's bound under the
+    # threshold: the block kept none and the value was -inf (the dense kernel's is finite)
+    mixture = GaussianMixture(torch.tensor([-1.5796948671340942, -4.066702365875244, -0.6928619742393494, -1.2848732471466064]),
+                              torch.tensor([9.298034342464234e-09, 5.068531550023181e-08, 1.0655427651329319e-08,
+                                            2.9901923159769694e-09]), torch.full((4,), 6.368058631858488e-05))
+    weights = torch.full((256,), 2.507568836212158)
+    skipping = _results(weights, mixture, dense=False, dtype=torch.float32)
+    dense = _results(weights, mixture, dense=True, dtype=torch.float32)
+    torch.testing.assert_close(skipping[0], dense[0], rtol=1e-6, atol=0)

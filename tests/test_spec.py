@@ -1,7 +1,10 @@
 """The specification layer: light to import, and its vocabularies match the modules that act on them."""
 
+import os
+import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -124,3 +127,29 @@ def test_a_bundled_specification_loads_by_name_from_any_directory(tmp_path: Path
         spec.load_spec("models/no-such-model.toml")
     with pytest.raises(SpecError, match="not found"):
         spec.load_spec(tmp_path / "elsewhere" / "digits.toml")  # only NAME, NAME.toml, models/NAME.toml
+
+
+def test_a_built_wheel_ships_the_specifications_and_an_install_from_it_finds_them(tmp_path: Path) -> None:
+    pytest.importorskip("setuptools")
+    source = tmp_path / "source"      # a copy, so that the build leaves nothing in the checkout
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md", "bayes_sws", "models"):
+        (shutil.copytree if (ROOT / name).is_dir() else shutil.copy)(ROOT / name, source / name)
+    build = ("import sys; from setuptools import build_meta; "
+             "print(build_meta.build_wheel(sys.argv[1]))")
+    wheel = subprocess.run([sys.executable, "-c", build, str(tmp_path)], cwd=source, capture_output=True,
+                           text=True, check=True).stdout.split()[-1]
+    installed = tmp_path / "installed"
+    with zipfile.ZipFile(tmp_path / wheel) as archive:
+        names = set(archive.namelist())
+        archive.extractall(installed)
+    assert {f"bayes_sws/models/{p.name}" for p in (ROOT / "models").glob("*.toml")} <= names
+    assert "bayes_sws/sws_kernel.c" in names
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    check = ("from bayes_sws.spec import bundled_specs, load_spec; "
+             "print(len(bundled_specs()), load_spec('models/digits.toml').name, bundled_specs()['digits'])")
+    result = subprocess.run([sys.executable, "-c", check], cwd=elsewhere, capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": str(installed)}, check=True).stdout.split()
+    assert result[:2] == [str(len(list((ROOT / "models").glob("*.toml")))), "digits"]
+    assert Path(result[2]).is_relative_to(installed)
