@@ -74,8 +74,9 @@
  * block (worst_j - best_t and best_j - worst_t), and every kept worst_j is above
  * -MAX_REFERENCE_MAGNITUDE (so that round-off cannot carry a term past exp_f32's range),
  * so no term needs clamping and none overflows; then v_j - v_t and its exp are computed
- * in one loop, and t's own term is exactly 1, as a weight's top term is in the other form (which keeps the responsibilities
- * of the dominant component exact, where sums like sum_i gamma_i0 d_i cancel). It saves
+ * in one loop, and t's own term is exactly 1, as a weight's top term is in the other
+ * form (which keeps the responsibilities of the dominant component exact, where sums
+ * like sum_i gamma_i0 d_i cancel). It saves
  * the pass that finds each weight's top and the clamping pass: 1.5 times faster on broad
  * early-training mixtures. The float64 kernel keeps the top-term form.
  */
