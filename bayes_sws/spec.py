@@ -569,11 +569,10 @@ def bundled_specs() -> dict[str, Path]:
 
 def _resolve_spec_path(path: Path) -> Path:
     """``path`` itself where it exists; else a bundled specification named by ``NAME``, ``NAME.toml`` or ``models/NAME.toml``."""
-    if path.exists() or path.is_absolute() or str(path.parent) not in (".", "models"):
+    if path.exists() or path.is_absolute() or str(path.parent) not in (".", "models") \
+            or path.suffix not in ("", ".toml"):
         return path
-    if path.suffix not in ("", ".toml"):
-        return path
-    return bundled_specs().get(path.stem if path.suffix == ".toml" else path.name, path)
+    return bundled_specs().get(path.stem, path)
 
 
 def load_spec(path: str | os.PathLike[str], *, overrides: list[str] = ()) -> Spec:

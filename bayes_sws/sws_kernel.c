@@ -76,9 +76,9 @@
  * so no term needs clamping and none overflows; then v_j - v_t and its exp are computed
  * in one loop, and t's own term is exactly 1, as a weight's top term is in the other
  * form (which keeps the responsibilities of the dominant component exact, where sums
- * like sum_i gamma_i0 d_i cancel). It saves
- * the pass that finds each weight's top and the clamping pass: 1.5 times faster on broad
- * early-training mixtures. The float64 kernel keeps the top-term form.
+ * like sum_i gamma_i0 d_i cancel). It saves the pass that finds each weight's top and
+ * the clamping pass: 1.5 times faster on broad early-training mixtures. The float64
+ * kernel keeps the top-term form.
  */
 #include <float.h>
 #include <math.h>
@@ -95,12 +95,13 @@ __attribute__((__simd__("notinbranch"))) float logf(float);
 #endif
 
 /* exp(x) for float x in [MIN_LOG_RATIO, -MIN_LOG_RATIO] only (the caller clamps or
- * checks; beyond about +-87 the exponent arithmetic overflows): x = n ln2 + r, |r| <= ln2/2, with Cephes'
- * polynomial for exp(r) and n added to the exponent bits. Inline and branch-free, so
- * the loops calling it vectorise (glibc's vector expf is a call per vector and 1.4
- * times slower here). Within 1.2e-7 relative (about one ulp) where the CPU has FMA:
- * fmaf keeps -fassociative-math from merging the two parts of ln2. Without FMA it may merge
- * them, and the error grows with |n| to 4e-6 near x = -72, on terms that small. */
+ * checks; beyond about +-87 the exponent arithmetic overflows): x = n ln2 + r,
+ * |r| <= ln2/2, with Cephes' polynomial for exp(r) and n added to the exponent bits.
+ * Inline and branch-free, so the loops calling it vectorise (glibc's vector expf is a
+ * call per vector and 1.4 times slower here). Within 1.2e-7 relative (about one ulp)
+ * where the CPU has FMA: fmaf keeps -fassociative-math from merging the two parts of
+ * ln2. Without FMA it may merge them, and the error grows with |n| to 4e-6 near
+ * x = -72, on terms that small. */
 #ifdef __FP_FAST_FMAF
 #define MINUS_PRODUCT_PLUS(a, b, c) fmaf(-(a), (b), (c))
 #else
@@ -168,10 +169,10 @@ static inline double log_above_f64(double x)
     /* active[]. A block holding a non-finite weight keeps them all. */                     \
     static int NAME##_active(const REAL *wb, int b, const REAL *log_norm,                   \
                              const REAL *means, const REAL *precisions, const REAL *scales, \
-                             int J, double margin, int *active, int *reference)            \
+                             int J, double margin, int *active, int *reference)             \
     {                                                                                       \
         int K = 0;                                                                          \
-        *reference = -1;    \
+        *reference = -1;                                                                    \
         /* min and max by halving: elementwise loops vectorise where a reduction with */    \
         /* IEEE comparisons would not */                                                    \
         /* (a sum of w - w here would be reassociated away: bad + w - w = bad) */           \
@@ -220,8 +221,8 @@ static inline double log_above_f64(double x)
             const REAL factor = widest / scales[j] * (near_z2[j] > 1 ? 1 + near_z2[j] : 2); \
             bound[j] = best[j] + LOG_ABOVE(factor > 1 ? factor : 1);                        \
         }                                                                                   \
-        /* the floor's component t stays even where round-off of huge |v| drops best_t */  \
-        /* under worst_t (else a block could keep none and every weight get log 0) */        \
+        /* the floor's component t stays even where round-off of huge |v| drops best_t */   \
+        /* under worst_t (else a block could keep none and every weight get log 0) */       \
         int t = 0;                                                                          \
         for (int j = 1; j < J; j++)                                                         \
             t = worst[j] > worst[t] ? j : t;                                                \
@@ -241,9 +242,9 @@ static inline double log_above_f64(double x)
                                                                                             \
     /* adds one block's terms into summary: the value, then sum gamma, sum gamma d, */      \
     /* sum gamma d^2 (each J), over the K components in active[] */                         \
-    static void NAME##_block(const REAL *wb, int b, const int *active, int K, int reference,\
-                             const REAL *log_norm, const REAL *means, const REAL *precisions, \
-                             int J, REAL *grad_w, double *summary)                          \
+    static void NAME##_block(const REAL *wb, int b, const int *active, int K,               \
+                             int reference, const REAL *log_norm, const REAL *means,        \
+                             const REAL *precisions, int J, REAL *grad_w, double *summary)  \
     {                                                                                       \
         REAL table[MAX_COMPONENTS][BLOCK];                                                  \
         REAL top[BLOCK], total[BLOCK], grad[BLOCK];                                         \
@@ -346,20 +347,20 @@ static inline double log_above_f64(double x)
         for (long start = 0; start < n; start += BLOCK) {                                   \
             const int b = (n - start < BLOCK) ? (int)(n - start) : BLOCK;                   \
             const REAL *wb = w + start;                                                     \
-            const int K = NAME##_active(wb, b, log_norm, means, precisions, scales, J, margin,\
-                                        active, &reference);                                \
+            const int K = NAME##_active(wb, b, log_norm, means, precisions, scales, J,      \
+                                        margin, active, &reference);                        \
             int sub_active[BLOCK / SUB_BLOCK][MAX_COMPONENTS], sub_K[BLOCK / SUB_BLOCK];    \
             long split_cost = 0;                                                            \
             /* (a block that keeps all J, e.g. under broad early-training components, */    \
             /* is not tried: its sub-blocks would mostly keep all too) */                   \
             fewest = K < fewest ? K : fewest;                                               \
-            const int try_split = K > SPLIT_COMPONENTS && K > fewest + SPLIT_EXCESS && K < J\
-                                  && margin < HUGE_VAL && b == BLOCK;                       \
+            const int try_split = K > SPLIT_COMPONENTS && K > fewest + SPLIT_EXCESS         \
+                                  && K < J && margin < HUGE_VAL && b == BLOCK;              \
             if (try_split)                                                                  \
                 for (int s = 0; s < BLOCK / SUB_BLOCK; s++) {                               \
-                    sub_K[s] = NAME##_active(wb + s * SUB_BLOCK, SUB_BLOCK, log_norm, means,\
-                                             precisions, scales, J, margin, sub_active[s],  \
-                                             &sub_reference[s]);                            \
+                    sub_K[s] = NAME##_active(wb + s * SUB_BLOCK, SUB_BLOCK, log_norm,       \
+                                             means, precisions, scales, J, margin,          \
+                                             sub_active[s], &sub_reference[s]);             \
                     split_cost += sub_K[s];                                                 \
                 }                                                                           \
             /* sub-blocks pay where they drop a quarter of the pairs */                     \

@@ -31,6 +31,7 @@ Run:  cd /work/main && PYTHONPATH=. .venv/bin/python benchmarks/bench_prior.py \
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import math
 import os
@@ -353,7 +354,6 @@ def compare_skipping(args: argparse.Namespace) -> list[dict]:
         return []
     dense_native = native
     if args.dense_kernel:
-        import ctypes
         dense_native = kernels._Native(ctypes.CDLL(str(Path(args.dense_kernel).resolve())))
         print(f"kernel dense: {args.dense_kernel}, every pair (the call columns use this library's kernel)")
     records = []
