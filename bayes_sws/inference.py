@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import math
 import operator
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -48,7 +49,8 @@ from .data import Dataset
 from .fitting import Callback, Evaluate, FitState, fit, library_scope, start_fit
 from .model import SoftWeightSharingModel
 from .errors import BayesSWSError
-from .local_reparam import WeightPosterior, check_local_layers, mean_field_part, weight_posterior
+from .local_reparam import (WeightPosterior, active_weight_posterior, check_local_layers, mean_field_part,
+                            weight_posterior)
 from .optim import LearningRates
 
 __all__ = [
@@ -182,6 +184,12 @@ def map_loss(model: Callable, guide: AutoDelta, *args, **kwargs) -> torch.Tensor
     log-density as it happens (:class:`_PointLogJoint`: no trace is recorded). The
     tests check the result, and its gradients, equal ``Trace_ELBO().differentiable_loss``.
 
+    For a :class:`~bayes_sws.model.SoftWeightSharingModel` and a plain ``AutoDelta``
+    with its parameters on itself (the fit loop's :func:`~bayes_sws.fitting.library_scope`),
+    called on ``(x, y)`` outside any Pyro handler, the model is not run at all: the loss
+    is :meth:`~bayes_sws.model.SoftWeightSharingModel.log_joint` of the guide's
+    parameters, the same density in a few operations.
+
     Examples
     --------
     >>> loss = map_loss(model, guide, x, y, data_size=60000)
@@ -189,6 +197,10 @@ def map_loss(model: Callable, guide: AutoDelta, *args, **kwargs) -> torch.Tensor
     """
     if guide.prototype_trace is None:
         guide(*args, **kwargs)  # creates the guide's parameters
+    coordinates = _point_coordinates(model, guide, args, kwargs)
+    if coordinates is not None:
+        x, y = args
+        return -model.log_joint(coordinates, x, y, data_size=kwargs.get("data_size"))
     sites = guide.prototype_trace.nodes
     latent = [name for name, site in sites.items() if site["type"] == "sample" and not site["is_observed"]]
     if any(sites[name]["cond_indep_stack"] for name in latent):
@@ -200,6 +212,51 @@ def map_loss(model: Callable, guide: AutoDelta, *args, **kwargs) -> torch.Tensor
     with joint:
         model(*args, **kwargs)
     return -joint.total
+
+
+_POINT_PARAMETERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+"""AutoDelta guide → (its prototype trace, the model, site → parameter) where :func:`_point_coordinates` applies."""
+
+
+def _point_coordinates(model: Callable, guide: AutoDelta, args: tuple, kwargs: dict) -> dict[str, torch.Tensor] | None:
+    """Each latent site's unconstrained parameter in the guide, where :meth:`SoftWeightSharingModel.log_joint` is the loss.
+
+    That is a model whose sites are those of its groups (no likelihood sites), a plain
+    ``AutoDelta`` keeping its parameters on itself, weights of real support (their
+    parameters are their values), a call ``(x, y, data_size=…)``, no Pyro handler
+    around it (``log_joint`` would bypass it), no local reparameterisation and no
+    tracing; ``None`` otherwise.
+    """
+    if not (isinstance(model, SoftWeightSharingModel) and type(guide) is AutoDelta and len(args) == 2
+            and args[1] is not None and set(kwargs) <= {"data_size"} and pyro.settings.get("module_local_params")
+            and not poutine.runtime.am_i_wrapped() and not torch.jit.is_tracing()
+            and active_weight_posterior() is None):
+        return None
+    cached = _POINT_PARAMETERS.get(guide)
+    if cached is None or cached[0] is not guide.prototype_trace or cached[1] is not model:
+        cached = (guide.prototype_trace, model, _point_parameters(model, guide))
+        _POINT_PARAMETERS[guide] = cached
+    return cached[2]
+
+
+def _point_parameters(model: SoftWeightSharingModel, guide: AutoDelta) -> dict[str, torch.nn.Parameter] | None:
+    sites = {name: site for name, site in guide.prototype_trace.iter_stochastic_nodes()}
+    if any(site["cond_indep_stack"] for site in sites.values()):
+        return None
+    like = next(iter(model.network.parameters()))
+    expected = {*model.prior_sites, *(f"{group}.{suffix}" for group in model.groups
+                                      for suffix in model.prior._site_priors(like))}
+    if set(sites) != expected or model.likelihood.initial_values(like=like) \
+            or not all(_is_identity(transform_to(sites[name]["fn"].support)) for name in model.prior_sites):
+        return None
+    parameters = dict(guide.named_parameters())
+    return {name: parameters[f"{name}_unconstrained"] for name in sites}
+
+
+def _is_identity(transform: torch.distributions.Transform) -> bool:
+    while isinstance(transform, torch.distributions.transforms.IndependentTransform):
+        transform = transform.base_transform
+    return isinstance(transform, torch.distributions.transforms.ComposeTransform) and not transform.parts
 
 
 class _PointLogJoint(Messenger):

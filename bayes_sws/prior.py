@@ -33,7 +33,9 @@ import pyro
 import pyro.distributions as dist
 import torch
 from pyro.distributions.torch_distribution import TorchDistribution
-from torch.distributions import biject_to, constraints, transform_to
+from torch.distributions import Independent, biject_to, constraints, transform_to
+from torch.distributions.transforms import (AffineTransform, ComposeTransform, ExpTransform, IndependentTransform,
+                                           SigmoidTransform, SoftmaxTransform, Transform)
 from torch.distributions.mixture_same_family import MixtureSameFamilyConstraint
 
 from . import kernels
@@ -506,6 +508,156 @@ class MixturePrior(TorchDistribution):
         return self._per_weight(second_moment - (proportions * self.means).sum(-1) ** 2)
 
 
+# --------------------------------------------------------------------------- a group at a point
+
+
+class _PointPlan(NamedTuple):
+    """How :meth:`SoftWeightSharingPrior.group_log_joint` computes a configuration's mixture at a point.
+
+    The sites' transforms, and their hyperpriors in closed form: log p(sites) is
+    ``constant`` plus the terms :meth:`SoftWeightSharingPrior._point_mixture` adds, with
+    the parameters below (0 or ``None`` where a site is flat or absent).
+    """
+
+    prior: SoftWeightSharingPrior
+    suffixes: tuple[str, ...]
+    site_priors: tuple[dist.Distribution, ...]
+    shapes: tuple[torch.Size, ...]
+    transforms: tuple[Transform, ...]  # transform_to(support) of each site
+    closed_form: bool  # the transforms and hyperpriors are those the closed form takes
+    constant: float
+    means_precision: float  # 1/s² of the means' Normal(0, s)
+    gamma: tuple[torch.Tensor, torch.Tensor] | None  # (α − 1, β) of the precisions' Gamma, (J,)
+    dirichlet: torch.Tensor | float  # a − 1 of π's Dirichlet
+    beta: tuple[torch.Tensor | float, torch.Tensor | float]  # (a − 1, b − 1) of π0's Beta
+
+
+def _unwrapped(transform: Transform) -> Transform:
+    while isinstance(transform, IndependentTransform):
+        transform = transform.base_transform
+    return transform
+
+
+def _is_exp(transform: Transform) -> bool:
+    """Whether the transform is x ↦ exp(x) (torch's transform to the positive or non-negative reals)."""
+    transform = _unwrapped(transform)
+    if isinstance(transform, ComposeTransform) and len(transform.parts) == 2 \
+            and isinstance(transform.parts[1], AffineTransform):
+        affine = transform.parts[1]
+        transform = transform.parts[0] if float(affine.loc) == 0 and float(affine.scale) == 1 else transform
+    return isinstance(transform, ExpTransform)
+
+
+def _point_plan(prior: SoftWeightSharingPrior, site_priors: dict[str, dist.Distribution]) -> _PointPlan:
+    transforms = {suffix: transform_to(site_prior.support) for suffix, site_prior in site_priors.items()}
+    bases = {suffix: site_prior.base_dist if isinstance(site_prior, Independent) else site_prior
+             for suffix, site_prior in site_priors.items()}
+    kinds = {"means": lambda t: isinstance(_unwrapped(t), ComposeTransform) and not _unwrapped(t).parts,
+             "precisions": _is_exp, "pi": lambda t: isinstance(t, SoftmaxTransform),
+             "pi_zero": lambda t: isinstance(_unwrapped(t), SigmoidTransform)}
+    families = {"means": dist.Normal, "precisions": dist.Gamma, "pi": dist.Dirichlet, "pi_zero": dist.Beta}
+    closed_form = all(kinds[suffix](transforms[suffix])
+                      and isinstance(bases[suffix], (dist.ImproperUniform, families[suffix])) for suffix in site_priors)
+    constant, means_precision, gamma, dirichlet, beta = 0.0, 0.0, None, 0.0, (0.0, 0.0)
+    means, precisions, pi, pi_zero = (bases.get(suffix) for suffix in ("means", "precisions", "pi", "pi_zero"))
+    if isinstance(means, dist.Normal):
+        closed_form &= bool((means.loc == 0).all()) and means.scale.unique().numel() == 1
+        scale = float(means.scale.reshape(-1)[0])
+        constant -= means.loc.numel() * (math.log(scale) + kernels.HALF_LOG_2PI)
+        means_precision = scale**-2
+    if isinstance(precisions, dist.Gamma):
+        shape, rate = precisions.concentration, precisions.rate
+        constant += float((shape.double() * rate.double().log() - shape.double().lgamma()).sum())
+        gamma = (shape - 1, rate)
+    if isinstance(pi, dist.Dirichlet):
+        concentration = pi.concentration.double()
+        constant += float(concentration.sum().lgamma() - concentration.lgamma().sum())
+        dirichlet = pi.concentration - 1
+    if isinstance(pi_zero, dist.Beta):
+        a, b = pi_zero.concentration1.double(), pi_zero.concentration0.double()
+        constant += float((a + b).lgamma() - a.lgamma() - b.lgamma())
+        beta = (pi_zero.concentration1 - 1, pi_zero.concentration0 - 1)
+    return _PointPlan(prior, tuple(site_priors), tuple(site_priors.values()),
+                      tuple(site_prior.shape() for site_prior in site_priors.values()), tuple(transforms.values()),
+                      closed_form, constant, means_precision, gamma, dirichlet, beta)
+
+
+def _composed_group_log_joint(plan: _PointPlan, prior_weight: float, coordinates: Sequence[torch.Tensor],
+                              weights: Sequence[torch.Tensor], *, reference: bool) -> torch.Tensor:
+    """:meth:`SoftWeightSharingPrior.group_log_joint` as a composition of autograd operations.
+
+    ``reference`` takes the autograd reference of the prior term (second derivatives),
+    else the fused kernel.
+    """
+    values = {suffix: transform(u) for suffix, transform, u in zip(plan.suffixes, plan.transforms, coordinates)}
+    mixture = plan.prior.assemble(values, like=weights[0])
+    value = sum(site_prior.log_prob(values[suffix]) for suffix, site_prior in zip(plan.suffixes, plan.site_priors))
+    if not prior_weight:
+        return value
+    event_dims = tuple(w.dim() for w in weights)
+    if reference:
+        return value + prior_weight * _reference_group_log_prob_sum(weights, mixture, event_dims)
+    return value + prior_weight * mixture_log_prob_sum(list(weights), mixture, event_dim=event_dims)
+
+
+class _GroupLogJoint(torch.autograd.Function):
+    """λ·log p(w | mixture) + log p(mixture) of one group at a point, in one autograd node.
+
+    Forward, without a graph: the mixture from the coordinates and its hyperpriors'
+    log-density (:meth:`SoftWeightSharingPrior._point_mixture`), and the kernel's value
+    and gradients over the weights, read in place. Backward: the kernel's weight
+    gradients scaled in place, and the mixture's carried back to the coordinates in
+    closed form (:meth:`SoftWeightSharingPrior._coordinate_gradients`), where autograd
+    would walk some forty operations on J-element tensors. A second backward pass
+    (``retain_graph=True``) runs the forward again; one that builds a graph
+    (``create_graph=True``) differentiates the autograd reference instead.
+    """
+
+    @staticmethod
+    def forward(ctx, plan: _PointPlan, prior_weight: float, *tensors: torch.Tensor) -> torch.Tensor:
+        ctx.plan, ctx.prior_weight = plan, prior_weight
+        ctx.save_for_backward(*tensors)
+        ctx.buffers = _GroupLogJoint._evaluate(plan, prior_weight, tensors)
+        return ctx.buffers[0]
+
+    @staticmethod
+    def _evaluate(plan: _PointPlan, prior_weight: float, tensors: Sequence[torch.Tensor]):
+        coordinates, weights = tensors[: len(plan.suffixes)], tensors[len(plan.suffixes):]
+        values, mixture, value = plan.prior._point_mixture(plan, coordinates)
+        if not prior_weight:
+            return value, values, mixture, None, None
+        grads = [torch.empty_like(w) for w in weights]
+        summary = weights[0].new_empty(1 + 3 * mixture.means.shape[-1])
+        kernels.backend(weights[0], mixture.means.shape[-1]).value_and_grads(
+            [w.view(-1) for w in weights], tuple(mixture), [g.view(-1) for g in grads], summary)
+        return value + prior_weight * summary[0], values, mixture, grads, summary
+
+    @staticmethod
+    def backward(ctx, grad_value: torch.Tensor):
+        plan, prior_weight, tensors = ctx.plan, ctx.prior_weight, ctx.saved_tensors
+        count = len(plan.suffixes)
+        coordinates, weights = tensors[:count], tensors[count:]
+        if torch.is_grad_enabled():
+            value = _composed_group_log_joint(plan, prior_weight, coordinates, weights, reference=True)
+            needed = ctx.needs_input_grad[2:]
+            wanted = [t for t, need in zip(tensors, needed) if need]
+            grads = iter(torch.autograd.grad(value, wanted, grad_value, create_graph=True))
+            return (None, None, *(next(grads) if need else None for need in needed))
+        buffers, ctx.buffers = ctx.buffers, None
+        if buffers is None:  # handed on to autograd by an earlier pass
+            buffers = _GroupLogJoint._evaluate(plan, prior_weight, tensors)
+        _, values, mixture, grad_weights, summary = buffers
+        components = mixture.means.shape[-1]
+        if prior_weight:
+            field_grads = (prior_weight * summary[1:]).view(3, components)
+            torch._foreach_mul_(grad_weights, prior_weight * grad_value)  # one pass for all the group's tensors
+        else:
+            field_grads = mixture.means.new_zeros(3, components)
+            grad_weights = [None] * len(weights)
+        site_grads = plan.prior._coordinate_gradients(plan, coordinates, values, mixture, field_grads)
+        return (None, None, *(grad_value * g for g in site_grads), *grad_weights)
+
+
 # --------------------------------------------------------------------------- configuration
 
 
@@ -682,6 +834,113 @@ class SoftWeightSharingPrior(MixtureSpec):
         values = self.split(mixture)
         priors = self._site_priors(mixture.means)
         return sum(priors[name].log_prob(value) for name, value in values.items())
+
+    def group_log_joint(self, weights: Sequence[torch.Tensor], coordinates: dict[str, torch.Tensor], *,
+                        prior_weight: float = 1.0) -> torch.Tensor:
+        """λ·log p(w | π, μ, σ) + log p(π, μ, 1/σ²) of one group at a point, from its sites' unconstrained coordinates.
+
+        Each mixture site's value is ``transform_to(support)(coordinates[suffix])``, the
+        coordinates ``AutoDelta`` keeps as its parameters. Equal, value and gradients,
+        to transforming them, :meth:`assemble`, ``prior_weight`` times
+        :func:`mixture_log_prob_sum` and the hyperpriors' ``log_prob``, to round-off;
+        computed in one autograd node whose backward pass carries the mixture's
+        gradients to the coordinates in closed form (the MAP loss's hot path).
+
+        Parameters
+        ----------
+        weights : sequence of Tensor
+            The group's weight tensors, each of its site's shape (no batch dimensions).
+        coordinates : dict of str to Tensor
+            Suffix (``means``, ``precisions``, ``pi``, ``pi_zero``: the sites this
+            configuration has) → unconstrained coordinates, shaped like the site.
+        prior_weight : float
+            λ; 0 leaves the hyperpriors only.
+
+        Returns
+        -------
+        Tensor of shape ``()``.
+
+        Examples
+        --------
+        >>> prior = SoftWeightSharingPrior(n_components=3, pi_zero=0.9)
+        >>> w = torch.zeros(20, 10, requires_grad=True)
+        >>> u = {"means": torch.tensor([-0.1, 0.1]), "precisions": torch.zeros(3), "pi": torch.zeros(2)}
+        >>> prior.group_log_joint([w], u, prior_weight=1e-3).shape
+        torch.Size([])
+        """
+        weights = list(weights)
+        plan = self._point_plan(weights[0])
+        if set(coordinates) != set(plan.suffixes):
+            raise ValueError(f"coordinates of sites {sorted(coordinates)}; this mixture has {sorted(plan.suffixes)}")
+        ordered = [coordinates[suffix] for suffix in plan.suffixes]
+        tensors = (*ordered, *weights)
+        if plan.closed_form and not torch.jit.is_tracing() and torch.is_grad_enabled() \
+                and any(t.requires_grad for t in tensors) and all(t.dtype == weights[0].dtype for t in tensors) \
+                and all(t.shape == shape for t, shape in zip(ordered, plan.shapes)) \
+                and all(w.is_contiguous() for w in weights):
+            return _GroupLogJoint.apply(plan, float(prior_weight), *tensors)
+        return _composed_group_log_joint(plan, prior_weight, ordered, weights, reference=False)
+
+    def _point_plan(self, like: torch.Tensor) -> _PointPlan:
+        key = ("point", like.dtype, like.device, torch.distributions.Distribution._validate_args)
+        if key not in self._site_prior_cache:
+            self._site_prior_cache[key] = _point_plan(self, self._site_priors(like))
+        return self._site_prior_cache[key]
+
+    def _point_mixture(self, plan: _PointPlan, coordinates: Sequence[torch.Tensor]
+                       ) -> tuple[dict[str, torch.Tensor], GaussianMixture, torch.Tensor]:
+        """The sites' values, the mixture and log p(sites) at coordinates, in closed form (``plan.closed_form``).
+
+        log p(sites) = constant − μ·μ/(2s²) + Σ_j (α_j − 1) u_j − β_j τ_j + (a − 1) Σ_k log π_k
+        + (a0 − 1) log π0 + (b0 − 1) log(1 − π0), u the precisions' coordinates (τ = exp u).
+        """
+        u = dict(zip(plan.suffixes, coordinates))
+        values = {"precisions": u["precisions"].exp()}
+        log_p = plan.constant
+        if "means" in u:
+            values["means"] = u["means"]
+            if plan.means_precision:
+                log_p = log_p - 0.5 * plan.means_precision * u["means"].dot(u["means"])
+        if plan.gamma is not None:
+            shape_minus_one, rate = plan.gamma
+            log_p = log_p + (shape_minus_one * u["precisions"] - rate * values["precisions"]).sum()
+        if "pi" in u:
+            values["pi"] = u["pi"].softmax(-1)
+            if isinstance(plan.dirichlet, torch.Tensor):
+                log_p = log_p + plan.dirichlet.dot(u["pi"].log_softmax(-1))
+        if "pi_zero" in u:
+            values["pi_zero"] = pi_zero = plan.transforms[plan.suffixes.index("pi_zero")](u["pi_zero"])
+            log_p = log_p + plan.beta[0] * pi_zero.log() + plan.beta[1] * torch.log1p(-pi_zero)
+        mixture = self.assemble(values, like=u["precisions"])
+        return values, mixture, torch.as_tensor(log_p, dtype=u["precisions"].dtype, device=u["precisions"].device)
+
+    def _coordinate_gradients(self, plan: _PointPlan, coordinates: Sequence[torch.Tensor],
+                              values: dict[str, torch.Tensor], mixture: GaussianMixture,
+                              field_grads: torch.Tensor) -> list[torch.Tensor]:
+        """The gradient of a group's λ·log p(w | mixture) + log p(mixture) with respect to each site's coordinates.
+
+        ``field_grads`` ``(3, J)`` holds the prior term's gradients with respect to the
+        mixture's log π, μ and σ; this is :meth:`_point_mixture` (and :meth:`assemble`
+        in it) differentiated by hand, in the order of ``plan.suffixes``. π's
+        coordinates are chained through log π, so a π_k that underflows to 0 divides nothing.
+        """
+        grad_log_pi, grad_means, grad_scales = field_grads
+        u = dict(zip(plan.suffixes, coordinates))
+        offset = int(self.zero_component)
+        grads = {"precisions": -0.5 * grad_scales * mixture.scales}  # σ = exp(−u/2)
+        if plan.gamma is not None:
+            shape_minus_one, rate = plan.gamma
+            grads["precisions"] = grads["precisions"] + shape_minus_one - rate * values["precisions"]
+        if "means" in u:
+            grads["means"] = grad_means[offset:] - plan.means_precision * u["means"]
+        if "pi" in u:
+            score = grad_log_pi[offset:] + plan.dirichlet
+            grads["pi"] = score - values["pi"] * score.sum()
+        if "pi_zero" in u:
+            pi_zero = values["pi_zero"]
+            grads["pi_zero"] = ((grad_log_pi[0] + plan.beta[0]) * (1 - pi_zero)
+                                - (grad_log_pi[1:].sum() + plan.beta[1]) * pi_zero)
+        return [grads[suffix] for suffix in plan.suffixes]
 
     # ---- EM
 

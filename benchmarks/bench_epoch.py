@@ -55,10 +55,9 @@ from torch import nn
 from torch.distributions import constraints, transform_to
 
 import bayes_sws as sws
-from bayes_sws import fitting, inference
+from bayes_sws import fitting, inference, kernels
 from bayes_sws.experiment import build_model
 from bayes_sws.local_reparam import weight_posterior
-from bayes_sws.model import group_log_prob
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import ForeignLoad, loadavg, wait_until_idle, warn_if_loaded, write_json  # noqa: E402
@@ -207,48 +206,61 @@ def step_breakdown(spec: sws.Spec, data: sws.Dataset, batch_size: int, steps: in
     """Milliseconds per step of the library's MAP step, piece by piece (medians over ``steps``).
 
     Pieces timed alone: the network (forward, likelihood, backward), the prior's kernel
-    (value and gradients of every group), the mixture sites (reading the guide's point,
-    assembling the mixture, hyperpriors, backward), the finite check and the optimiser.
-    By difference: Pyro's part of ``map_loss`` (running the model under its handler,
-    per-site distribution objects) and the loop's own bookkeeping. Every step times each
-    piece in turn, so a change of the machine's speed touches all of them alike.
+    (value and gradients over every weight of every group), the whole prior term
+    (``group_log_joint``: mixture sites, hyperpriors, kernel, backward), the finite
+    check and the optimiser. By difference: the rest of ``map_loss`` and the loop's own
+    bookkeeping. Every step times each piece in turn, so a change of the machine's
+    speed touches all of them alike. The network and mixture stay at their starting
+    point (broad early-training components), where the kernel costs most.
     """
     model = spec_model(spec, 0)
     x, y, n = data.train_x, data.train_y, data.train_x.shape[0]
     generator = torch.Generator().manual_seed(0)
     batches = [torch.randperm(n, generator=generator)[:batch_size] for _ in range(steps)]
-    shapes = {name: model.network.get_parameter(name).shape for name in model.prior_sites}
     with fitting.library_scope():
         guide = sws.map_guide(model)
         state = fitting.start_fit(model, guide, data, loss=inference.map_loss, batch_size=batch_size,
                                   learning_rates=spec.inference.learning_rates, seed=0)
         parameters = [p for group in state.optimizer.param_groups for p in group["params"]]
-        latent = [name for name, _ in guide.prototype_trace.iter_stochastic_nodes()]
-        point = {k: v.detach() for k, v in inference._guide_point(guide, latent).items()}
-        weights = {name: point[name].requires_grad_() for name in model.prior_sites}
-        mixtures = {g: sws.GaussianMixture(*(t.detach().requires_grad_() for t in m))
-                    for g, m in model.mixtures(point).items()}
+        coordinates = inference._point_coordinates(model, guide, (x[:1], y[:1]), {"data_size": n})
+        if coordinates is None:
+            raise SystemExit("error: the fit loop's MAP loss does not take SoftWeightSharingModel.log_joint here")
+        weights = {name: coordinates[name] for name in model.prior_sites}
+        groups = {group: ([weights[name] for name in names],
+                          {key[len(group) + 1:]: value for key, value in coordinates.items()
+                           if key.startswith(group + ".") and key not in weights})
+                  for group, names in model.groups.items()}
+        mixtures = {g: sws.GaussianMixture(*(t.detach().contiguous() for t in m))
+                    for g, m in model.mixtures(state.values).items()}
         value = inference.map_loss(model, guide, x[batches[0]], y[batches[0]], data_size=n).detach()
 
+        def zero() -> None:
+            for parameter in parameters:
+                parameter.grad = None
+
         def network(i: int) -> None:
-            outputs = torch.func.functional_call(model.network, weights, (x[batches[i]],))
-            (-(n / batch_size) * model.likelihood.distribution(outputs).log_prob(y[batches[i]]).sum()).backward()
+            zero()
+            outputs = model.outputs(weights, x[batches[i]])
+            (-(n / batch_size) * model.likelihood.log_prob_sum(outputs, y[batches[i]])).backward()
 
         def kernel(i: int) -> None:
-            sum(group_log_prob([weights[name] for name in names], mixtures[g],
-                               event_shapes=[shapes[name] for name in names])
-                for g, names in model.groups.items()).backward()
+            for group, (tensors, _) in groups.items():
+                mixture = mixtures[group]
+                summary = tensors[0].new_empty(1 + 3 * mixture.means.numel())
+                kernels.backend(tensors[0], mixture.means.numel()).value_and_grads(
+                    [t.detach().view(-1) for t in tensors], tuple(mixture),
+                    [torch.empty_like(t).view(-1) for t in tensors], summary)
 
-        def mixture_sites(i: int) -> None:
-            values = inference._guide_point(guide, latent)
-            sum(model.prior.log_hyperprior(m) + sum(t.sum() for t in m)
-                for m in model.mixtures(values).values()).backward()
+        def prior(i: int) -> None:
+            zero()
+            sum(-model.prior.group_log_joint(tensors, sites, prior_weight=model.prior_weight)
+                for tensors, sites in groups.values()).backward()
 
         def loss(i: int) -> None:
-            state.optimizer.zero_grad(set_to_none=True)
+            zero()
             inference.map_loss(model, guide, x[batches[i]], y[batches[i]], data_size=n).backward()
 
-        pieces = {"network fwd+bwd": network, "prior kernel": kernel, "mixture sites + hyperpriors": mixture_sites,
+        pieces = {"network fwd+bwd": network, "prior kernel": kernel, "prior term": prior,
                   "map_loss fwd+bwd": loss,
                   "finite check": lambda i: fitting._checked_loss(state, value, parameters),
                   "optimiser (fused Adam)": lambda i: state.optimizer.step(),
@@ -260,9 +272,9 @@ def step_breakdown(spec: sws.Spec, data: sws.Dataset, batch_size: int, steps: in
                 piece(i)
                 times[name].append(clock() - started)
     ms = {name: 1e3 * statistics.median(t[steps // 10:]) for name, t in times.items()}
-    step, loss_ms = ms.pop("step"), ms.pop("map_loss fwd+bwd")
-    ms["pyro model run (by difference)"] = loss_ms - ms["network fwd+bwd"] - ms["prior kernel"] \
-        - ms["mixture sites + hyperpriors"]
+    step, loss_ms, prior_ms = ms.pop("step"), ms.pop("map_loss fwd+bwd"), ms.pop("prior term")
+    ms["prior besides the kernel (by difference)"] = prior_ms - ms["prior kernel"]
+    ms["rest of map_loss (by difference)"] = loss_ms - ms["network fwd+bwd"] - prior_ms
     ms["loop bookkeeping (by difference)"] = step - loss_ms - ms["finite check"] - ms["optimiser (fused Adam)"]
     ms["step"] = step
     return ms

@@ -16,6 +16,7 @@ from pyro.infer.autoguide import AutoDelta, init_to_value
 from torch import nn
 
 from bayes_sws.data import Dataset
+from bayes_sws.fitting import library_scope
 from bayes_sws.inference import fit_map, map_loss
 from bayes_sws.model import (
     PRIOR_TERM,
@@ -537,3 +538,92 @@ def test_initial_values_hold_network_weights_and_split_initial_mixture():
     torch.testing.assert_close(values["mixture.means"], torch.tensor([-0.5, 0.0, 0.5], dtype=F64), rtol=0, atol=1e-15)
     torch.testing.assert_close(values["mixture.precisions"], torch.full((4,), 16.0, dtype=F64), rtol=1e-14, atol=0)
     torch.testing.assert_close(values["mixture.pi_zero"], torch.tensor(0.25, dtype=F64), rtol=1e-14, atol=0)
+
+
+# --------------------------------------------------------------------------- the fit loop's MAP loss: no Pyro run
+
+POINT_CASES = {
+    **{case: (loss_case_model, case) for case in LOSS_CASES},
+    "no_prior_weight": (lambda case: SoftWeightSharingModel(
+        make_net(), prior=SoftWeightSharingPrior(n_components=4, hyperpriors=ALL_HYPER), likelihood=Categorical(),
+        prior_weight=0.0), None),
+    "regression_fixed_noise": (lambda case: SoftWeightSharingModel(
+        make_net(out_features=1), prior=SoftWeightSharingPrior(n_components=3, hyperpriors=ALL_HYPER),
+        likelihood=Gaussian(noise_scale=0.4), prior_weight=0.37), None),
+}
+
+
+def point_case(case):
+    build, argument = POINT_CASES[case]
+    model = build(argument)
+    x, y = random_data(regression=isinstance(model.likelihood, Gaussian))
+    return model, x, y
+
+
+def guide_at_random_point(model, x, y):
+    guide = AutoDelta(model, init_loc_fn=init_to_value(values=perturbed_initial_values(model)))
+    guide(x, y, data_size=30)
+    return guide
+
+
+@pytest.mark.parametrize("case", list(POINT_CASES))
+def test_map_loss_in_the_fit_loops_scope_skips_the_pyro_run_and_equals_trace_elbo_with_its_gradients(case, monkeypatch):
+    model, x, y = point_case(case)
+    calls = []
+    original = SoftWeightSharingModel.log_joint
+    monkeypatch.setattr(SoftWeightSharingModel, "log_joint", lambda *a, **k: calls.append(1) or original(*a, **k))
+    with library_scope():
+        guide = guide_at_random_point(model, x, y)
+        parameters = list(guide.parameters())
+        losses = [loss(model, guide, x, y, data_size=30) for loss in (map_loss, Trace_ELBO().differentiable_loss)]
+        gradients = [torch.autograd.grad(loss, parameters, allow_unused=True) for loss in losses]
+    assert calls == [1]  # map_loss took SoftWeightSharingModel.log_joint; Trace_ELBO ran the model
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-12, atol=1e-12)
+    for ours, elbo in zip(*gradients):
+        torch.testing.assert_close(ours, elbo, rtol=1e-10, atol=1e-12)
+
+
+def test_map_loss_under_a_pyro_handler_runs_the_model_so_the_handler_applies():
+    model, x, y = point_case("all_hyperpriors")
+    with library_scope():
+        guide = guide_at_random_point(model, x, y)
+        plain = map_loss(model, guide, x, y, data_size=30)
+        with poutine.scale(scale=3.0):
+            scaled = map_loss(model, guide, x, y, data_size=30)
+    torch.testing.assert_close(scaled, 3.0 * plain, rtol=1e-12, atol=1e-12)
+
+
+def test_map_loss_with_a_learned_noise_scale_runs_the_model_and_equals_trace_elbo(monkeypatch):
+    model = SoftWeightSharingModel(make_net(out_features=1), prior=SoftWeightSharingPrior(n_components=3),
+                                   likelihood=Gaussian(), prior_weight=0.37)
+    x, y = random_data(regression=True)
+    monkeypatch.setattr(SoftWeightSharingModel, "log_joint", None)  # would raise if called
+    with library_scope():
+        guide = guide_at_random_point(model, x, y)
+        torch.testing.assert_close(map_loss(model, guide, x, y, data_size=30),
+                                   Trace_ELBO().differentiable_loss(model, guide, x, y, data_size=30),
+                                   rtol=1e-12, atol=1e-12)
+
+
+def test_the_point_losss_second_derivatives_and_a_second_backward_pass_equal_trace_elbos():
+    model, x, y = point_case("all_hyperpriors")
+    with library_scope():
+        guide = guide_at_random_point(model, x, y)
+        parameters = list(guide.parameters())
+        direction = [torch.randn_like(p) for p in parameters]
+        curvature, twice = [], []
+        for loss in (map_loss, Trace_ELBO().differentiable_loss):
+            value = loss(model, guide, x, y, data_size=30)
+            gradients = torch.autograd.grad(value, parameters, create_graph=True)
+            slope = sum((g * d).sum() for g, d in zip(gradients, direction))
+            curvature.append(torch.autograd.grad(slope, parameters))
+            for p in parameters:
+                p.grad = None
+            value = loss(model, guide, x, y, data_size=30)
+            value.backward(retain_graph=True)
+            value.backward()
+            twice.append([p.grad.clone() for p in parameters])
+    for ours, elbo in zip(*curvature):
+        torch.testing.assert_close(ours, elbo, rtol=1e-9, atol=1e-10)
+    for ours, elbo in zip(*twice):
+        torch.testing.assert_close(ours, elbo, rtol=1e-10, atol=1e-12)
