@@ -84,3 +84,39 @@ def test_leaves_the_parameters_at_the_start_when_no_step_lowers_the_loss(name):
 
     loss = optimizer.step(closure)
     assert x.detach().tolist() == [1.0, -2.0] and float(loss) == 5.0
+
+
+def test_the_fit_loops_adam_steps_bitwise_as_torchs_fused_adam_and_saves_the_same_state(monkeypatch):
+    from bayes_sws.optim import _FusedAdam
+
+    torch_steps = []
+    torch_step = torch.optim.Adam.step
+    monkeypatch.setattr(torch.optim.Adam, "step",
+                        lambda self, *a, **k: torch_steps.append(type(self)) or torch_step(self, *a, **k))
+
+    def groups(seed):
+        g = torch.Generator().manual_seed(seed)
+        weights = [torch.randn(30, 7, generator=g, requires_grad=True), torch.randn(7, generator=g, requires_grad=True)]
+        mixture = [torch.randn(5, generator=g, requires_grad=True), torch.randn(4, generator=g, requires_grad=True)]
+        return [{"params": weights, "lr": 1e-3}, {"params": [mixture[0]], "lr": 3e-2, "weight_decay": 0.1},
+                {"params": [mixture[1]], "lr": 1e-4, "maximize": True}]
+
+    ours, theirs = _FusedAdam(groups(0), fused=True), torch.optim.Adam(groups(0), fused=True)
+    g = torch.Generator().manual_seed(1)
+    for step in range(6):
+        gradients = None
+        for optimizer in (ours, theirs):
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+            gradients = gradients or [torch.randn(p.shape, generator=g) for p in params]
+            for i, (p, grad) in enumerate(zip(params, gradients)):
+                p.grad = None if step == 3 and i == 1 else grad.clone()  # a parameter without a gradient one step
+            optimizer.step()
+    assert torch_steps.count(_FusedAdam) == 1  # the first step creates the state; the others take the direct call
+    for group_ours, group_theirs in zip(ours.param_groups, theirs.param_groups):
+        for a, b in zip(group_ours["params"], group_theirs["params"]):
+            assert torch.equal(a, b)
+    saved = ours.state_dict()
+    reference = theirs.state_dict()
+    for key in reference["state"]:
+        for name, value in reference["state"][key].items():
+            assert torch.equal(saved["state"][key][name], value)
