@@ -15,6 +15,7 @@ E(w) + λΩ(w) − log p(π, μ, 1/σ²).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 from collections.abc import Sequence
@@ -26,7 +27,7 @@ import torch
 from pyro import poutine
 from torch import nn
 from torch.distributions import constraints
-from torch.nn.utils import stateless
+from torch.nn.utils import parametrize, stateless
 
 from .local_reparam import active_weight_posterior, local_outputs
 from .prior import GaussianMixture, MixturePrior, SoftWeightSharingPrior, mixture_log_prob_sum
@@ -267,6 +268,7 @@ class SoftWeightSharingModel:
         self._shapes = {name: p.shape for name, p in network.named_parameters()}
         self.passthrough = [name for name in self._shapes if name not in self.prior_sites]
         self._scope = f"bayes_sws.model{next(_MODEL_NAMES)}"
+        self._slots: dict[str, list[tuple[nn.Module, str]]] | bool | None = None
 
     # ---- structure
 
@@ -436,7 +438,11 @@ class SoftWeightSharingModel:
                 return self.network(x)
         leading = self._leading_shape(parameters)
         if not leading:
-            return torch.func.functional_call(self.network, parameters, (x,))
+            slots = self._parameter_slots()
+            if slots is None:
+                return torch.func.functional_call(self.network, parameters, (x,))
+            with _swapped(slots, parameters):
+                return self.network(x)
         particles = self._particle_shape(parameters)
         batched = {name: parameters[name].expand(leading + self._shapes[name]).reshape(-1, *self._shapes[name])
                    for name in self.prior_sites}
@@ -446,6 +452,28 @@ class SoftWeightSharingModel:
 
         outputs = torch.func.vmap(network)(batched)
         return outputs.reshape(particles + outputs.shape[1:])
+
+    def _parameter_slots(self) -> dict[str, list[tuple[nn.Module, str]]] | None:
+        """Each prior site's places in the network (module, attribute), a tied parameter's every alias.
+
+        ``None`` where a module is parametrised (``torch.nn.utils.parametrize``): then
+        ``functional_call`` puts the values in. Otherwise :func:`_swapped` does, as
+        ``functional_call`` would, without its per-call search of the module tree.
+        """
+        if self._slots is None:
+            network = self.network
+            if any(parametrize.is_parametrized(module) for module in network.modules()):
+                self._slots = False
+            else:
+                parameters = dict(network.named_parameters())
+                places: dict[str, list[tuple[nn.Module, str]]] = {name: [] for name in self.prior_sites}
+                by_identity = {id(parameters[name]): name for name in self.prior_sites}
+                for name, parameter in network.named_parameters(remove_duplicate=False):
+                    if id(parameter) in by_identity:
+                        path, _, attribute = name.rpartition(".")
+                        places[by_identity[id(parameter)]].append((network.get_submodule(path), attribute))
+                self._slots = places
+        return self._slots or None
 
     def _leading_shape(self, parameters: dict[str, torch.Tensor]) -> torch.Size:
         return torch.broadcast_shapes(
@@ -466,3 +494,18 @@ class SoftWeightSharingModel:
 
 
 _SUFFIXES = ("means", "precisions", "pi", "pi_zero")
+
+
+@contextlib.contextmanager
+def _swapped(slots: dict[str, list[tuple[nn.Module, str]]], values: dict[str, torch.Tensor]):
+    """The network's parameters at ``slots`` replaced by ``values`` (by site name) for the duration."""
+    saved = []
+    try:
+        for name, places in slots.items():
+            for module, attribute in places:
+                saved.append((module, attribute, module._parameters[attribute]))
+                module._parameters[attribute] = values[name]
+        yield
+    finally:
+        for module, attribute, original in reversed(saved):
+            module._parameters[attribute] = original

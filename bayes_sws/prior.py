@@ -781,16 +781,21 @@ class SoftWeightSharingPrior(MixtureSpec):
         GaussianMixture with fields of shape ``(*batch, J)``, ``batch`` broadcast over the sites.
         """
         scales = values["precisions"].rsqrt()
-        means = values.get("means", like.new_zeros(0))
+        means = values["means"] if "means" in values else like.new_zeros(0)
         log_pi = values["pi"].log() if "pi" in values else like.new_zeros(1)
         if self.zero_component:
-            means = torch.cat([means.new_zeros(means.shape[:-1] + (1,)), means], dim=-1)
-        if self.zero_component and self.n_components > 1:
-            pi_zero = values["pi_zero"] if "pi_zero" in values else like.new_tensor(self.pi_zero)
+            means = torch.nn.functional.pad(means, (1, 0))
+        if self.zero_component and self.n_components > 1 and "pi_zero" in values:
+            pi_zero = values["pi_zero"]
             rest = torch.log1p(-pi_zero).unsqueeze(-1) + log_pi
             first = pi_zero.log().unsqueeze(-1).expand(rest.shape[:-1] + (1,))
             log_pi = torch.cat([first, rest], dim=-1)
-        return GaussianMixture(*torch.broadcast_tensors(log_pi, means, scales))
+        elif self.zero_component and self.n_components > 1:  # a fixed π0: its logarithms are constants
+            log_pi = torch.nn.functional.pad(log_pi + math.log1p(-self.pi_zero), (1, 0), value=math.log(self.pi_zero))
+        fields = (log_pi, means, scales)
+        if log_pi.shape == means.shape == scales.shape:
+            return GaussianMixture(*fields)
+        return GaussianMixture(*torch.broadcast_tensors(*fields))
 
     def split(self, mixture: GaussianMixture) -> dict[str, torch.Tensor]:
         """Inverse of :meth:`assemble`: site values keyed by suffix, with the mixture's batch shape."""
@@ -903,7 +908,7 @@ class SoftWeightSharingPrior(MixtureSpec):
                 log_p = log_p - 0.5 * plan.means_precision * u["means"].dot(u["means"])
         if plan.gamma is not None:
             shape_minus_one, rate = plan.gamma
-            log_p = log_p + (shape_minus_one * u["precisions"] - rate * values["precisions"]).sum()
+            log_p = log_p + (shape_minus_one.dot(u["precisions"]) - rate.dot(values["precisions"]))
         if "pi" in u:
             values["pi"] = u["pi"].softmax(-1)
             if isinstance(plan.dirichlet, torch.Tensor):
@@ -932,9 +937,12 @@ class SoftWeightSharingPrior(MixtureSpec):
             shape_minus_one, rate = plan.gamma
             grads["precisions"] = grads["precisions"] + shape_minus_one - rate * values["precisions"]
         if "means" in u:
-            grads["means"] = grad_means[offset:] - plan.means_precision * u["means"]
+            grads["means"] = grad_means[offset:]
+            if plan.means_precision:
+                grads["means"] = grads["means"] - plan.means_precision * u["means"]
         if "pi" in u:
-            score = grad_log_pi[offset:] + plan.dirichlet
+            score = grad_log_pi[offset:] + plan.dirichlet if isinstance(plan.dirichlet, torch.Tensor) \
+                else grad_log_pi[offset:]
             grads["pi"] = score - values["pi"] * score.sum()
         if "pi_zero" in u:
             pi_zero = values["pi_zero"]

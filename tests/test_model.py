@@ -627,3 +627,47 @@ def test_the_point_losss_second_derivatives_and_a_second_backward_pass_equal_tra
         torch.testing.assert_close(ours, elbo, rtol=1e-9, atol=1e-10)
     for ours, elbo in zip(*twice):
         torch.testing.assert_close(ours, elbo, rtol=1e-10, atol=1e-12)
+
+
+class _Tied(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.first = nn.Linear(4, 4, bias=False)
+        self.second = nn.Linear(4, 4, bias=False)
+        self.second.weight = self.first.weight  # one parameter under two names
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.second(torch.tanh(self.first(x)))))
+
+
+class _Doubled(nn.Module):
+    def forward(self, weight):
+        return 2 * weight
+
+
+def _tied_network():
+    torch.manual_seed(3)
+    return _Tied().double()
+
+
+def _parametrised_network():
+    network = make_net()
+    torch.nn.utils.parametrize.register_parametrization(network[0], "weight", _Doubled())
+    return network
+
+
+@pytest.mark.parametrize("build", [make_net, _tied_network, _parametrised_network])
+def test_outputs_at_site_values_equal_functional_call_and_leave_the_networks_parameters_in_place(build):
+    network = build()
+    model = SoftWeightSharingModel(network, prior=SoftWeightSharingPrior(n_components=3), likelihood=Categorical())
+    x, _ = random_data()
+    g = torch.Generator().manual_seed(4)
+    values = {name: torch.randn(network.get_parameter(name).shape, generator=g, dtype=F64)
+              for name in model.prior_sites}
+    before = {name: id(p) for name, p in network.named_parameters(remove_duplicate=False)}
+    torch.testing.assert_close(model.outputs(values, x), torch.func.functional_call(network, values, (x,)),
+                               rtol=0, atol=0)
+    with pytest.raises(RuntimeError):
+        model.outputs(values, x[:, :3])  # a forward pass that fails puts the parameters back too
+    assert {name: id(p) for name, p in network.named_parameters(remove_duplicate=False)} == before
