@@ -4,8 +4,9 @@
   (b) sws    the MAP objective E·N/B + λΩ − log p(π, μ, 1/σ²) written as a plain torch
              loop: the network's own forward, the mixture sites as raw unconstrained
              tensors (AutoDelta's coordinates), the prior's fused kernel called once
-             per weight tensor, fused Adam over the same four learning-rate groups.
-             No Pyro: a lower bound for (c)
+             per weight tensor, torch's fused Adam over the same four learning-rate groups.
+             No Pyro, but autograd through the mixture sites and hyperpriors, where (c)
+             carries their gradients in closed form
   (c) map    ``bayes_sws.fit_map`` itself, one epoch: the library's own fit loop with
              AutoDelta and map_loss
   (d) vi     ``bayes_sws.fit_vi`` itself, one epoch from the network's initial weights,

@@ -17,6 +17,7 @@ from torch import nn
 
 from bayes_sws.data import Dataset
 from bayes_sws.fitting import library_scope
+from bayes_sws.kernels import use_backend
 from bayes_sws.inference import fit_map, map_loss
 from bayes_sws.model import (
     PRIOR_TERM,
@@ -566,13 +567,15 @@ def guide_at_random_point(model, x, y):
     return guide
 
 
+@pytest.mark.parametrize("backend", ["auto", "torch"])
 @pytest.mark.parametrize("case", list(POINT_CASES))
-def test_map_loss_in_the_fit_loops_scope_skips_the_pyro_run_and_equals_trace_elbo_with_its_gradients(case, monkeypatch):
+def test_map_loss_in_the_fit_loops_scope_skips_the_pyro_run_and_equals_trace_elbo_with_its_gradients(
+        case, backend, monkeypatch):
     model, x, y = point_case(case)
     calls = []
     original = SoftWeightSharingModel.log_joint
     monkeypatch.setattr(SoftWeightSharingModel, "log_joint", lambda *a, **k: calls.append(1) or original(*a, **k))
-    with library_scope():
+    with library_scope(), use_backend(backend):
         guide = guide_at_random_point(model, x, y)
         parameters = list(guide.parameters())
         losses = [loss(model, guide, x, y, data_size=30) for loss in (map_loss, Trace_ELBO().differentiable_loss)]
