@@ -507,7 +507,7 @@ def _likely_cause(state: FitState) -> str:
 
 
 def _checked_loss(state: FitState, loss: torch.Tensor, parameters: list[torch.nn.Parameter]) -> float:
-    """The step's loss as a float, after checking it and the gradients are finite (one device sync).
+    """The step's loss as a float, after checking it and the gradients are finite.
 
     The gradients are checked in one fused pass over all of them, the op ``torch.amp.GradScaler``
     checks scaled gradients with (the scale here 1, which leaves them as they are); a
@@ -518,9 +518,9 @@ def _checked_loss(state: FitState, loss: torch.Tensor, parameters: list[torch.nn
     for dtype in {g.dtype for g in gradients}:
         torch._amp_foreach_non_finite_check_and_unscale_([g for g in gradients if g.dtype == dtype], found,
                                                          torch.ones((), dtype=torch.float32, device=loss.device))
-    value, non_finite = torch.stack([loss.detach().reshape(()), found.to(loss.dtype)]).tolist()
+    value = float(loss.detach())
     gradient = 0.0
-    if non_finite:
+    if found:
         gradient = next(float(g[~torch.isfinite(g)][0]) for g in gradients if not bool(torch.isfinite(g).all()))
     if not (math.isfinite(value) and math.isfinite(gradient)):
         what = f"the loss became {value}" if not math.isfinite(value) else f"a gradient became {gradient}"

@@ -155,7 +155,7 @@ class _ChunkedTorch(NamedTuple):
     def value_and_grads(self, segments, mixture, grad_outs, summary_out, *, chunk_size=None) -> None:
         size = self._chunks(segments, chunk_size)
         pieces = [(chunk, chunk_grad) for weights, grad_out in zip(segments, grad_outs)
-                  for chunk, chunk_grad in zip(weights.split(size), grad_out.split(size))]
+                  for chunk, chunk_grad in zip(weights.reshape(-1).split(size), grad_out.view(-1).split(size))]
         # Chunk results are copied into buffers allocated up front: keeping per-chunk
         # tensors alive between the chunks' large temporaries fragments the heap.
         summaries = segments[0].new_empty(len(pieces), 1 + 3 * mixture[0].numel())
@@ -167,7 +167,7 @@ class _ChunkedTorch(NamedTuple):
 
     def value(self, segments, mixture, *, chunk_size=None) -> torch.Tensor:
         size = self._chunks(segments, chunk_size)
-        chunks = [chunk for weights in segments for chunk in weights.split(size)]
+        chunks = [chunk for weights in segments for chunk in weights.reshape(-1).split(size)]
         values = segments[0].new_empty(len(chunks))
         for chunk, slot in zip(chunks, values):
             slot.copy_(self.value_kernel(chunk, *mixture))
@@ -277,8 +277,9 @@ class _Native:
                 and components <= _MAX_NATIVE_COMPONENTS)
 
     def value_and_grads(self, segments, mixture, grad_outs, summary_out, *, chunk_size=None) -> None:
-        # Every tensor is contiguous and of the weights' dtype (mixture_log_prob_sum sees to it);
-        # grad_outs None skips the weight gradients. The segments are read in place.
+        # Every tensor is contiguous and of the weights' dtype (mixture_log_prob_sum sees to it),
+        # of any shape (read flat); grad_outs None skips the weight gradients. The segments are
+        # read in place.
         log_proportions, means, scales = mixture
         count, components = len(segments), log_proportions.numel()
         n = sum(t.numel() for t in segments)

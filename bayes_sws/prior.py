@@ -628,8 +628,7 @@ class _GroupLogJoint(torch.autograd.Function):
             return value, values, mixture, None, None
         grads = [torch.empty_like(w) for w in weights]
         summary = weights[0].new_empty(1 + 3 * mixture.means.shape[-1])
-        kernels.backend(weights[0], mixture.means.shape[-1]).value_and_grads(
-            [w.view(-1) for w in weights], tuple(mixture), [g.view(-1) for g in grads], summary)
+        kernels.backend(weights[0], mixture.means.shape[-1]).value_and_grads(weights, tuple(mixture), grads, summary)
         return value + prior_weight * summary[0], values, mixture, grads, summary
 
     @staticmethod
