@@ -647,9 +647,12 @@ class _GroupLogJoint(torch.autograd.Function):
             buffers = _GroupLogJoint._evaluate(plan, prior_weight, tensors)
         _, values, mixture, grad_weights, summary = buffers
         components = mixture.means.shape[-1]
+        needed = ctx.needs_input_grad[2 + count:]
         if prior_weight:
             field_grads = (prior_weight * summary[1:]).view(3, components)
-            torch._foreach_mul_(grad_weights, prior_weight * grad_value)  # one pass for all the group's tensors
+            grad_weights = [g if need else None for g, need in zip(grad_weights, needed)]
+            if any(needed):  # one pass for all the group's tensors
+                torch._foreach_mul_([g for g in grad_weights if g is not None], prior_weight * grad_value)
         else:
             field_grads = mixture.means.new_zeros(3, components)
             grad_weights = [None] * len(weights)
