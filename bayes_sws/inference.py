@@ -215,7 +215,9 @@ def map_loss(model: Callable, guide: AutoDelta, *args, **kwargs) -> torch.Tensor
 
 
 _POINT_PARAMETERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-"""AutoDelta guide → (its prototype trace, the model, site → parameter) where :func:`_point_coordinates` applies."""
+"""AutoDelta guide → (its prototype trace, the model, site → (module, attribute) of its parameter) where
+:func:`_point_coordinates` applies. The places, not the parameters: a guide's parameter can be replaced
+(``load_state_dict(assign=True)``, ``setattr``), and each call reads the one it holds now."""
 
 
 def _point_coordinates(model: Callable, guide: AutoDelta, args: tuple, kwargs: dict) -> dict[str, torch.Tensor] | None:
@@ -236,10 +238,14 @@ def _point_coordinates(model: Callable, guide: AutoDelta, args: tuple, kwargs: d
     if cached is None or cached[0] is not guide.prototype_trace or cached[1] is not model:
         cached = (guide.prototype_trace, model, _point_parameters(model, guide))
         _POINT_PARAMETERS[guide] = cached
-    return cached[2]
+    places = cached[2]
+    if places is None:
+        return None
+    coordinates = {name: module._parameters.get(attribute) for name, (module, attribute) in places.items()}
+    return coordinates if all(isinstance(p, torch.Tensor) for p in coordinates.values()) else None
 
 
-def _point_parameters(model: SoftWeightSharingModel, guide: AutoDelta) -> dict[str, torch.nn.Parameter] | None:
+def _point_parameters(model: SoftWeightSharingModel, guide: AutoDelta) -> dict[str, tuple[torch.nn.Module, str]] | None:
     sites = {name: site for name, site in guide.prototype_trace.iter_stochastic_nodes()}
     if any(site["cond_indep_stack"] for site in sites.values()):
         return None
@@ -250,7 +256,14 @@ def _point_parameters(model: SoftWeightSharingModel, guide: AutoDelta) -> dict[s
             or not all(_is_identity(transform_to(sites[name]["fn"].support)) for name in model.prior_sites):
         return None
     parameters = dict(guide.named_parameters())
-    return {name: parameters[f"{name}_unconstrained"] for name in sites}
+    places = {}
+    for name in sites:
+        path, _, attribute = f"{name}_unconstrained".rpartition(".")
+        module = guide.get_submodule(path)
+        if module._parameters.get(attribute) is not parameters[f"{name}_unconstrained"]:
+            return None
+        places[name] = (module, attribute)
+    return places
 
 
 def _is_identity(transform: torch.distributions.Transform) -> bool:

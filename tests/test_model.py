@@ -674,3 +674,19 @@ def test_outputs_at_site_values_equal_functional_call_and_leave_the_networks_par
     with pytest.raises(RuntimeError):
         model.outputs(values, x[:, :3])  # a forward pass that fails puts the parameters back too
     assert {name: id(p) for name, p in network.named_parameters(remove_duplicate=False)} == before
+
+
+def test_map_loss_in_the_fit_loops_scope_reads_a_guide_parameter_that_was_replaced():
+    # the lean path's per-guide cache must not keep the parameters a guide had at its first call
+    model, x, y = point_case("all_hyperpriors")
+    with library_scope():
+        guide = guide_at_random_point(model, x, y)
+        map_loss(model, guide, x, y, data_size=30)
+        state = {name: value.detach() + 0.1 for name, value in guide.state_dict().items()}
+        guide.load_state_dict(state, assign=True)  # new Parameter objects
+        loss = map_loss(model, guide, x, y, data_size=30)
+        expected = Trace_ELBO().differentiable_loss(model, guide, x, y, data_size=30)
+        gradients = [torch.autograd.grad(value, list(guide.parameters())) for value in (loss, expected)]
+    torch.testing.assert_close(loss, expected, rtol=1e-12, atol=1e-12)
+    for ours, elbo in zip(*gradients):
+        torch.testing.assert_close(ours, elbo, rtol=1e-10, atol=1e-12)
