@@ -640,7 +640,9 @@ class _GroupLogJoint(torch.autograd.Function):
             value = _composed_group_log_joint(plan, prior_weight, coordinates, weights, reference=True)
             needed = ctx.needs_input_grad[2:]
             wanted = [t for t, need in zip(tensors, needed) if need]
-            grads = iter(torch.autograd.grad(value, wanted, grad_value, create_graph=True))
+            # with λ = 0 the value (the hyperpriors only, constant where they are flat) leaves the weights out
+            grads = iter(torch.autograd.grad(value, wanted, grad_value, create_graph=True, allow_unused=True)
+                         if value.requires_grad else [None] * len(wanted))
             return (None, None, *(next(grads) if need else None for need in needed))
         buffers, ctx.buffers = ctx.buffers, None
         if buffers is None:  # handed on to autograd by an earlier pass

@@ -690,3 +690,23 @@ def test_map_loss_in_the_fit_loops_scope_reads_a_guide_parameter_that_was_replac
     torch.testing.assert_close(loss, expected, rtol=1e-12, atol=1e-12)
     for ours, elbo in zip(*gradients):
         torch.testing.assert_close(ours, elbo, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("hyper", [ALL_HYPER, Hyperpriors()])
+def test_the_point_losss_second_derivatives_without_a_prior_term_equal_trace_elbos(hyper):
+    # prior_weight 0: the group's value (its hyperpriors) does not depend on the weights
+    model = SoftWeightSharingModel(make_net(), prior=SoftWeightSharingPrior(n_components=4, hyperpriors=hyper),
+                                   likelihood=Categorical(), prior_weight=0.0)
+    x, y = random_data()
+    with library_scope():
+        guide = guide_at_random_point(model, x, y)
+        parameters = list(guide.parameters())
+        direction = [torch.randn_like(p) for p in parameters]
+        curvature = []
+        for loss in (map_loss, Trace_ELBO().differentiable_loss):
+            gradients = torch.autograd.grad(loss(model, guide, x, y, data_size=30), parameters, create_graph=True,
+                                            allow_unused=True, materialize_grads=True)  # flat: π, μ, σ unused
+            slope = sum((g * d).sum() for g, d in zip(gradients, direction))
+            curvature.append(torch.autograd.grad(slope, parameters, allow_unused=True, materialize_grads=True))
+    for ours, elbo in zip(*curvature):
+        torch.testing.assert_close(ours, elbo, rtol=1e-9, atol=1e-10)
