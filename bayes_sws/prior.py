@@ -886,7 +886,7 @@ class SoftWeightSharingPrior(MixtureSpec):
         if plan.closed_form and not torch.jit.is_tracing() and torch.is_grad_enabled() \
                 and any(t.requires_grad for t in tensors) and all(t.dtype == weights[0].dtype for t in tensors) \
                 and all(t.shape == shape for t, shape in zip(ordered, plan.shapes)) \
-                and all(w.is_contiguous() for w in weights):
+                and all(t.is_contiguous() for t in tensors):  # the kernel reads the weights and mixture flat
             return _GroupLogJoint.apply(plan, float(prior_weight), *tensors)
         return _composed_group_log_joint(plan, prior_weight, ordered, weights, reference=False)
 

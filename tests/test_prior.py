@@ -911,3 +911,25 @@ def test_weights_and_mixtures_whose_batches_do_not_broadcast_are_a_value_error()
     mixture = GaussianMixture(torch.zeros(2, 3), torch.zeros(2, 3), torch.ones(2, 3))
     with pytest.raises(ValueError, match="do not broadcast"):
         mixture_log_prob_sum(torch.zeros(3, 5), mixture)
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_group_log_joint_of_strided_coordinates_equals_that_of_contiguous_ones(backend):
+    # the native kernel reads the mixture's fields flat: a strided view of the means must not reach it as is
+    from bayes_sws.kernels import use_backend
+
+    prior = SoftWeightSharingPrior(n_components=3, zero_component=False)
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(50, 10, generator=g, dtype=torch.float64, requires_grad=True)
+    stored = torch.tensor([-0.5, 9.0, 0.0, 9.0, 0.5, 9.0], dtype=torch.float64, requires_grad=True)
+    rest = {"precisions": torch.zeros(3, dtype=torch.float64, requires_grad=True),
+            "pi": torch.zeros(3, dtype=torch.float64, requires_grad=True)}
+    means = stored.detach()[::2].clone().requires_grad_()
+    with use_backend(backend):
+        strided = prior.group_log_joint([w], {"means": stored[::2], **rest})
+        contiguous = prior.group_log_joint([w], {"means": means, **rest})
+        expected = torch.autograd.grad(contiguous, [w, means])
+        got = torch.autograd.grad(strided, [w, stored])
+    torch.testing.assert_close(strided, contiguous, rtol=1e-12, atol=0)
+    torch.testing.assert_close(got[0], expected[0], rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(got[1][::2], expected[1], rtol=1e-12, atol=1e-14)
