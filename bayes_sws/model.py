@@ -268,7 +268,7 @@ class SoftWeightSharingModel:
         self._shapes = {name: p.shape for name, p in network.named_parameters()}
         self.passthrough = [name for name in self._shapes if name not in self.prior_sites]
         self._scope = f"bayes_sws.model{next(_MODEL_NAMES)}"
-        self._slots: dict[str, list[tuple[nn.Module, str]]] | bool | None = None
+        self._slots: tuple[nn.Module, dict[str, list[tuple[nn.Module, str]]] | None] | None = None
 
     # ---- structure
 
@@ -460,10 +460,10 @@ class SoftWeightSharingModel:
         ``functional_call`` puts the values in. Otherwise :func:`_swapped` does, as
         ``functional_call`` would, without its per-call search of the module tree.
         """
-        if self._slots is None:
-            network = self.network
+        network = self.network
+        if self._slots is None or self._slots[0] is not network:  # computed for the network in place now
             if any(parametrize.is_parametrized(module) for module in network.modules()):
-                self._slots = False
+                self._slots = (network, None)
             else:
                 parameters = dict(network.named_parameters())
                 places: dict[str, list[tuple[nn.Module, str]]] = {name: [] for name in self.prior_sites}
@@ -472,8 +472,8 @@ class SoftWeightSharingModel:
                     if id(parameter) in by_identity:
                         path, _, attribute = name.rpartition(".")
                         places[by_identity[id(parameter)]].append((network.get_submodule(path), attribute))
-                self._slots = places
-        return self._slots or None
+                self._slots = (network, places)
+        return self._slots[1]
 
     def _leading_shape(self, parameters: dict[str, torch.Tensor]) -> torch.Size:
         return torch.broadcast_shapes(

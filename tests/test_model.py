@@ -710,3 +710,15 @@ def test_the_point_losss_second_derivatives_without_a_prior_term_equal_trace_elb
             curvature.append(torch.autograd.grad(slope, parameters, allow_unused=True, materialize_grads=True))
     for ours, elbo in zip(*curvature):
         torch.testing.assert_close(ours, elbo, rtol=1e-9, atol=1e-10)
+
+
+def test_outputs_at_site_values_follow_a_network_put_in_place_of_the_models_own():
+    # the places the values are swapped into must be those of model.network now, not of the first network
+    model = SoftWeightSharingModel(make_net(), prior=SoftWeightSharingPrior(n_components=3), likelihood=Categorical())
+    x, _ = random_data()
+    values = {name: torch.randn(p.shape, dtype=F64) for name, p in model.network.named_parameters()
+              if name in model.prior_sites}
+    model.outputs(values, x)
+    model.network = make_net(seed=5)  # same architecture, other pass-through values
+    torch.testing.assert_close(model.outputs(values, x), torch.func.functional_call(model.network, values, (x,)),
+                               rtol=0, atol=0)
