@@ -241,11 +241,13 @@ def _point_coordinates(model: Callable, guide: AutoDelta, args: tuple, kwargs: d
     places = cached[2]
     if places is None:
         return None
-    coordinates = {name: module._parameters.get(attribute) for name, (module, attribute) in places.items()}
+    coordinates = {name: (guide if module is None else module)._parameters.get(attribute)
+                   for name, (module, attribute) in places.items()}
     return coordinates if all(isinstance(p, torch.Tensor) for p in coordinates.values()) else None
 
 
-def _point_parameters(model: SoftWeightSharingModel, guide: AutoDelta) -> dict[str, tuple[torch.nn.Module, str]] | None:
+def _point_parameters(model: SoftWeightSharingModel, guide: AutoDelta
+                      ) -> dict[str, tuple[torch.nn.Module | None, str]] | None:
     sites = {name: site for name, site in guide.prototype_trace.iter_stochastic_nodes()}
     if any(site["cond_indep_stack"] for site in sites.values()):
         return None
@@ -262,7 +264,7 @@ def _point_parameters(model: SoftWeightSharingModel, guide: AutoDelta) -> dict[s
         module = guide.get_submodule(path)
         if module._parameters.get(attribute) is not parameters[f"{name}_unconstrained"]:
             return None
-        places[name] = (module, attribute)
+        places[name] = (module if path else None, attribute)  # None: the guide itself, not held by its own entry
     return places
 
 

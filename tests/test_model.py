@@ -722,3 +722,22 @@ def test_outputs_at_site_values_follow_a_network_put_in_place_of_the_models_own(
     model.network = make_net(seed=5)  # same architecture, other pass-through values
     torch.testing.assert_close(model.outputs(values, x), torch.func.functional_call(model.network, values, (x,)),
                                rtol=0, atol=0)
+
+
+def test_map_loss_in_the_fit_loops_scope_keeps_no_guide_alive():
+    # the per-guide cache is weakly keyed: its entry must not hold the guide (a bare layer's sites sit on it)
+    import gc
+    import weakref
+
+    from bayes_sws.inference import map_guide
+
+    model = SoftWeightSharingModel(nn.Linear(4, 2).double(), prior=SoftWeightSharingPrior(n_components=3),
+                                   likelihood=Categorical())
+    x, y = random_data()
+    with library_scope():
+        guide = map_guide(model)
+        map_loss(model, guide, x, y, data_size=30)
+    alive = weakref.ref(guide)
+    del guide
+    gc.collect()
+    assert alive() is None
