@@ -109,7 +109,10 @@ class _FusedAdam(torch.optim.Adam):
     def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
         gathered = self._gathered() if closure is None else None
         if gathered is None:
-            return super().step(closure)
+            adam_step = torch.optim.Adam.step
+            if getattr(adam_step, "hooked", False):  # torch's hook runner, which already wraps this step
+                adam_step = adam_step.__wrapped__
+            return adam_step(self, closure)
         for group, (params, grads, exp_avgs, exp_avg_sqs, steps) in zip(self.param_groups, gathered):
             if not params:
                 continue

@@ -120,3 +120,18 @@ def test_the_fit_loops_adam_steps_bitwise_as_torchs_fused_adam_and_saves_the_sam
     for key in reference["state"]:
         for name, value in reference["state"][key].items():
             assert torch.equal(saved["state"][key][name], value)
+
+
+def test_the_fit_loops_adam_runs_step_hooks_once_a_step_also_where_torchs_adam_has_its_own():
+    from bayes_sws.optim import _FusedAdam
+
+    torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))])  # torch wraps Adam.step in the hook runner
+    x = torch.nn.Parameter(torch.zeros(3))
+    optimizer = _FusedAdam([x], fused=True)
+    calls = []
+    optimizer.register_step_pre_hook(lambda *args: calls.append("pre"))
+    optimizer.register_step_post_hook(lambda *args: calls.append("post"))
+    for _ in range(3):
+        x.grad = torch.ones(3)
+        optimizer.step()
+    assert calls == ["pre", "post"] * 3
