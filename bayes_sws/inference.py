@@ -52,6 +52,7 @@ from .errors import BayesSWSError
 from .local_reparam import (WeightPosterior, active_weight_posterior, check_local_layers, mean_field_part,
                             weight_posterior)
 from .optim import LearningRates
+from .prior import _is_identity
 
 __all__ = [
     "EMUpdate",
@@ -266,12 +267,6 @@ def _point_parameters(model: SoftWeightSharingModel, guide: AutoDelta
             return None
         places[name] = (module if path else None, attribute)  # None: the guide itself, not held by its own entry
     return places
-
-
-def _is_identity(transform: torch.distributions.Transform) -> bool:
-    while isinstance(transform, torch.distributions.transforms.IndependentTransform):
-        transform = transform.base_transform
-    return isinstance(transform, torch.distributions.transforms.ComposeTransform) and not transform.parts
 
 
 class _PointLogJoint(Messenger):

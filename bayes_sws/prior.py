@@ -529,13 +529,19 @@ class _PointPlan(NamedTuple):
     means_precision: float  # 1/s² of the means' Normal(0, s)
     gamma: tuple[torch.Tensor, torch.Tensor] | None  # (α − 1, β) of the precisions' Gamma, (J,)
     dirichlet: torch.Tensor | float  # a − 1 of π's Dirichlet
-    beta: tuple[torch.Tensor | float, torch.Tensor | float]  # (a − 1, b − 1) of π0's Beta
+    beta: tuple[torch.Tensor, torch.Tensor] | None  # (a − 1, b − 1) of π0's Beta
 
 
 def _unwrapped(transform: Transform) -> Transform:
     while isinstance(transform, IndependentTransform):
         transform = transform.base_transform
     return transform
+
+
+def _is_identity(transform: Transform) -> bool:
+    """Whether the transform is x ↦ x (torch's transform to the real line, elementwise or over event dimensions)."""
+    transform = _unwrapped(transform)
+    return isinstance(transform, ComposeTransform) and not transform.parts
 
 
 def _is_exp(transform: Transform) -> bool:
@@ -552,13 +558,12 @@ def _point_plan(prior: SoftWeightSharingPrior, site_priors: dict[str, dist.Distr
     transforms = {suffix: transform_to(site_prior.support) for suffix, site_prior in site_priors.items()}
     bases = {suffix: site_prior.base_dist if isinstance(site_prior, Independent) else site_prior
              for suffix, site_prior in site_priors.items()}
-    kinds = {"means": lambda t: isinstance(_unwrapped(t), ComposeTransform) and not _unwrapped(t).parts,
-             "precisions": _is_exp, "pi": lambda t: isinstance(t, SoftmaxTransform),
+    kinds = {"means": _is_identity, "precisions": _is_exp, "pi": lambda t: isinstance(t, SoftmaxTransform),
              "pi_zero": lambda t: isinstance(_unwrapped(t), SigmoidTransform)}
     families = {"means": dist.Normal, "precisions": dist.Gamma, "pi": dist.Dirichlet, "pi_zero": dist.Beta}
     closed_form = all(kinds[suffix](transforms[suffix])
                       and isinstance(bases[suffix], (dist.ImproperUniform, families[suffix])) for suffix in site_priors)
-    constant, means_precision, gamma, dirichlet, beta = 0.0, 0.0, None, 0.0, (0.0, 0.0)
+    constant, means_precision, gamma, dirichlet, beta = 0.0, 0.0, None, 0.0, None
     means, precisions, pi, pi_zero = (bases.get(suffix) for suffix in ("means", "precisions", "pi", "pi_zero"))
     if isinstance(means, dist.Normal):
         closed_form &= bool((means.loc == 0).all()) and means.scale.unique().numel() == 1
@@ -919,7 +924,8 @@ class SoftWeightSharingPrior(MixtureSpec):
                 log_p = log_p + plan.dirichlet.dot(u["pi"].log_softmax(-1))
         if "pi_zero" in u:
             values["pi_zero"] = pi_zero = plan.transforms[plan.suffixes.index("pi_zero")](u["pi_zero"])
-            log_p = log_p + plan.beta[0] * pi_zero.log() + plan.beta[1] * torch.log1p(-pi_zero)
+            if plan.beta is not None:
+                log_p = log_p + plan.beta[0] * pi_zero.log() + plan.beta[1] * torch.log1p(-pi_zero)
         mixture = self.assemble(values, like=u["precisions"])
         return values, mixture, torch.as_tensor(log_p, dtype=u["precisions"].dtype, device=u["precisions"].device)
 
@@ -950,8 +956,9 @@ class SoftWeightSharingPrior(MixtureSpec):
             grads["pi"] = score - values["pi"] * score.sum()
         if "pi_zero" in u:
             pi_zero = values["pi_zero"]
-            grads["pi_zero"] = ((grad_log_pi[0] + plan.beta[0]) * (1 - pi_zero)
-                                - (grad_log_pi[1:].sum() + plan.beta[1]) * pi_zero)
+            a_minus_one, b_minus_one = plan.beta if plan.beta is not None else (0.0, 0.0)
+            grads["pi_zero"] = ((grad_log_pi[0] + a_minus_one) * (1 - pi_zero)
+                                - (grad_log_pi[1:].sum() + b_minus_one) * pi_zero)
         return [grads[suffix] for suffix in plan.suffixes]
 
     # ---- EM
