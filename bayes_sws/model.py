@@ -409,15 +409,15 @@ class SoftWeightSharingModel:
         """
         if self.likelihood.initial_values(like=x):
             raise ValueError("log_joint needs a likelihood without sites of its own; run the model under Pyro")
-        total = 0.0
+        outputs = self.outputs({name: coordinates[name] for name in self.prior_sites}, x)
+        batch = x.shape[0]
+        total = (data_size or batch) / batch * self.likelihood.log_prob_sum(outputs, y)
         for group, names in self.groups.items():
             mixture_sites = {key[len(group) + 1:]: value for key, value in coordinates.items()
                              if key.startswith(group + ".") and key[len(group) + 1:] in _SUFFIXES}
             total = total + self.prior.group_log_joint([coordinates[name] for name in names], mixture_sites,
                                                        prior_weight=self.prior_weight)
-        outputs = self.outputs({name: coordinates[name] for name in self.prior_sites}, x)
-        batch = x.shape[0]
-        return total + (data_size or batch) / batch * self.likelihood.log_prob_sum(outputs, y)
+        return total
 
     def outputs(self, parameters: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         """The network on ``x`` once per set of prior-site values: outputs ``(*particles, B, …)``.
