@@ -387,10 +387,11 @@ class SoftWeightSharingModel:
 
         What running the model with its latent sites at the point sums (each site's
         scaled log-density, as :func:`~bayes_sws.inference.map_loss` does), equal to
-        round-off, in a few operations: each group through
-        :meth:`~bayes_sws.prior.SoftWeightSharingPrior.group_log_joint`, then the
-        likelihood of the batch scaled by N/B. For a model whose likelihood has no sites
-        of its own (a learned noise scale has one).
+        round-off, in a few operations: the likelihood of the batch scaled by N/B, then
+        each group through :meth:`~bayes_sws.prior.SoftWeightSharingPrior.group_log_joint`
+        (the network first reads the weights the optimiser has just written, while they
+        are in cache). For a model whose likelihood has no sites of its own (a learned
+        noise scale has one).
 
         Parameters
         ----------
