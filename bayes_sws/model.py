@@ -307,17 +307,7 @@ class SoftWeightSharingModel:
         Site values with leading dimensions ``batch`` give mixtures with fields ``(*batch, J)``.
         """
         like = values[self.prior_sites[0]]
-        return {
-            group: self.prior.assemble(
-                {
-                    key[len(group) + 1 :]: value
-                    for key, value in values.items()
-                    if key.startswith(group + ".") and key[len(group) + 1 :] in _SUFFIXES
-                },
-                like=like,
-            )
-            for group in self.groups
-        }
+        return {group: self.prior.assemble(_mixture_sites(values, group), like=like) for group in self.groups}
 
     def load_values(self, values: dict[str, torch.Tensor]) -> nn.Module:
         """Copy site values into the network's parameters (in place) and return it."""
@@ -414,9 +404,8 @@ class SoftWeightSharingModel:
         batch = x.shape[0]
         total = (data_size or batch) / batch * self.likelihood.log_prob_sum(outputs, y)
         for group, names in self.groups.items():
-            mixture_sites = {key[len(group) + 1:]: value for key, value in coordinates.items()
-                             if key.startswith(group + ".") and key[len(group) + 1:] in _SUFFIXES}
-            total = total + self.prior.group_log_joint([coordinates[name] for name in names], mixture_sites,
+            total = total + self.prior.group_log_joint([coordinates[name] for name in names],
+                                                       _mixture_sites(coordinates, group),
                                                        prior_weight=self.prior_weight)
         return total
 
@@ -495,6 +484,13 @@ class SoftWeightSharingModel:
 
 
 _SUFFIXES = ("means", "precisions", "pi", "pi_zero")
+
+
+def _mixture_sites(values: dict[str, torch.Tensor], group: str) -> dict[str, torch.Tensor]:
+    """A group's mixture sites among site values (or coordinates), keyed by suffix: ``{"means": …, …}``."""
+    prefix = group + "."
+    return {key[len(prefix):]: value for key, value in values.items()
+            if key.startswith(prefix) and key[len(prefix):] in _SUFFIXES}
 
 
 @contextlib.contextmanager

@@ -250,6 +250,20 @@ def _fused_rows(event_dims: tuple[int, ...], chunk_size: int | None, mixture: Ga
     return rows.batch_shape, grad_weights, summaries
 
 
+def _graph_gradients(value: torch.Tensor, inputs: Sequence[torch.Tensor], needed: Sequence[bool],
+                     grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    """Gradients of an autograd reference ``value`` with respect to the ``needed`` inputs, as a graph.
+
+    A fused Function's backward pass that must itself be differentiable (``create_graph=True``)
+    returns these: one entry per input, ``None`` where not needed or where ``value`` does not
+    depend on it (a group's hyperpriors alone leave the weights out; flat ones are constant).
+    """
+    wanted = [t for t, need in zip(inputs, needed) if need]
+    grads = iter(torch.autograd.grad(value, wanted, grad, create_graph=True, allow_unused=True)
+                 if value.requires_grad else [None] * len(wanted))
+    return tuple(next(grads) if need else None for need in needed)
+
+
 class _FusedLogProbSum(torch.autograd.Function):
     """Sums of log p(w) over each tensor's event dimensions, gradients computed in the same pass.
 
@@ -280,9 +294,7 @@ class _FusedLogProbSum(torch.autograd.Function):
         needed = ctx.needs_input_grad[2:]
         if torch.is_grad_enabled():
             value = _reference_group_log_prob_sum(weights, GaussianMixture(*mixture), ctx.event_dims)
-            wanted = [t for t, need in zip(inputs, needed) if need]
-            grads = iter(torch.autograd.grad(value, wanted, grad_values, create_graph=True))
-            return (None, None, *(next(grads) if need else None for need in needed))
+            return (None, None, *_graph_gradients(value, inputs, needed, grad_values))
         if ctx.buffers is None:  # handed on to autograd (and maybe into .grad) by an earlier pass
             _, grad_weights, summaries = _fused_rows(ctx.event_dims, ctx.chunk_size, GaussianMixture(*mixture),
                                                      weights)
@@ -643,12 +655,7 @@ class _GroupLogJoint(torch.autograd.Function):
         coordinates, weights = tensors[:count], tensors[count:]
         if torch.is_grad_enabled():
             value = _composed_group_log_joint(plan, prior_weight, coordinates, weights, reference=True)
-            needed = ctx.needs_input_grad[2:]
-            wanted = [t for t, need in zip(tensors, needed) if need]
-            # with λ = 0 the value (the hyperpriors only, constant where they are flat) leaves the weights out
-            grads = iter(torch.autograd.grad(value, wanted, grad_value, create_graph=True, allow_unused=True)
-                         if value.requires_grad else [None] * len(wanted))
-            return (None, None, *(next(grads) if need else None for need in needed))
+            return (None, None, *_graph_gradients(value, tensors, ctx.needs_input_grad[2:], grad_value))
         buffers, ctx.buffers = ctx.buffers, None
         if buffers is None:  # handed on to autograd by an earlier pass
             buffers = _GroupLogJoint._evaluate(plan, prior_weight, tensors)

@@ -59,6 +59,7 @@ import bayes_sws as sws
 from bayes_sws import fitting, inference, kernels
 from bayes_sws.experiment import build_model
 from bayes_sws.local_reparam import weight_posterior
+from bayes_sws.model import _mixture_sites
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import ForeignLoad, loadavg, wait_until_idle, warn_if_loaded, write_json  # noqa: E402
@@ -227,9 +228,7 @@ def step_breakdown(spec: sws.Spec, data: sws.Dataset, batch_size: int, steps: in
         if coordinates is None:
             raise SystemExit("error: the fit loop's MAP loss does not take SoftWeightSharingModel.log_joint here")
         weights = {name: coordinates[name] for name in model.prior_sites}
-        groups = {group: ([weights[name] for name in names],
-                          {key[len(group) + 1:]: value for key, value in coordinates.items()
-                           if key.startswith(group + ".") and key not in weights})
+        groups = {group: ([weights[name] for name in names], _mixture_sites(coordinates, group))
                   for group, names in model.groups.items()}
         mixtures = {g: sws.GaussianMixture(*(t.detach().contiguous() for t in m))
                     for g, m in model.mixtures(state.values).items()}
