@@ -22,8 +22,11 @@ def minimise(objective, x, name, *, iterations):
     return optimizer.step(closure)
 
 
+# CG's line search stops ("precision loss") once the float64 loss cannot fall: at an error e
+# with ½λ_min‖e‖² ≈ ε|f*|, ‖e‖ ≈ √(2ε|f*|/λ_min) = 2.7e-8 here (f* = −1.68, λ_min = 1); the
+# error it stops at (1.1e-8 to 1.2e-8 seen) depends on the loss's round-off, so the machine.
 # L-BFGS-B also stops once the loss falls by less than a relative 2.2e-9 (scipy's ftol).
-@pytest.mark.parametrize(("name", "atol"), [("cg", 1e-8), ("lbfgs", 1e-5)])
+@pytest.mark.parametrize(("name", "atol"), [("cg", 3e-8), ("lbfgs", 1e-5)])
 def test_solves_a_10_dim_quadratic(name, atol):
     g = torch.Generator().manual_seed(5)
     q, _ = torch.linalg.qr(torch.randn(10, 10, generator=g, dtype=F64))
