@@ -113,10 +113,10 @@ class _FusedAdam(torch.optim.Adam):
             if getattr(adam_step, "hooked", False):  # torch's hook runner, which already wraps this step
                 adam_step = adam_step.__wrapped__
             return adam_step(self, closure)
+        torch._foreach_add_([step for *_, steps in gathered for step in steps], 1)
         for group, (params, grads, exp_avgs, exp_avg_sqs, steps) in zip(self.param_groups, gathered):
             if not params:
                 continue
-            torch._foreach_add_(steps, 1)
             torch._fused_adam_(params, grads, exp_avgs, exp_avg_sqs, [], steps, amsgrad=False, lr=group["lr"],
                                beta1=group["betas"][0], beta2=group["betas"][1],
                                weight_decay=group["weight_decay"], eps=group["eps"], maximize=group["maximize"],
