@@ -537,7 +537,9 @@ def _take_step(state: FitState, index: torch.Tensor, x: torch.Tensor, y: torch.T
         nonlocal value
         for parameter in parameters:  # the optimiser's zero_grad(set_to_none=True), without its profiling hooks
             parameter.grad = None
-        loss = state.loss(state.model, state.guide, x[local], y[local], data_size=n) if len(local) else None
+        # index_select: a third of the time x[local]'s advanced indexing takes for a batch of rows
+        batch = (x.index_select(0, local), y.index_select(0, local))
+        loss = state.loss(state.model, state.guide, *batch, data_size=n) if len(local) else None
         if loss is not None:
             loss.backward()
         if state.reduction is not None:

@@ -83,7 +83,8 @@ def plain_epoch(spec: sws.Spec, data: sws.Dataset, batch_size: int, seed: int, c
     started = clock()
     for index in sws.data.batches(data.train_x.shape[0], batch_size=batch_size, generator=generator):
         optimizer.zero_grad(set_to_none=True)
-        loss = nn.functional.cross_entropy(network(data.train_x[index]), data.train_y[index], reduction="sum")
+        x, y = data.train_x.index_select(0, index), data.train_y.index_select(0, index)  # the fit loop's gather
+        loss = nn.functional.cross_entropy(network(x), y, reduction="sum")
         loss.backward()
         optimizer.step()
         loss.item()  # the library's loop reads each step's loss too
@@ -130,7 +131,7 @@ def sws_epoch(spec: sws.Spec, data: sws.Dataset, batch_size: int, seed: int, clo
     started = clock()
     for index in sws.data.batches(n, batch_size=batch_size, generator=generator):
         optimizer.zero_grad(set_to_none=True)
-        loss = plain.loss(data.train_x[index], data.train_y[index], n)
+        loss = plain.loss(data.train_x.index_select(0, index), data.train_y.index_select(0, index), n)
         loss.backward()
         optimizer.step()
         loss.item()
