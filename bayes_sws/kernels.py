@@ -20,6 +20,13 @@ with responsibilities γ and d = w − μ.
 ``"torch"`` elsewhere. Select with :func:`set_backend` for the whole process, or
 with :func:`use_backend` for a block of code.
 
+The native kernel also has a group function (:func:`group_backend`, a
+:class:`GroupPlan` from :func:`group_plan`): one mixture group's whole MAP prior term
+at a point, λ·Σ log p(w | mixture) + log p(mixture), in one call from the sites'
+unconstrained coordinates, with the weights' gradients (scaled by λ in the pass) and
+the coordinates'. ``prior.SoftWeightSharingPrior.group_log_joint`` takes it on the
+CPU; elsewhere it composes the same from torch ops and :func:`backend`.
+
 Every backend answers non-finite input the same way: a NaN or infinite weight makes
 the value, the mixture gradients and that weight's gradient NaN; a mean that is NaN
 or infinite, a scale that is NaN, infinite, zero or negative, or a log-proportion
@@ -70,8 +77,8 @@ import torch
 
 from .errors import BayesSWSError
 
-__all__ = ["BACKENDS", "backend", "current_backend", "native_available", "set_backend", "skip_margin", "skipping",
-           "use_backend", "use_skipping"]
+__all__ = ["BACKENDS", "GroupPlan", "backend", "current_backend", "group_backend", "group_plan", "native_available",
+           "set_backend", "skip_margin", "skipping", "use_backend", "use_skipping"]
 
 BACKENDS = ("auto", "torch", "compile", "native")
 HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
@@ -82,6 +89,7 @@ _SOURCE = Path(__file__).with_name("sws_kernel.c")
 _MAX_NATIVE_COMPONENTS = 64
 _MIN_WEIGHTS_PER_THREAD = 1 << 13
 _MAX_NATIVE_PARTS = 256  # MAX_PARTS in sws_kernel.c
+_GROUP_SUFFIXES = ("means", "precisions", "pi", "pi_zero")  # the order sws_mixture_*_group takes them
 # Nats beyond ln(1/u) + ln J in the skipping bound (see the module's docstring).
 _SKIP_SAFETY = 5.0
 
@@ -258,42 +266,148 @@ def _cache_dir() -> Path:
     return Path(root)
 
 
+class GroupPlan(NamedTuple):
+    """A mixture group's configuration for :meth:`_Native.group_value_and_grads` (``sws_group_plan`` in C)."""
+
+    struct: ctypes.Structure
+    arrays: tuple  # the ctypes arrays the struct points into, kept alive with it
+    suffixes: tuple[str, ...]  # the coordinates, in the order the gradients come back
+
+
+class _GroupPlanStruct(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_int) for name in ("components", "zero_component", "has_means", "has_pi",
+                                                  "has_pi_zero", "fixed_pi_zero")] \
+        + [(name, ctypes.c_double) for name in ("log_pi_zero", "log1m_pi_zero", "constant", "means_precision")] \
+        + [(name, ctypes.c_void_p) for name in ("gamma_shape_minus_one", "gamma_rate", "dirichlet_minus_one",
+                                                "beta_minus_one")]
+
+
+def group_plan(*, components: int, zero_component: bool, suffixes: Sequence[str], fixed_pi_zero: float | None,
+               constant: float, means_precision: float, gamma: tuple[torch.Tensor, torch.Tensor] | None,
+               dirichlet: torch.Tensor | None, beta: tuple[torch.Tensor, torch.Tensor] | None) -> GroupPlan:
+    """The C form of a group's closed-form plan (``prior._PointPlan``); ``None`` entries are flat hyperpriors.
+
+    Parameters
+    ----------
+    components : int
+        J.
+    zero_component : bool
+    suffixes : sequence of str
+        The group's sites among ``means``, ``precisions`` (required), ``pi``, ``pi_zero``.
+    fixed_pi_zero : float or None
+        π0 where it is fixed (a zero component, J > 1 and no ``pi_zero`` site).
+    constant, means_precision : float
+        log p(sites)'s constant, and 1/s² of the means' Normal(0, s) (0: flat).
+    gamma : (Tensor (J,), Tensor (J,)) or None
+        α − 1 and β of the precisions' Gamma.
+    dirichlet : Tensor (K,) or None
+        a − 1 of π's Dirichlet.
+    beta : (Tensor (), Tensor ()) or None
+        a − 1 and b − 1 of π0's Beta.
+    """
+    def doubles(*tensors: torch.Tensor) -> ctypes.Array:
+        values = [float(v) for t in tensors for v in t.detach().reshape(-1).tolist()]
+        return (ctypes.c_double * len(values))(*values)
+
+    arrays = {"gamma_shape_minus_one": gamma and doubles(gamma[0]), "gamma_rate": gamma and doubles(gamma[1]),
+              "dirichlet_minus_one": None if dirichlet is None else doubles(dirichlet),
+              "beta_minus_one": beta and doubles(*beta)}
+    fixed = fixed_pi_zero is not None
+    struct = _GroupPlanStruct(
+        components=components, zero_component=int(zero_component), has_means=int("means" in suffixes),
+        has_pi=int("pi" in suffixes), has_pi_zero=int("pi_zero" in suffixes), fixed_pi_zero=int(fixed),
+        log_pi_zero=math.log(fixed_pi_zero) if fixed else 0.0, log1m_pi_zero=math.log1p(-fixed_pi_zero) if fixed else 0.0,
+        constant=constant, means_precision=means_precision,
+        **{name: None if array is None else ctypes.addressof(array) for name, array in arrays.items()})
+    return GroupPlan(struct, tuple(a for a in arrays.values() if a is not None), tuple(suffixes))
+
+
 class _Native:
     """The C kernel through ctypes, its ranges on torch's OpenMP threads where the build has OpenMP."""
 
     def __init__(self, library: ctypes.CDLL) -> None:
-        pointer = ctypes.c_void_p
-        self._functions = {}
+        pointer, integer, double = ctypes.c_void_p, ctypes.c_int, ctypes.c_double
+        self._functions, self._groups = {}, {}
         for dtype, name in ((torch.float32, "sws_mixture_f32"), (torch.float64, "sws_mixture_f64")):
             function = getattr(library, name)
-            function.argtypes = [ctypes.c_int, pointer, pointer, pointer, pointer, pointer, pointer, ctypes.c_int,
-                                 ctypes.c_double, pointer, ctypes.c_int]
-            function.restype = ctypes.c_int
+            function.argtypes = [integer, pointer, pointer, pointer, pointer, pointer, pointer, integer, double,
+                                 pointer, integer]
+            function.restype = integer
             self._functions[dtype] = function
+            if hasattr(library, f"{name}_group"):  # a build of an earlier kernel source has none
+                group = getattr(library, f"{name}_group")
+                group.argtypes = [pointer] * 5 + [integer, pointer, pointer, pointer, double, double, integer] \
+                    + [pointer] * 5
+                group.restype = integer
+                self._groups[dtype] = group
         self.openmp = bool(library.sws_openmp())
 
     def supports(self, weights: torch.Tensor, components: int) -> bool:
         return (weights.device.type == "cpu" and weights.dtype in self._functions
                 and components <= _MAX_NATIVE_COMPONENTS)
 
-    def value_and_grads(self, segments, mixture, grad_outs, summary_out, *, chunk_size=None) -> None:
-        # Every tensor is contiguous and of the weights' dtype (mixture_log_prob_sum sees to it),
-        # of any shape (read flat); grad_outs None skips the weight gradients. The segments are
-        # read in place.
-        log_proportions, means, scales = mixture
-        count, components = len(segments), log_proportions.numel()
-        n = sum(t.numel() for t in segments)
+    def _segments(self, segments: Sequence[torch.Tensor], grad_outs: Sequence[torch.Tensor] | None, components: int):
+        """The kernel's segment arguments: count, pointers, lengths, gradient pointers, margin, parts."""
+        count, n = len(segments), sum(t.numel() for t in segments)
         threads = min(torch.get_num_threads(), _MAX_NATIVE_PARTS) if self.openmp else 1
         parts = max(1, min(threads, n // _MIN_WEIGHTS_PER_THREAD))
         pointers = (ctypes.c_void_p * count)(*(t.data_ptr() for t in segments))
         lengths = (ctypes.c_long * count)(*(t.numel() for t in segments))
         grads = None if grad_outs is None else (ctypes.c_void_p * count)(*(g.data_ptr() for g in grad_outs))
         margin = skip_margin(segments[0].dtype, components) if skipping() else math.inf
+        return count, pointers, lengths, grads, margin, parts
+
+    def value_and_grads(self, segments, mixture, grad_outs, summary_out, *, chunk_size=None) -> None:
+        # Every tensor is contiguous and of the weights' dtype (mixture_log_prob_sum sees to it),
+        # of any shape (read flat); grad_outs None skips the weight gradients. The segments are
+        # read in place.
+        log_proportions, means, scales = mixture
+        components = log_proportions.numel()
+        count, pointers, lengths, grads, margin, parts = self._segments(segments, grad_outs, components)
         status = self._functions[segments[0].dtype](
             count, pointers, lengths, grads, log_proportions.data_ptr(), means.data_ptr(), scales.data_ptr(),
             components, margin, summary_out.data_ptr(), parts)
         if status:
             raise RuntimeError("the native mixture kernel rejected its arguments")
+
+    def has_groups(self, weights: torch.Tensor) -> bool:
+        """Whether :meth:`group_value_and_grads` takes these weights (the library has the group function)."""
+        return weights.dtype in self._groups
+
+    def group_value_and_grads(self, plan: GroupPlan, coordinates: Sequence[torch.Tensor],
+                              weights: Sequence[torch.Tensor], prior_weight: float
+                              ) -> tuple[torch.Tensor, list[torch.Tensor] | None, list[torch.Tensor]]:
+        """λ·Σ log p(w | mixture) + log p(mixture) of a group at a point, with every gradient, in one call.
+
+        Parameters
+        ----------
+        plan : GroupPlan
+        coordinates : sequence of Tensor
+            The sites' unconstrained coordinates in ``plan.suffixes`` order, contiguous,
+            of the weights' dtype (``SoftWeightSharingPrior.group_log_joint`` sees to it).
+        weights : sequence of Tensor
+            The group's contiguous weight tensors, read in place.
+        prior_weight : float
+            λ.
+
+        Returns
+        -------
+        The value (shape ``()``), the weights' gradients (λ times the prior's; ``None``
+        where λ = 0) and the coordinates' gradients, in ``plan.suffixes`` order.
+        """
+        components = plan.struct.components
+        grad_weights = [torch.empty_like(w) for w in weights] if prior_weight else None
+        count, pointers, lengths, grads, margin, parts = self._segments(weights, grad_weights, components)
+        value = weights[0].new_empty(())
+        grad_coordinates = [torch.empty_like(u) for u in coordinates]
+        by_suffix = dict(zip(plan.suffixes, zip(coordinates, grad_coordinates)))
+        inputs = [by_suffix[s][0].data_ptr() if s in by_suffix else None for s in _GROUP_SUFFIXES]
+        outputs = [by_suffix[s][1].data_ptr() if s in by_suffix else None for s in _GROUP_SUFFIXES]
+        status = self._groups[weights[0].dtype](ctypes.byref(plan.struct), *inputs, count, pointers, lengths, grads,
+                                                prior_weight, margin, parts, value.data_ptr(), *outputs)
+        if status:
+            raise RuntimeError("the native mixture kernel rejected its arguments")
+        return value, grad_weights, grad_coordinates
 
     def value(self, segments, mixture, *, chunk_size=None) -> torch.Tensor:
         summary = segments[0].new_empty(1 + 3 * mixture[0].numel())
@@ -467,6 +581,12 @@ def use_backend(name: str) -> Iterator[None]:
 def current_backend() -> str:
     """The backend name in force here: the innermost :func:`use_backend`, else :func:`set_backend`'s."""
     return _SCOPED_BACKEND.get() or _DEFAULT_BACKEND["name"]
+
+
+def group_backend(weights: torch.Tensor, components: int) -> _Native | None:
+    """The native backend where it is in force for these weights and its build has the group function."""
+    chosen = backend(weights, components)
+    return chosen if isinstance(chosen, _Native) and chosen.has_groups(weights) else None
 
 
 def backend(weights: torch.Tensor, components: int) -> _ChunkedTorch | _Native:

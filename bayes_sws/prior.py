@@ -542,6 +542,7 @@ class _PointPlan(NamedTuple):
     gamma: tuple[torch.Tensor, torch.Tensor] | None  # (α − 1, β) of the precisions' Gamma, (J,)
     dirichlet: torch.Tensor | float  # a − 1 of π's Dirichlet
     beta: tuple[torch.Tensor, torch.Tensor] | None  # (a − 1, b − 1) of π0's Beta
+    native: kernels.GroupPlan | None  # the same for the native kernel's group function (closed form only)
 
 
 def _unwrapped(transform: Transform) -> Transform:
@@ -594,9 +595,14 @@ def _point_plan(prior: SoftWeightSharingPrior, site_priors: dict[str, dist.Distr
         a, b = pi_zero.concentration1.double(), pi_zero.concentration0.double()
         constant += float((a + b).lgamma() - a.lgamma() - b.lgamma())
         beta = (pi_zero.concentration1 - 1, pi_zero.concentration0 - 1)
+    native = kernels.group_plan(
+        components=prior.n_components, zero_component=prior.zero_component, suffixes=tuple(site_priors),
+        fixed_pi_zero=prior.pi_zero if prior.zero_component and prior.n_components > 1 and not prior.learns_pi_zero
+        else None, constant=constant, means_precision=means_precision, gamma=gamma,
+        dirichlet=dirichlet if isinstance(dirichlet, torch.Tensor) else None, beta=beta) if closed_form else None
     return _PointPlan(prior, tuple(site_priors), tuple(site_priors.values()),
                       tuple(site_prior.shape() for site_prior in site_priors.values()), tuple(transforms.values()),
-                      closed_form, constant, means_precision, gamma, dirichlet, beta)
+                      closed_form, constant, means_precision, gamma, dirichlet, beta, native)
 
 
 def _composed_group_log_joint(plan: _PointPlan, prior_weight: float, coordinates: Sequence[torch.Tensor],
@@ -620,33 +626,44 @@ def _composed_group_log_joint(plan: _PointPlan, prior_weight: float, coordinates
 class _GroupLogJoint(torch.autograd.Function):
     """λ·log p(w | mixture) + log p(mixture) of one group at a point, in one autograd node.
 
-    Forward, without a graph: the mixture from the coordinates and its hyperpriors'
-    log-density (:meth:`SoftWeightSharingPrior._point_mixture`), and the kernel's value
-    and gradients over the weights, read in place. Backward: the kernel's weight
-    gradients scaled in place, and the mixture's carried back to the coordinates in
-    closed form (:meth:`SoftWeightSharingPrior._coordinate_gradients`), where autograd
-    would walk some forty operations on J-element tensors. A second backward pass
-    (``retain_graph=True``) runs the forward again; one that builds a graph
-    (``create_graph=True``) differentiates the autograd reference instead.
+    Forward, without a graph, the value and every gradient: on the CPU one call of the
+    native kernel's group function (the mixture from the coordinates, its hyperpriors,
+    the pass over the weights read in place, and the mixture's gradients carried back to
+    the coordinates); elsewhere :meth:`SoftWeightSharingPrior._point_mixture`, the
+    kernel and :meth:`SoftWeightSharingPrior._coordinate_gradients` in closed form,
+    where autograd would walk some forty operations on J-element tensors. Backward:
+    those gradients times the upstream gradient, in place, in one pass. A second
+    backward pass (``retain_graph=True``) runs the forward again; one that builds a
+    graph (``create_graph=True``) differentiates the autograd reference instead.
     """
 
     @staticmethod
     def forward(ctx, plan: _PointPlan, prior_weight: float, *tensors: torch.Tensor) -> torch.Tensor:
         ctx.plan, ctx.prior_weight = plan, prior_weight
         ctx.save_for_backward(*tensors)
-        ctx.buffers = _GroupLogJoint._evaluate(plan, prior_weight, tensors)
-        return ctx.buffers[0]
+        value, *ctx.gradients = _GroupLogJoint._evaluate(plan, prior_weight, tensors)
+        return value
 
     @staticmethod
-    def _evaluate(plan: _PointPlan, prior_weight: float, tensors: Sequence[torch.Tensor]):
+    def _evaluate(plan: _PointPlan, prior_weight: float, tensors: Sequence[torch.Tensor]
+                  ) -> tuple[torch.Tensor, list[torch.Tensor] | None, list[torch.Tensor]]:
+        """The value, the weights' gradients (``None`` where λ = 0) and the coordinates'."""
         coordinates, weights = tensors[: len(plan.suffixes)], tensors[len(plan.suffixes):]
+        components = plan.prior.n_components
+        native = kernels.group_backend(weights[0], components) if plan.native is not None else None
+        if native is not None:
+            return native.group_value_and_grads(plan.native, coordinates, weights, prior_weight)
         values, mixture, value = plan.prior._point_mixture(plan, coordinates)
-        if not prior_weight:
-            return value, values, mixture, None, None
-        grads = [torch.empty_like(w) for w in weights]
-        summary = weights[0].new_empty(1 + 3 * mixture.means.shape[-1])
-        kernels.backend(weights[0], mixture.means.shape[-1]).value_and_grads(weights, tuple(mixture), grads, summary)
-        return value + prior_weight * summary[0], values, mixture, grads, summary
+        grads = None
+        field_grads = mixture.means.new_zeros(3, components)
+        if prior_weight:
+            grads = [torch.empty_like(w) for w in weights]
+            summary = weights[0].new_empty(1 + 3 * components)
+            kernels.backend(weights[0], components).value_and_grads(weights, tuple(mixture), grads, summary)
+            torch._foreach_mul_(grads, prior_weight)
+            value = value + prior_weight * summary[0]
+            field_grads = (prior_weight * summary[1:]).view(3, components)
+        return value, grads, plan.prior._coordinate_gradients(plan, coordinates, values, mixture, field_grads)
 
     @staticmethod
     def backward(ctx, grad_value: torch.Tensor):
@@ -656,22 +673,16 @@ class _GroupLogJoint(torch.autograd.Function):
         if torch.is_grad_enabled():
             value = _composed_group_log_joint(plan, prior_weight, coordinates, weights, reference=True)
             return (None, None, *_graph_gradients(value, tensors, ctx.needs_input_grad[2:], grad_value))
-        buffers, ctx.buffers = ctx.buffers, None
-        if buffers is None:  # handed on to autograd by an earlier pass
-            buffers = _GroupLogJoint._evaluate(plan, prior_weight, tensors)
-        _, values, mixture, grad_weights, summary = buffers
-        components = mixture.means.shape[-1]
-        needed = ctx.needs_input_grad[2 + count:]
-        if prior_weight:
-            field_grads = (prior_weight * summary[1:]).view(3, components)
-            grad_weights = [g if need else None for g, need in zip(grad_weights, needed)]
-            if any(needed):  # one pass for all the group's tensors
-                torch._foreach_mul_([g for g in grad_weights if g is not None], prior_weight * grad_value)
-        else:
-            field_grads = mixture.means.new_zeros(3, components)
-            grad_weights = [None] * len(weights)
-        site_grads = plan.prior._coordinate_gradients(plan, coordinates, values, mixture, field_grads)
-        return (None, None, *(grad_value * g for g in site_grads), *grad_weights)
+        gradients, ctx.gradients = ctx.gradients, None
+        if gradients is None:  # handed on to autograd by an earlier pass
+            gradients = _GroupLogJoint._evaluate(plan, prior_weight, tensors)[1:]
+        grad_weights, grad_coordinates = gradients
+        grads = [g if need else None for g, need in zip((*grad_coordinates, *(grad_weights or [None] * len(weights))),
+                                                        ctx.needs_input_grad[2:])]
+        scaled = [g for g in grads if g is not None]
+        if scaled:
+            torch._foreach_mul_(scaled, grad_value)  # one pass for all of them
+        return (None, None, *grads)
 
 
 # --------------------------------------------------------------------------- configuration

@@ -164,7 +164,21 @@ static inline double log_above_f64(double x)
 #define HALF_LOG_2PI 0.91893853320467274178
 #define SUMMARY(J) (1 + 3 * (J))
 
-#define DEFINE_KERNEL(NAME, REAL, REAL_MAX, REAL_INF, EXP, LOG, LOG_ABOVE, REFERENCE)       \
+/* A mixture group's configuration for NAME##_group (see GROUP below; prior.py's _PointPlan). */
+typedef struct {
+    int components;     /* J */
+    int zero_component; /* component 0 has mean 0 and no means coordinate */
+    int has_means, has_pi, has_pi_zero; /* which coordinates there are */
+    int fixed_pi_zero;  /* zero component, J > 1, no pi_zero site: pi0 is fixed */
+    double log_pi_zero, log1m_pi_zero; /* log pi0 and log(1 - pi0) of a fixed pi0 */
+    double constant, means_precision; /* log p's constant; 1/s^2 of the means' Normal(0, s), or 0 */
+    const double *gamma_shape_minus_one, *gamma_rate; /* J each, or NULL (flat precisions) */
+    const double *dirichlet_minus_one; /* one per pi coordinate, or NULL (flat) */
+    const double *beta_minus_one;      /* {a - 1, b - 1} of pi0's Beta, or NULL (flat) */
+} sws_group_plan;
+
+#define DEFINE_KERNEL(NAME, REAL, REAL_MAX, REAL_MIN, REAL_EPSILON, REAL_INF, EXP, LOG, LOG_ABOVE, \
+                      REFERENCE)                                                            \
     /* The components of a block that can matter (see SKIPPING above): their count, into */ \
     /* active[]. A block holding a non-finite weight keeps them all. */                     \
     static int NAME##_active(const REAL *wb, int b, const REAL *log_norm,                   \
@@ -244,7 +258,8 @@ static inline double log_above_f64(double x)
     /* sum gamma d^2 (each J), over the K components in active[] */                         \
     static void NAME##_block(const REAL *wb, int b, const int *active, int K,               \
                              int reference, const REAL *log_norm, const REAL *means,        \
-                             const REAL *precisions, int J, REAL *grad_w, double *summary)  \
+                             const REAL *precisions, int J, REAL gradient_scale, REAL *grad_w,\
+                             double *summary)                                               \
     {                                                                                       \
         REAL table[MAX_COMPONENTS][BLOCK];                                                  \
         REAL top[BLOCK], total[BLOCK], grad[BLOCK];                                         \
@@ -330,7 +345,7 @@ static inline double log_above_f64(double x)
         }                                                                                   \
         if (grad_w)                                                                         \
             for (int i = 0; i < b; i++)                                                     \
-                grad_w[i] = -grad[i];                                                       \
+                grad_w[i] = -gradient_scale * grad[i];                                      \
     }                                                                                       \
                                                                                             \
     /* Blocks of BLOCK weights; one whose bound keeps more than SPLIT_COMPONENTS */         \
@@ -339,7 +354,8 @@ static inline double log_above_f64(double x)
     /* widen a block's range; a block that keeps about what every block keeps has none) */  \
     static void NAME##_range(const REAL *w, long n, const REAL *log_norm, const REAL *means, \
                              const REAL *precisions, const REAL *scales, int J,             \
-                             double margin, REAL *grad_w, double *summary)                  \
+                             double margin, REAL gradient_scale, REAL *grad_w,              \
+                             double *summary)                                               \
     {                                                                                       \
         int active[MAX_COMPONENTS];                                                         \
         int reference, sub_reference[BLOCK / SUB_BLOCK];                                    \
@@ -366,20 +382,22 @@ static inline double log_above_f64(double x)
             /* sub-blocks pay where they drop a quarter of the pairs */                     \
             if (!try_split || 4 * split_cost > 3 * (BLOCK / SUB_BLOCK) * K) {               \
                 NAME##_block(wb, b, active, K, reference, log_norm, means, precisions, J,   \
-                             grad_w ? grad_w + start : NULL, summary);                      \
+                             gradient_scale, grad_w ? grad_w + start : NULL, summary);      \
                 continue;                                                                   \
             }                                                                               \
             for (int s = 0; s < BLOCK / SUB_BLOCK; s++)                                     \
                 NAME##_block(wb + s * SUB_BLOCK, SUB_BLOCK, sub_active[s], sub_K[s],        \
                              sub_reference[s], log_norm,                                    \
-                             means, precisions, J,                                          \
+                             means, precisions, J, gradient_scale,                          \
                              grad_w ? grad_w + start + s * SUB_BLOCK : NULL, summary);      \
         }                                                                                   \
     }                                                                                       \
                                                                                             \
-    int NAME(int segments, const REAL *const *w, const long *n, REAL *const *grad_w,        \
-             const REAL *log_proportions, const REAL *means, const REAL *scales, int J,     \
-             double margin, REAL *summary, int parts)                                       \
+    static int NAME##_scaled(int segments, const REAL *const *w, const long *n,             \
+                             REAL *const *grad_w, REAL gradient_scale,                      \
+                             const REAL *log_proportions, const REAL *means,                \
+                             const REAL *scales, int J, double margin, REAL *summary,       \
+                             int parts)                                                     \
     {                                                                                       \
         REAL log_norm[MAX_COMPONENTS], precisions[MAX_COMPONENTS];                          \
         if (J < 1 || J > MAX_COMPONENTS || parts < 1 || parts > MAX_PARTS || segments < 1   \
@@ -421,7 +439,7 @@ static inline double log_above_f64(double x)
                 const long last = stop < offset + n[s] ? stop : offset + n[s];              \
                 if (first < last)                                                           \
                     NAME##_range(w[s] + (first - offset), last - first, log_norm, means,    \
-                                 precisions, scales, J, margin,                             \
+                                 precisions, scales, J, margin, gradient_scale,             \
                                  grad_w ? grad_w[s] + (first - offset) : NULL, partial[k]); \
             }                                                                               \
         }                                                                                   \
@@ -438,10 +456,122 @@ static inline double log_above_f64(double x)
             summary[1 + 2 * J + j] = (REAL)((p * sums[1 + 2 * J + j] - sums[1 + j]) / scales[j]); \
         }                                                                                   \
         return 0;                                                                           \
+    }                                                                                       \
+                                                                                            \
+    int NAME(int segments, const REAL *const *w, const long *n, REAL *const *grad_w,        \
+             const REAL *log_proportions, const REAL *means, const REAL *scales, int J,     \
+             double margin, REAL *summary, int parts)                                       \
+    {                                                                                       \
+        return NAME##_scaled(segments, w, n, grad_w, 1, log_proportions, means, scales, J,  \
+                             margin, summary, parts);                                       \
+    }                                                                                       \
+                                                                                            \
+    /* GROUP: lambda * sum_i log p(w_i | mixture) + log p(mixture) of one group at a point */ \
+    /* and every gradient, from the sites' unconstrained coordinates (NULL where a site */  \
+    /* is absent): prior.py's _point_mixture, the kernel with its weight gradients */       \
+    /* scaled by lambda, and _coordinate_gradients, in one call; the mixture in double. */  \
+    int NAME##_group(const sws_group_plan *plan, const REAL *means_u, const REAL *precisions_u, \
+                     const REAL *pi_u, const REAL *pi_zero_u, int segments,                 \
+                     const REAL *const *w, const long *n, REAL *const *grad_w,              \
+                     double prior_weight, double margin, int parts, REAL *value,            \
+                     REAL *grad_means, REAL *grad_precisions, REAL *grad_pi,                \
+                     REAL *grad_pi_zero)                                                    \
+    {                                                                                       \
+        const int J = plan->components, offset = plan->zero_component;                      \
+        const int split = plan->zero_component && J > 1; /* pi0 apart from the pi site */   \
+        const int free = J - split;                                                         \
+        if (J < 1 || J > MAX_COMPONENTS)                                                    \
+            return 1;                                                                       \
+        double tau[MAX_COMPONENTS], log_free[MAX_COMPONENTS], pi_free[MAX_COMPONENTS];      \
+        REAL log_pi[MAX_COMPONENTS], means[MAX_COMPONENTS], scales[MAX_COMPONENTS];         \
+        REAL summary[SUMMARY(MAX_COMPONENTS)];                                              \
+        double log_p = plan->constant;                                                      \
+        for (int j = 0; j < J; j++) {                                                       \
+            tau[j] = exp((double)precisions_u[j]);                                          \
+            scales[j] = (REAL)exp(-0.5 * (double)precisions_u[j]);                          \
+            if (plan->gamma_rate)                                                           \
+                log_p += plan->gamma_shape_minus_one[j] * precisions_u[j]                   \
+                         - plan->gamma_rate[j] * tau[j];                                    \
+        }                                                                                   \
+        means[0] = 0;                                                                       \
+        for (int k = 0; plan->has_means && k < J - offset; k++) {                           \
+            means[offset + k] = means_u[k];                                                 \
+            if (plan->means_precision) /* flat: no term (an infinite mean stays out of it) */ \
+                log_p -= 0.5 * plan->means_precision * (double)means_u[k] * means_u[k];     \
+        }                                                                                   \
+        log_free[0] = 0, pi_free[0] = 1; /* one free component: pi = 1 among them */        \
+        if (plan->has_pi) {                                                                 \
+            double top = -HUGE_VAL, total = 0;                                              \
+            for (int k = 0; k < free; k++)                                                  \
+                top = pi_u[k] > top ? pi_u[k] : top;                                        \
+            for (int k = 0; k < free; k++)                                                  \
+                total += exp(pi_u[k] - top);                                                \
+            for (int k = 0; k < free; k++) {                                                \
+                log_free[k] = pi_u[k] - top - log(total);                                   \
+                pi_free[k] = exp(log_free[k]);                                              \
+                if (plan->dirichlet_minus_one)                                              \
+                    log_p += plan->dirichlet_minus_one[k] * log_free[k];                    \
+            }                                                                               \
+        }                                                                                   \
+        double pi_zero = 0, log_rest = 0;                                                   \
+        if (split) {                                                                        \
+            double log_zero = plan->log_pi_zero;                                            \
+            log_rest = plan->log1m_pi_zero;                                                 \
+            if (plan->has_pi_zero) { /* torch's sigmoid transform, clipped as it clips */   \
+                REAL clipped = (REAL)(1 / (1 + exp(-(double)pi_zero_u[0])));                \
+                clipped = clipped < REAL_MIN ? REAL_MIN : clipped;                          \
+                clipped = clipped > 1 - REAL_EPSILON ? 1 - REAL_EPSILON : clipped;          \
+                pi_zero = clipped, log_zero = log(pi_zero), log_rest = log1p(-pi_zero);     \
+                if (plan->beta_minus_one)                                                   \
+                    log_p += plan->beta_minus_one[0] * log_zero                             \
+                             + plan->beta_minus_one[1] * log_rest;                          \
+            }                                                                               \
+            log_pi[0] = (REAL)log_zero;                                                     \
+        }                                                                                   \
+        for (int k = 0; k < free; k++)                                                      \
+            log_pi[split + k] = (REAL)(log_rest + log_free[k]);                             \
+        for (int m = 0; m < SUMMARY(J); m++)                                                \
+            summary[m] = 0;                                                                 \
+        if (prior_weight != 0 && NAME##_scaled(segments, w, n, grad_w, (REAL)prior_weight,  \
+                                               log_pi, means, scales, J, margin, summary,   \
+                                               parts))                                      \
+            return 1;                                                                       \
+        *value = (REAL)(log_p + prior_weight * summary[0]);                                 \
+        /* the mixture's gradients, d/d log pi, d/d mu, d/d sigma, carried to the */        \
+        /* coordinates: sigma = exp(-u/2), pi = softmax, pi0 = sigmoid */                   \
+        const REAL *grad_log_pi = summary + 1, *grad_mu = summary + 1 + J;                  \
+        const REAL *grad_sigma = summary + 1 + 2 * J;                                       \
+        for (int j = 0; j < J; j++)                                                         \
+            grad_precisions[j] = (REAL)(-0.5 * prior_weight * grad_sigma[j] * scales[j]     \
+                                        + (plan->gamma_rate ? plan->gamma_shape_minus_one[j] \
+                                           - plan->gamma_rate[j] * tau[j] : 0));            \
+        for (int k = 0; plan->has_means && k < J - offset; k++)                             \
+            grad_means[k] = (REAL)(prior_weight * grad_mu[offset + k]                       \
+                                   - (plan->means_precision ? plan->means_precision * means_u[k] : 0)); \
+        if (plan->has_pi) {                                                                 \
+            double score[MAX_COMPONENTS], total = 0;                                        \
+            for (int k = 0; k < free; k++) {                                                \
+                score[k] = prior_weight * grad_log_pi[split + k]                            \
+                           + (plan->dirichlet_minus_one ? plan->dirichlet_minus_one[k] : 0); \
+                total += score[k];                                                          \
+            }                                                                               \
+            for (int k = 0; k < free; k++)                                                  \
+                grad_pi[k] = (REAL)(score[k] - pi_free[k] * total);                         \
+        }                                                                                   \
+        if (plan->has_pi_zero) {                                                            \
+            double rest = 0;                                                                \
+            for (int j = 1; j < J; j++)                                                     \
+                rest += grad_log_pi[j];                                                     \
+            const double a = plan->beta_minus_one ? plan->beta_minus_one[0] : 0;            \
+            const double b = plan->beta_minus_one ? plan->beta_minus_one[1] : 0;            \
+            grad_pi_zero[0] = (REAL)((prior_weight * grad_log_pi[0] + a) * (1 - pi_zero)    \
+                                     - (prior_weight * rest + b) * pi_zero);                \
+        }                                                                                   \
+        return 0;                                                                           \
     }
 
-DEFINE_KERNEL(sws_mixture_f32, float, FLT_MAX, HUGE_VALF, exp_f32, logf, log_above_f32, 1)
-DEFINE_KERNEL(sws_mixture_f64, double, DBL_MAX, HUGE_VAL, exp, log, log_above_f64, 0)
+DEFINE_KERNEL(sws_mixture_f32, float, FLT_MAX, FLT_MIN, FLT_EPSILON, HUGE_VALF, exp_f32, logf, log_above_f32, 1)
+DEFINE_KERNEL(sws_mixture_f64, double, DBL_MAX, DBL_MIN, DBL_EPSILON, HUGE_VAL, exp, log, log_above_f64, 0)
 
 /* Whether this build runs the parts on OpenMP threads (else one after another). */
 int sws_openmp(void)

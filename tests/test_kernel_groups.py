@@ -147,3 +147,94 @@ def test_a_second_backward_pass_through_a_retained_graph_gives_the_same_gradient
     (0.5 * value).backward()
     for t, before in zip((*leaves, *mixture), first):
         torch.testing.assert_close(t.grad, 7.0 * before - before / 6.0, rtol=1e-12, atol=1e-12)
+
+
+# --------------------------------------------------------------------------- the native group function
+from bayes_sws.prior import Hyperpriors, SoftWeightSharingPrior  # noqa: E402
+
+EVERY_HYPERPRIOR = Hyperpriors(dirichlet=2.5, means_scale=0.7, precision_gamma=(3.0, 0.5),
+                               zero_precision_gamma=(40.0, 2.0), zero_proportion_beta=(5.0, 2.0))
+GROUP_PRIORS = {
+    "learned_pi_zero_every_hyperprior": dict(n_components=4, hyperpriors=EVERY_HYPERPRIOR),
+    "learned_pi_zero_flat": dict(n_components=4),
+    "fixed_pi_zero": dict(n_components=3, pi_zero=0.9, hyperpriors=Hyperpriors(precision_gamma=(2.0, 1.0))),
+    "no_zero_component": dict(n_components=3, zero_component=False,
+                              hyperpriors=Hyperpriors(dirichlet=0.8, means_scale=2.0)),
+    "one_free_component": dict(n_components=2, hyperpriors=EVERY_HYPERPRIOR),
+    "one_component": dict(n_components=1, zero_component=False),
+}
+
+
+def _group_coordinates(prior, dtype, generator, *, pi_zero=None):
+    """Each site's coordinates in the shape AutoDelta gives them (π0's is a scalar)."""
+    shapes = {"means": (prior.n_components - int(prior.zero_component),), "precisions": (prior.n_components,),
+              "pi": (prior.n_free_proportions,) if prior.n_free_proportions > 1 else None,
+              "pi_zero": () if prior.learns_pi_zero else None}
+    coordinates = {suffix: torch.randn(shape, generator=generator, dtype=F64).to(dtype)
+                   for suffix, shape in shapes.items() if shape is not None and (suffix != "means" or shape[0])}
+    coordinates["precisions"] = coordinates["precisions"] + 3.0  # σ about 0.2: weights near several components
+    if pi_zero is not None and "pi_zero" in coordinates:
+        coordinates["pi_zero"] = torch.tensor(pi_zero, dtype=dtype)
+    return coordinates
+
+
+def _group_value_and_grads(prior, weights, coordinates, prior_weight, backend):
+    leaves = [t.detach().clone().requires_grad_() for t in (*weights, *coordinates.values())]
+    with kernels.use_backend(backend):
+        value = prior.group_log_joint(leaves[:len(weights)], dict(zip(coordinates, leaves[len(weights):])),
+                                      prior_weight=prior_weight)
+        grads = torch.autograd.grad(2.5 * value, leaves, allow_unused=True)
+    return value.detach(), grads
+
+
+@pytest.mark.skipif(not kernels.native_available(), reason="the native kernel cannot be built here")
+@pytest.mark.parametrize("dtype", [F64, torch.float32])
+@pytest.mark.parametrize("prior_weight", [0.37, 0.0])
+@pytest.mark.parametrize("pi_zero", [None, 40.0, -120.0], ids=["pi_zero_random", "pi_zero_near_1", "pi_zero_near_0"])
+@pytest.mark.parametrize("case", list(GROUP_PRIORS))
+def test_the_native_group_function_equals_the_closed_form_torch_path_value_and_every_gradient(
+        case, pi_zero, prior_weight, dtype):
+    """One C call (mixture from coordinates, hyperpriors, kernel, coordinate gradients) against prior.py's torch."""
+    prior = SoftWeightSharingPrior(**GROUP_PRIORS[case])
+    g = torch.Generator().manual_seed(7)
+    weights = [(0.3 * torch.randn(shape, generator=g, dtype=F64)).to(dtype) for shape in ((40, 30), (30,), (10, 40))]
+    coordinates = _group_coordinates(prior, dtype, g, pi_zero=pi_zero)
+    assert kernels.group_backend(weights[0], prior.n_components) is not None
+    assert prior._point_plan(weights[0]).shapes == tuple(c.shape for c in coordinates.values())  # the fast path
+    value, grads = _group_value_and_grads(prior, weights, coordinates, prior_weight, "native")
+    expected_value, expected_grads = _group_value_and_grads(prior, weights, coordinates, prior_weight, "torch")
+    tolerance = 1e-12 if dtype == F64 else 2e-6
+    torch.testing.assert_close(value, expected_value, rtol=tolerance, atol=tolerance * expected_value.abs().item())
+    for got, expected in zip(grads, expected_grads):
+        if expected is None:  # λ = 0: the weights take no gradient
+            assert got is None or not got.any()
+            continue
+        assert got.dtype == dtype and got.shape == expected.shape
+        torch.testing.assert_close(got, expected, rtol=0, atol=tolerance * max(expected.abs().max().item(), 1.0))
+
+
+def test_the_group_function_is_only_chosen_where_the_native_kernel_is_in_force(monkeypatch):
+    w = torch.zeros(10)
+    with kernels.use_backend("torch"):
+        assert kernels.group_backend(w, 3) is None
+    if kernels.native_available():
+        with kernels.use_backend("native"):
+            native = kernels.group_backend(w, 3)
+            assert native is not None and native.has_groups(w)
+            monkeypatch.setattr(native, "_groups", {})  # a library built from an earlier kernel source
+            assert kernels.group_backend(w, 3) is None
+
+
+@pytest.mark.skipif(not kernels.native_available(), reason="the native kernel cannot be built here")
+def test_a_native_library_without_the_group_function_falls_back_to_the_torch_path_with_equal_results(monkeypatch):
+    prior = SoftWeightSharingPrior(n_components=4, hyperpriors=EVERY_HYPERPRIOR)
+    g = torch.Generator().manual_seed(3)
+    weights = [0.3 * torch.randn(20, 10, generator=g, dtype=F64)]
+    coordinates = _group_coordinates(prior, F64, g)
+    expected_value, expected_grads = _group_value_and_grads(prior, weights, coordinates, 0.5, "native")
+    with kernels.use_backend("native"):
+        monkeypatch.setattr(kernels.backend(weights[0], 4), "_groups", {})
+    value, grads = _group_value_and_grads(prior, weights, coordinates, 0.5, "native")
+    torch.testing.assert_close(value, expected_value, rtol=1e-12, atol=0)
+    for got, expected in zip(grads, expected_grads):
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-14)
