@@ -219,7 +219,8 @@ def step_breakdown(spec: sws.Spec, data: sws.Dataset, batch_size: int, steps: in
     model = spec_model(spec, 0)
     x, y, n = data.train_x, data.train_y, data.train_x.shape[0]
     generator = torch.Generator().manual_seed(0)
-    batches = [torch.randperm(n, generator=generator)[:batch_size] for _ in range(steps)]
+    indices = [torch.randperm(n, generator=generator)[:batch_size] for _ in range(steps)]
+    batches = [(x.index_select(0, index), y.index_select(0, index)) for index in indices]  # the fit loop's gather
     with fitting.library_scope():
         guide = sws.map_guide(model)
         state = fitting.start_fit(model, guide, data, loss=inference.map_loss, batch_size=batch_size,
@@ -233,7 +234,7 @@ def step_breakdown(spec: sws.Spec, data: sws.Dataset, batch_size: int, steps: in
                   for group, names in model.groups.items()}
         mixtures = {g: sws.GaussianMixture(*(t.detach().contiguous() for t in m))
                     for g, m in model.mixtures(state.values).items()}
-        value = inference.map_loss(model, guide, x[batches[0]], y[batches[0]], data_size=n).detach()
+        value = inference.map_loss(model, guide, *batches[0], data_size=n).detach()
 
         def zero() -> None:
             for parameter in parameters:
@@ -241,8 +242,8 @@ def step_breakdown(spec: sws.Spec, data: sws.Dataset, batch_size: int, steps: in
 
         def network(i: int) -> None:
             zero()
-            outputs = model.outputs(weights, x[batches[i]])
-            (-(n / batch_size) * model.likelihood.log_prob_sum(outputs, y[batches[i]])).backward()
+            outputs = model.outputs(weights, batches[i][0])
+            (-(n / batch_size) * model.likelihood.log_prob_sum(outputs, batches[i][1])).backward()
 
         def kernel(i: int) -> None:
             for group, (tensors, _) in groups.items():
@@ -259,13 +260,13 @@ def step_breakdown(spec: sws.Spec, data: sws.Dataset, batch_size: int, steps: in
 
         def loss(i: int) -> None:
             zero()
-            inference.map_loss(model, guide, x[batches[i]], y[batches[i]], data_size=n).backward()
+            inference.map_loss(model, guide, *batches[i], data_size=n).backward()
 
         pieces = {"network fwd+bwd": network, "prior kernel": kernel, "prior term": prior,
                   "map_loss fwd+bwd": loss,
                   "finite check": lambda i: fitting._checked_loss(state, value, parameters),
                   "optimiser (fused Adam)": lambda i: state.optimizer.step(),
-                  "step": lambda i: fitting._take_step(state, batches[i], x, y, n)}
+                  "step": lambda i: fitting._take_step(state, indices[i], x, y, n)}
         times: dict[str, list[float]] = {name: [] for name in pieces}
         for i in range(steps):
             for name, piece in pieces.items():
@@ -276,7 +277,8 @@ def step_breakdown(spec: sws.Spec, data: sws.Dataset, batch_size: int, steps: in
     step, loss_ms, prior_ms = ms.pop("step"), ms.pop("map_loss fwd+bwd"), ms.pop("prior term")
     ms["prior besides the kernel (by difference)"] = prior_ms - ms["prior kernel"]
     ms["rest of map_loss (by difference)"] = loss_ms - ms["network fwd+bwd"] - prior_ms
-    ms["loop bookkeeping (by difference)"] = step - loss_ms - ms["finite check"] - ms["optimiser (fused Adam)"]
+    ms["batch gather and loop bookkeeping (by difference)"] = \
+        step - loss_ms - ms["finite check"] - ms["optimiser (fused Adam)"]
     ms["step"] = step
     return ms
 
