@@ -12,6 +12,8 @@
   (d) vi     ``bayes_sws.fit_vi`` itself, one epoch from the network's initial weights,
              with the specification's ``[inference.vi]`` settings (S particles, guide,
              initial scale, learning rates): the fit loop with vi_guide and vi_loss
+  (e) map-no-prior  (c) at λ = 0: the same loop and hyperpriors without the prior's pass
+             over the weights, so that (c) − (e) is what that pass costs inside an epoch
 
 ``--methods`` picks which run (plain always: it is the baseline); by default a, b and c.
 
@@ -25,7 +27,7 @@ time, for (c) around ``fit`` and for (d) around ``fit_vi`` (their end-of-epoch e
 on the 512 images included, and for (d) the guide's set-up), which other
 processes on a shared machine move far less than the wall clock. The
 machine's speed drifts, so the trainers take turns for ``--rounds`` rounds; the ratios
-b/a, c/a and d/a are formed within each round and their medians and ranges are printed.
+b/a, c/a, d/a and e/a are formed within each round and their medians and ranges are printed.
 Before timing, the library's MAP loss and (b)'s on one batch are checked against the
 objective in float64, and with (d) the library's VI loss against
 ``Trace_ELBO(vectorize_particles=True).differentiable_loss`` on the same draws. After the
@@ -283,7 +285,15 @@ def step_breakdown(spec: sws.Spec, data: sws.Dataset, batch_size: int, steps: in
     return ms
 
 
-TRAINERS = {"plain": ("a", plain_epoch), "sws": ("b", sws_epoch), "map": ("c", map_epoch), "vi": ("d", vi_epoch)}
+def map_epoch_without_prior(spec: sws.Spec, data: sws.Dataset, batch_size: int, seed: int,
+                            clock: Callable[[], float]) -> float:
+    """:func:`map_epoch` at λ = 0 (the hyperpriors stay)."""
+    return map_epoch(dataclasses.replace(spec, prior=dataclasses.replace(spec.prior, weight=0.0)), data, batch_size,
+                     seed, clock)
+
+
+TRAINERS = {"plain": ("a", plain_epoch), "sws": ("b", sws_epoch), "map": ("c", map_epoch), "vi": ("d", vi_epoch),
+            "map-no-prior": ("e", map_epoch_without_prior)}
 
 
 def run_batch_size(spec: sws.Spec, data: sws.Dataset, batch_size: int, args: argparse.Namespace) -> dict:
