@@ -113,7 +113,9 @@ class _FusedAdam(torch.optim.Adam):
             if getattr(adam_step, "hooked", False):  # torch's hook runner, which already wraps this step
                 adam_step = adam_step.__wrapped__
             return adam_step(self, closure)
-        torch._foreach_add_([step for *_, steps in gathered for step in steps], 1)
+        counters = [step for *_, steps in gathered for step in steps]
+        if counters:  # none where no parameter has a gradient
+            torch._foreach_add_(counters, 1)
         for group, (params, grads, exp_avgs, exp_avg_sqs, steps) in zip(self.param_groups, gathered):
             if not params:
                 continue

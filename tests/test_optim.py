@@ -112,7 +112,8 @@ def test_the_fit_loops_adam_steps_bitwise_as_torchs_fused_adam_and_saves_the_sam
             params = [p for group in optimizer.param_groups for p in group["params"]]
             gradients = gradients or [torch.randn(p.shape, generator=g) for p in params]
             for i, (p, grad) in enumerate(zip(params, gradients)):
-                p.grad = None if step == 3 and i == 1 else grad.clone()  # a parameter without a gradient one step
+                # a parameter without a gradient at step 3, none with one at step 4
+                p.grad = None if (step == 3 and i == 1) or step == 4 else grad.clone()
             optimizer.step()
     assert torch_steps.count(_FusedAdam) == 1  # the first step creates the state; the others take the direct call
     for group_ours, group_theirs in zip(ours.param_groups, theirs.param_groups):
