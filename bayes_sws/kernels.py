@@ -162,14 +162,17 @@ class _ChunkedTorch(NamedTuple):
 
     def value_and_grads(self, segments, mixture, grad_outs, summary_out, *, chunk_size=None) -> None:
         size = self._chunks(segments, chunk_size)
-        pieces = [(chunk, chunk_grad) for weights, grad_out in zip(segments, grad_outs)
-                  for chunk, chunk_grad in zip(weights.reshape(-1).split(size), grad_out.view(-1).split(size))]
+        pieces = []  # (chunk, its gradient's buffer or None: grad_outs None skips keeping the weights' gradients)
+        for weights, grad_out in zip(segments, grad_outs or [None] * len(segments)):
+            chunks = weights.reshape(-1).split(size)
+            pieces += zip(chunks, [None] * len(chunks) if grad_out is None else grad_out.view(-1).split(size))
         # Chunk results are copied into buffers allocated up front: keeping per-chunk
         # tensors alive between the chunks' large temporaries fragments the heap.
         summaries = segments[0].new_empty(len(pieces), 1 + 3 * mixture[0].numel())
         for (chunk, chunk_grad), chunk_summary in zip(pieces, summaries):
             grad, summary = self.grad_kernel(chunk, *mixture)
-            chunk_grad.copy_(grad)
+            if chunk_grad is not None:
+                chunk_grad.copy_(grad)
             chunk_summary.copy_(summary)
         summary_out.copy_(_mixture_gradients(summaries.sum(0), mixture[2]))
 
@@ -267,11 +270,22 @@ def _cache_dir() -> Path:
 
 
 class GroupPlan(NamedTuple):
-    """A mixture group's configuration for :meth:`_Native.group_value_and_grads` (``sws_group_plan`` in C)."""
+    """A mixture group's closed-form configuration for :meth:`_Native.group_value_and_grads`.
 
-    struct: ctypes.Structure
-    arrays: tuple  # the ctypes arrays the struct points into, kept alive with it
+    Plain numbers only, so a prior that caches one still pickles and deep-copies; the C
+    struct (``sws_group_plan``) is built from it where it is used (:func:`_group_struct`).
+    """
+
+    components: int
+    zero_component: bool
     suffixes: tuple[str, ...]  # the coordinates, in the order the gradients come back
+    fixed_pi_zero: float | None
+    constant: float
+    means_precision: float
+    gamma_shape_minus_one: tuple[float, ...] | None
+    gamma_rate: tuple[float, ...] | None
+    dirichlet_minus_one: tuple[float, ...] | None
+    beta_minus_one: tuple[float, float] | None
 
 
 class _GroupPlanStruct(ctypes.Structure):
@@ -282,10 +296,13 @@ class _GroupPlanStruct(ctypes.Structure):
                                                 "beta_minus_one")]
 
 
+_ARRAY_FIELDS = ("gamma_shape_minus_one", "gamma_rate", "dirichlet_minus_one", "beta_minus_one")
+
+
 def group_plan(*, components: int, zero_component: bool, suffixes: Sequence[str], fixed_pi_zero: float | None,
                constant: float, means_precision: float, gamma: tuple[torch.Tensor, torch.Tensor] | None,
                dirichlet: torch.Tensor | None, beta: tuple[torch.Tensor, torch.Tensor] | None) -> GroupPlan:
-    """The C form of a group's closed-form plan (``prior._PointPlan``); ``None`` entries are flat hyperpriors.
+    """A group's closed-form plan (``prior._PointPlan``) for the native group function; ``None``: a flat hyperprior.
 
     Parameters
     ----------
@@ -305,21 +322,30 @@ def group_plan(*, components: int, zero_component: bool, suffixes: Sequence[str]
     beta : (Tensor (), Tensor ()) or None
         a − 1 and b − 1 of π0's Beta.
     """
-    def doubles(*tensors: torch.Tensor) -> ctypes.Array:
-        values = [float(v) for t in tensors for v in t.detach().reshape(-1).tolist()]
-        return (ctypes.c_double * len(values))(*values)
+    def floats(*tensors: torch.Tensor) -> tuple[float, ...]:
+        return tuple(float(v) for t in tensors for v in t.detach().reshape(-1).tolist())
 
-    arrays = {"gamma_shape_minus_one": gamma and doubles(gamma[0]), "gamma_rate": gamma and doubles(gamma[1]),
-              "dirichlet_minus_one": None if dirichlet is None else doubles(dirichlet),
-              "beta_minus_one": beta and doubles(*beta)}
-    fixed = fixed_pi_zero is not None
+    return GroupPlan(components, bool(zero_component), tuple(suffixes), fixed_pi_zero, float(constant),
+                     float(means_precision), None if gamma is None else floats(gamma[0]),
+                     None if gamma is None else floats(gamma[1]), None if dirichlet is None else floats(dirichlet),
+                     None if beta is None else floats(*beta))
+
+
+@functools.lru_cache(maxsize=256)
+def _group_struct(plan: GroupPlan) -> tuple[_GroupPlanStruct, tuple[ctypes.Array, ...]]:
+    """The C struct of a plan, and the arrays it points into (kept alive with it, in this cache)."""
+    arrays = {name: (ctypes.c_double * len(values))(*values)
+              for name in _ARRAY_FIELDS if (values := getattr(plan, name)) is not None}
+    fixed = plan.fixed_pi_zero is not None
     struct = _GroupPlanStruct(
-        components=components, zero_component=int(zero_component), has_means=int("means" in suffixes),
-        has_pi=int("pi" in suffixes), has_pi_zero=int("pi_zero" in suffixes), fixed_pi_zero=int(fixed),
-        log_pi_zero=math.log(fixed_pi_zero) if fixed else 0.0, log1m_pi_zero=math.log1p(-fixed_pi_zero) if fixed else 0.0,
-        constant=constant, means_precision=means_precision,
-        **{name: None if array is None else ctypes.addressof(array) for name, array in arrays.items()})
-    return GroupPlan(struct, tuple(a for a in arrays.values() if a is not None), tuple(suffixes))
+        components=plan.components, zero_component=int(plan.zero_component),
+        has_means=int("means" in plan.suffixes), has_pi=int("pi" in plan.suffixes),
+        has_pi_zero=int("pi_zero" in plan.suffixes), fixed_pi_zero=int(fixed),
+        log_pi_zero=math.log(plan.fixed_pi_zero) if fixed else 0.0,
+        log1m_pi_zero=math.log1p(-plan.fixed_pi_zero) if fixed else 0.0,
+        constant=plan.constant, means_precision=plan.means_precision,
+        **{name: ctypes.addressof(array) for name, array in arrays.items()})
+    return struct, tuple(arrays.values())
 
 
 class _Native:
@@ -375,7 +401,8 @@ class _Native:
         return weights.dtype in self._groups
 
     def group_value_and_grads(self, plan: GroupPlan, coordinates: Sequence[torch.Tensor],
-                              weights: Sequence[torch.Tensor], prior_weight: float
+                              weights: Sequence[torch.Tensor], prior_weight: float, *,
+                              weight_gradients: bool = True
                               ) -> tuple[torch.Tensor, list[torch.Tensor] | None, list[torch.Tensor]]:
         """λ·Σ log p(w | mixture) + log p(mixture) of a group at a point, with every gradient, in one call.
 
@@ -389,21 +416,24 @@ class _Native:
             The group's contiguous weight tensors, read in place.
         prior_weight : float
             λ.
+        weight_gradients : bool
+            ``False`` skips the weights' gradients.
 
         Returns
         -------
         The value (shape ``()``), the weights' gradients (λ times the prior's; ``None``
-        where λ = 0) and the coordinates' gradients, in ``plan.suffixes`` order.
+        where λ = 0 or not asked for) and the coordinates' gradients, in ``plan.suffixes`` order.
         """
-        components = plan.struct.components
-        grad_weights = [torch.empty_like(w) for w in weights] if prior_weight else None
+        components = plan.components
+        grad_weights = [torch.empty_like(w) for w in weights] if prior_weight and weight_gradients else None
         count, pointers, lengths, grads, margin, parts = self._segments(weights, grad_weights, components)
         value = weights[0].new_empty(())
         grad_coordinates = [torch.empty_like(u) for u in coordinates]
         by_suffix = dict(zip(plan.suffixes, zip(coordinates, grad_coordinates)))
         inputs = [by_suffix[s][0].data_ptr() if s in by_suffix else None for s in _GROUP_SUFFIXES]
         outputs = [by_suffix[s][1].data_ptr() if s in by_suffix else None for s in _GROUP_SUFFIXES]
-        status = self._groups[weights[0].dtype](ctypes.byref(plan.struct), *inputs, count, pointers, lengths, grads,
+        struct, _ = _group_struct(plan)
+        status = self._groups[weights[0].dtype](ctypes.byref(struct), *inputs, count, pointers, lengths, grads,
                                                 prior_weight, margin, parts, value.data_ptr(), *outputs)
         if status:
             raise RuntimeError("the native mixture kernel rejected its arguments")

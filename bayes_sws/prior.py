@@ -641,26 +641,29 @@ class _GroupLogJoint(torch.autograd.Function):
     def forward(ctx, plan: _PointPlan, prior_weight: float, *tensors: torch.Tensor) -> torch.Tensor:
         ctx.plan, ctx.prior_weight = plan, prior_weight
         ctx.save_for_backward(*tensors)
-        value, *ctx.gradients = _GroupLogJoint._evaluate(plan, prior_weight, tensors)
+        weight_gradients = any(ctx.needs_input_grad[2 + len(plan.suffixes):])
+        value, *ctx.gradients = _GroupLogJoint._evaluate(plan, prior_weight, tensors, weight_gradients)
         return value
 
     @staticmethod
-    def _evaluate(plan: _PointPlan, prior_weight: float, tensors: Sequence[torch.Tensor]
+    def _evaluate(plan: _PointPlan, prior_weight: float, tensors: Sequence[torch.Tensor], weight_gradients: bool
                   ) -> tuple[torch.Tensor, list[torch.Tensor] | None, list[torch.Tensor]]:
-        """The value, the weights' gradients (``None`` where λ = 0) and the coordinates'."""
+        """The value, the weights' gradients (``None`` where λ = 0 or not asked for) and the coordinates'."""
         coordinates, weights = tensors[: len(plan.suffixes)], tensors[len(plan.suffixes):]
         components = plan.prior.n_components
         native = kernels.group_backend(weights[0], components) if plan.native is not None else None
         if native is not None:
-            return native.group_value_and_grads(plan.native, coordinates, weights, prior_weight)
+            return native.group_value_and_grads(plan.native, coordinates, weights, prior_weight,
+                                                weight_gradients=weight_gradients)
         values, mixture, value = plan.prior._point_mixture(plan, coordinates)
         grads = None
         field_grads = mixture.means.new_zeros(3, components)
         if prior_weight:
-            grads = [torch.empty_like(w) for w in weights]
+            grads = [torch.empty_like(w) for w in weights] if weight_gradients else None
             summary = weights[0].new_empty(1 + 3 * components)
             kernels.backend(weights[0], components).value_and_grads(weights, tuple(mixture), grads, summary)
-            torch._foreach_mul_(grads, prior_weight)
+            if grads is not None:
+                torch._foreach_mul_(grads, prior_weight)
             value = value + prior_weight * summary[0]
             field_grads = (prior_weight * summary[1:]).view(3, components)
         return value, grads, plan.prior._coordinate_gradients(plan, coordinates, values, mixture, field_grads)
@@ -670,12 +673,13 @@ class _GroupLogJoint(torch.autograd.Function):
         plan, prior_weight, tensors = ctx.plan, ctx.prior_weight, ctx.saved_tensors
         count = len(plan.suffixes)
         coordinates, weights = tensors[:count], tensors[count:]
+        gradients, ctx.gradients = ctx.gradients, None
         if torch.is_grad_enabled():
             value = _composed_group_log_joint(plan, prior_weight, coordinates, weights, reference=True)
             return (None, None, *_graph_gradients(value, tensors, ctx.needs_input_grad[2:], grad_value))
-        gradients, ctx.gradients = ctx.gradients, None
         if gradients is None:  # handed on to autograd by an earlier pass
-            gradients = _GroupLogJoint._evaluate(plan, prior_weight, tensors)[1:]
+            weight_gradients = any(ctx.needs_input_grad[2 + count:])
+            gradients = _GroupLogJoint._evaluate(plan, prior_weight, tensors, weight_gradients)[1:]
         grad_weights, grad_coordinates = gradients
         grads = [g if need else None for g, need in zip((*grad_coordinates, *(grad_weights or [None] * len(weights))),
                                                         ctx.needs_input_grad[2:])]

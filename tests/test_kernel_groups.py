@@ -150,7 +150,7 @@ def test_a_second_backward_pass_through_a_retained_graph_gives_the_same_gradient
 
 
 # --------------------------------------------------------------------------- the native group function
-from bayes_sws.prior import Hyperpriors, SoftWeightSharingPrior  # noqa: E402
+from bayes_sws.prior import Hyperpriors, SoftWeightSharingPrior, _GroupLogJoint  # noqa: E402
 
 EVERY_HYPERPRIOR = Hyperpriors(dirichlet=2.5, means_scale=0.7, precision_gamma=(3.0, 0.5),
                                zero_precision_gamma=(40.0, 2.0), zero_proportion_beta=(5.0, 2.0))
@@ -238,3 +238,40 @@ def test_a_native_library_without_the_group_function_falls_back_to_the_torch_pat
     torch.testing.assert_close(value, expected_value, rtol=1e-12, atol=0)
     for got, expected in zip(grads, expected_grads):
         torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-14)
+
+
+def test_a_prior_that_has_evaluated_its_group_pickles_and_deep_copies_and_its_copies_evaluate_alike():
+    import copy
+    import pickle
+
+    prior = SoftWeightSharingPrior(n_components=4, hyperpriors=EVERY_HYPERPRIOR)
+    g = torch.Generator().manual_seed(5)
+    weights = [0.3 * torch.randn(20, 10, generator=g, dtype=F64)]
+    coordinates = _group_coordinates(prior, F64, g)
+    expected_value, expected_grads = _group_value_and_grads(prior, weights, coordinates, 0.5, "auto")
+    for duplicate in (pickle.loads(pickle.dumps(prior)), copy.deepcopy(prior)):
+        del prior  # the copy must not lean on the original's cached plan
+        value, grads = _group_value_and_grads(duplicate, weights, coordinates, 0.5, "auto")
+        torch.testing.assert_close(value, expected_value, rtol=0, atol=0)
+        for got, expected in zip(grads, expected_grads):
+            torch.testing.assert_close(got, expected, rtol=0, atol=0)
+        prior = duplicate
+
+
+@pytest.mark.parametrize("backend", ["torch", "native"])
+def test_weights_that_need_no_gradient_get_none_and_the_coordinates_the_same_gradients(backend):
+    if backend == "native" and not kernels.native_available():
+        pytest.skip("the native kernel cannot be built here")
+    prior = SoftWeightSharingPrior(n_components=4, hyperpriors=EVERY_HYPERPRIOR)
+    g = torch.Generator().manual_seed(6)
+    weights = [0.3 * torch.randn(20, 10, generator=g, dtype=F64), 0.3 * torch.randn(10, generator=g, dtype=F64)]
+    coordinates = _group_coordinates(prior, F64, g)
+    plan = prior._point_plan(weights[0])
+    tensors = (*(coordinates[s] for s in plan.suffixes), *weights)
+    with kernels.use_backend(backend):
+        value, grad_weights, grad_coordinates = _GroupLogJoint._evaluate(plan, 0.5, tensors, False)
+        expected_value, expected_weights, expected_coordinates = _GroupLogJoint._evaluate(plan, 0.5, tensors, True)
+    assert grad_weights is None and len(expected_weights) == len(weights)
+    torch.testing.assert_close(value, expected_value, rtol=0, atol=0)
+    for got, expected in zip(grad_coordinates, expected_coordinates):
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
