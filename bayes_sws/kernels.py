@@ -77,7 +77,7 @@ import torch
 
 from .errors import BayesSWSError
 
-__all__ = ["BACKENDS", "GroupPlan", "backend", "current_backend", "group_backend", "group_plan", "native_available",
+__all__ = ["BACKENDS", "GroupPlan", "any_nonfinite", "backend", "current_backend", "group_backend", "group_plan", "native_available",
            "set_backend", "skip_margin", "skipping", "use_backend", "use_skipping"]
 
 BACKENDS = ("auto", "torch", "compile", "native")
@@ -353,7 +353,7 @@ class _Native:
 
     def __init__(self, library: ctypes.CDLL) -> None:
         pointer, integer, double = ctypes.c_void_p, ctypes.c_int, ctypes.c_double
-        self._functions, self._groups = {}, {}
+        self._functions, self._groups, self._nonfinite = {}, {}, {}
         for dtype, name in ((torch.float32, "sws_mixture_f32"), (torch.float64, "sws_mixture_f64")):
             function = getattr(library, name)
             function.argtypes = [integer, pointer, pointer, pointer, pointer, pointer, pointer, integer, double,
@@ -366,6 +366,10 @@ class _Native:
                     + [pointer] * 5
                 group.restype = integer
                 self._groups[dtype] = group
+            nonfinite = getattr(library, f"{name}_nonfinite")
+            nonfinite.argtypes = [integer, pointer, pointer, integer]
+            nonfinite.restype = integer
+            self._nonfinite[dtype] = nonfinite
         self.openmp = bool(library.sws_openmp())
 
     def supports(self, weights: torch.Tensor, components: int) -> bool:
@@ -374,14 +378,26 @@ class _Native:
 
     def _segments(self, segments: Sequence[torch.Tensor], grad_outs: Sequence[torch.Tensor] | None, components: int):
         """The kernel's segment arguments: count, pointers, lengths, gradient pointers, margin, parts."""
+        count, pointers, lengths, parts = self._layout(segments)
+        grads = None if grad_outs is None else (ctypes.c_void_p * count)(*(g.data_ptr() for g in grad_outs))
+        margin = skip_margin(segments[0].dtype, components) if skipping() else math.inf
+        return count, pointers, lengths, grads, margin, parts
+
+    def _layout(self, segments: Sequence[torch.Tensor]):
+        """Segments laid end to end for the kernel: count, pointers, lengths, parts (threads)."""
         count, n = len(segments), sum(t.numel() for t in segments)
         threads = min(torch.get_num_threads(), _MAX_NATIVE_PARTS) if self.openmp else 1
         parts = max(1, min(threads, n // _MIN_WEIGHTS_PER_THREAD))
         pointers = (ctypes.c_void_p * count)(*(t.data_ptr() for t in segments))
         lengths = (ctypes.c_long * count)(*(t.numel() for t in segments))
-        grads = None if grad_outs is None else (ctypes.c_void_p * count)(*(g.data_ptr() for g in grad_outs))
-        margin = skip_margin(segments[0].dtype, components) if skipping() else math.inf
-        return count, pointers, lengths, grads, margin, parts
+        return count, pointers, lengths, parts
+
+    def any_nonfinite(self, tensors: Sequence[torch.Tensor]) -> bool:
+        """Whether a value of these contiguous CPU tensors, all of one dtype it supports, is NaN or infinite."""
+        status = self._nonfinite[tensors[0].dtype](*self._layout(tensors))
+        if status < 0:
+            raise RuntimeError("the native finite check rejected its arguments")
+        return bool(status)
 
     def value_and_grads(self, segments, mixture, grad_outs, summary_out, *, chunk_size=None) -> None:
         # Every tensor is contiguous and of the weights' dtype (mixture_log_prob_sum sees to it),
@@ -617,6 +633,43 @@ def group_backend(weights: torch.Tensor, components: int) -> _Native | None:
     """The native backend where it is in force for these weights and its build has the group function."""
     chosen = backend(weights, components)
     return chosen if isinstance(chosen, _Native) and chosen.has_groups(weights) else None
+
+
+def any_nonfinite(tensors: Sequence[torch.Tensor]) -> bool:
+    """Whether a value of these floating-point tensors is NaN or infinite, in one fused pass a device and dtype.
+
+    Contiguous float32 and float64 CPU tensors are read by the native kernel, where it
+    is in force (:func:`current_backend` ``"auto"`` or ``"native"``), on torch's threads;
+    the others go through the op ``torch.amp.GradScaler`` checks gradients with (at
+    scale 1, which leaves them as they are), one device sync each.
+
+    Parameters
+    ----------
+    tensors : sequence of Tensor
+        Any shapes, devices and floating-point dtypes; e.g. every parameter's gradient.
+
+    Examples
+    --------
+    >>> any_nonfinite([torch.zeros(3), torch.tensor([1.0, float("nan")])])
+    True
+    """
+    native = _native() if current_backend() in ("auto", "native") else None
+    by_kind: dict[tuple[torch.device, torch.dtype, bool], list[torch.Tensor]] = {}
+    for tensor in tensors:
+        read_natively = (native is not None and tensor.device.type == "cpu" and tensor.dtype in native._nonfinite
+                         and tensor.is_contiguous())
+        by_kind.setdefault((tensor.device, tensor.dtype, read_natively), []).append(tensor)
+    for (device, _, read_natively), group in by_kind.items():
+        if read_natively:
+            found = native.any_nonfinite(group)
+        else:
+            flag = torch.zeros((), dtype=torch.float32, device=device)
+            torch._amp_foreach_non_finite_check_and_unscale_(group, flag,
+                                                             torch.ones((), dtype=torch.float32, device=device))
+            found = bool(flag)
+        if found:
+            return True
+    return False
 
 
 def backend(weights: torch.Tensor, components: int) -> _ChunkedTorch | _Native:

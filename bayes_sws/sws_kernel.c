@@ -458,6 +458,34 @@ typedef struct {
         return 0;                                                                           \
     }                                                                                       \
                                                                                             \
+    /* 1 where a value of the segments is NaN or infinite, else 0, over parts threads */    \
+    /* (the fit loop's check of every gradient; read-only, where torch's writes them). */   \
+    int NAME##_nonfinite(int segments, const REAL *const *x, const long *n, int parts)     \
+    {                                                                                       \
+        if (segments < 0 || parts < 1 || parts > MAX_PARTS)                                 \
+            return -1;                                                                      \
+        long total = 0;                                                                     \
+        for (int s = 0; s < segments; s++) {                                                \
+            if (n[s] < 0)                                                                   \
+                return -1;                                                                  \
+            total += n[s];                                                                  \
+        }                                                                                   \
+        int found = 0;                                                                      \
+        _Pragma("omp parallel for num_threads(parts) schedule(static, 1) reduction(|:found)") \
+        for (int k = 0; k < parts; k++) {                                                   \
+            const long start = total * k / parts, stop = total * (k + 1) / parts;           \
+            long offset = 0;                                                                \
+            for (int s = 0; s < segments; offset += n[s], s++) {                            \
+                const long first = start > offset ? start : offset;                         \
+                const long last = stop < offset + n[s] ? stop : offset + n[s];              \
+                const REAL *xs = x[s];                                                      \
+                for (long i = first - offset; i < last - offset; i++)                       \
+                    found |= !(fabs(xs[i]) <= REAL_MAX);                                    \
+            }                                                                               \
+        }                                                                                   \
+        return found;                                                                       \
+    }                                                                                       \
+                                                                                            \
     int NAME(int segments, const REAL *const *w, const long *n, REAL *const *grad_w,        \
              const REAL *log_proportions, const REAL *means, const REAL *scales, int J,     \
              double margin, REAL *summary, int parts)                                       \

@@ -114,3 +114,45 @@ def test_loading_the_native_kernel_keeps_subnormal_floats_in_the_whole_process(t
                                text=True, timeout=300, check=True)
     checks = json.loads(completed.stdout.splitlines()[-1])
     assert checks == dict.fromkeys(["numpy", "torch", "torch threads", "threading.Thread"], True)
+
+
+THREAD_SPLIT = 3 * (1 << 13)  # enough values for the native check to split them over torch's threads
+
+
+@pytest.mark.parametrize("name", ["torch", "native"])
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("position", [0, 99, 100, THREAD_SPLIT // 2, THREAD_SPLIT // 2 + 1, THREAD_SPLIT - 1 + 100])
+def test_any_nonfinite_finds_one_bad_value_anywhere_among_many_tensors(name, bad, position) -> None:
+    if name == "native" and not kernels.native_available():
+        pytest.skip("the native kernel cannot be built here (no C compiler)")
+    finfo = torch.finfo(torch.float32)
+    flat = [torch.full((100,), finfo.max), torch.full((THREAD_SPLIT - 1,), -finfo.max), torch.full((7,), finfo.tiny)]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with kernels.use_backend(name):
+            assert not kernels.any_nonfinite([t.view(-1, 1) if t.numel() > 7 else t for t in flat])
+            index = position
+            for tensor in flat:
+                if index < tensor.numel():
+                    tensor[index] = bad
+                    break
+                index -= tensor.numel()
+            assert kernels.any_nonfinite([t.view(-1, 1) if t.numel() > 7 else t for t in flat])
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("name", ["torch", "native"])
+def test_any_nonfinite_takes_mixed_dtypes_strides_and_empty_input(name) -> None:
+    if name == "native" and not kernels.native_available():
+        pytest.skip("the native kernel cannot be built here (no C compiler)")
+    with kernels.use_backend(name):
+        assert not kernels.any_nonfinite([])
+        assert not kernels.any_nonfinite([torch.empty(0), torch.tensor([1e300], dtype=torch.float64)])
+        strided = torch.zeros(40, 30).t()
+        strided[3, 7] = math.nan
+        assert kernels.any_nonfinite([torch.zeros(5), strided])
+        assert kernels.any_nonfinite([torch.zeros(5), torch.tensor([math.inf], dtype=torch.float64)])
+        assert kernels.any_nonfinite([torch.zeros(5), torch.tensor([math.inf], dtype=torch.float16)])
+        assert kernels.any_nonfinite([torch.tensor([math.nan], dtype=torch.bfloat16), torch.zeros(5)])
