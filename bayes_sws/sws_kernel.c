@@ -96,20 +96,31 @@ __attribute__((__simd__("notinbranch"))) float logf(float);
 
 /* exp(x) for float x in [MIN_LOG_RATIO, -MIN_LOG_RATIO] only (the caller clamps or
  * checks; beyond about +-87 the exponent arithmetic overflows): x = n ln2 + r,
- * |r| <= ln2/2, with Cephes' polynomial for exp(r) and n added to the exponent bits.
- * Inline and branch-free, so the loops calling it vectorise (glibc's vector expf is a
- * call per vector and 1.4 times slower here). Within 1.2e-7 relative (about one ulp)
- * where the CPU has FMA: fmaf keeps -fassociative-math from merging the two parts of
- * ln2. Without FMA it may merge them, and the error grows with |n| to 4e-6 near
- * x = -72, on terms that small. */
+ * |r| <= ln2/2, Cephes' polynomial for exp(r) (1 + r + r^2/2 + ... in Horner form) and
+ * n added to the exponent bits. Inline and branch-free, so the loops calling it
+ * vectorise (glibc's vector expf is a call per vector and 1.4 times slower here).
+ * Within 7.6e-8 relative (about one ulp) where the CPU has FMA: then n comes from one
+ * fused multiply-add of a shifter, 1.5 * 2^23, which leaves n in the low bits of the
+ * sum, and fmaf keeps -fassociative-math from merging the two parts of ln2. Without
+ * FMA it may merge them, and the error grows with |n| to 4e-6 near x = -72, on terms
+ * that small. */
 #ifdef __FP_FAST_FMAF
 #define MINUS_PRODUCT_PLUS(a, b, c) fmaf(-(a), (b), (c))
 #else
 #define MINUS_PRODUCT_PLUS(a, b, c) ((c) - (a) * (b))
 #endif
+#define EXP_SHIFTER 12582912.0f
 static inline float exp_f32(float x)
 {
+    int32_t n_bits;
+#ifdef __FP_FAST_FMAF
+    const float shifted = fmaf(x, 1.44269504f, EXP_SHIFTER);
+    const float n = shifted - EXP_SHIFTER;
+    memcpy(&n_bits, &shifted, sizeof n_bits);
+#else
     const float n = rintf(x * 1.44269504f);
+    n_bits = (int32_t)n;
+#endif
     const float r = MINUS_PRODUCT_PLUS(n, 1.428606765330187e-06f, MINUS_PRODUCT_PLUS(n, 0.693145751953125f, x));
     float p = 1.9875691500e-4f;
     p = p * r + 1.3981999507e-3f;
@@ -117,10 +128,11 @@ static inline float exp_f32(float x)
     p = p * r + 4.1665795894e-2f;
     p = p * r + 1.6666665459e-1f;
     p = p * r + 5.0000001201e-1f;
-    p = p * (r * r) + r + 1.0f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
     int32_t bits;
     memcpy(&bits, &p, sizeof bits);
-    bits += (int32_t)n << 23;
+    bits += (int32_t)((uint32_t)n_bits << 23);
     memcpy(&p, &bits, sizeof p);
     return p;
 }

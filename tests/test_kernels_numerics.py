@@ -156,3 +156,26 @@ def test_any_nonfinite_takes_mixed_dtypes_strides_and_empty_input(name) -> None:
         assert kernels.any_nonfinite([torch.zeros(5), torch.tensor([math.inf], dtype=torch.float64)])
         assert kernels.any_nonfinite([torch.zeros(5), torch.tensor([math.inf], dtype=torch.float16)])
         assert kernels.any_nonfinite([torch.tensor([math.nan], dtype=torch.bfloat16), torch.zeros(5)])
+
+
+@pytest.mark.skipif(not kernels.native_available(), reason="the native kernel cannot be built here (no C compiler)")
+@pytest.mark.parametrize("skipping, largest", [(False, 78.0), (True, 20.0)])  # skipping drops terms under e^-24.5
+def test_native_float32_responsibilities_are_exact_to_round_off_over_exps_whole_range(skipping, largest) -> None:
+    # Two components alike but for π: every weight's minor responsibility is 1 / (1 + e^c),
+    # its term exp(-c) for c from 0 to 78 (the dense kernel), so the kernel's exp is all
+    # that can err, beyond the round-off of its argument (a few ulp of c).
+    native = kernels.backend(torch.zeros(1), 2)
+    weights = torch.linspace(-0.5, 0.5, 512)
+    eps = torch.finfo(torch.float32).eps
+    worst = 0.0
+    with kernels.use_skipping(skipping):
+        for c in torch.linspace(0.0, largest, 157).tolist():
+            log_proportions = torch.tensor([0.0, -c])
+            mixture = (log_proportions, torch.zeros(2), torch.ones(2))
+            summary = torch.empty(1 + 3 * 2)
+            native.value_and_grads([weights], mixture, None, summary)
+            c32 = float(-log_proportions[1])
+            exact = 1.0 / (1.0 + math.exp(c32))
+            error = abs(float(summary[2]) / weights.numel() - exact) / exact
+            worst = max(worst, error / ((4 + 2 * c32) * eps))
+    assert worst <= 1.0
