@@ -96,14 +96,15 @@ __attribute__((__simd__("notinbranch"))) float logf(float);
 
 /* exp(x) for float x in [MIN_LOG_RATIO, -MIN_LOG_RATIO] only (the caller clamps or
  * checks; beyond about +-87 the exponent arithmetic overflows): x = n ln2 + r,
- * |r| <= ln2/2, Cephes' polynomial for exp(r) (1 + r + r^2/2 + ... in Horner form) and
- * n added to the exponent bits. Inline and branch-free, so the loops calling it
- * vectorise (glibc's vector expf is a call per vector and 1.4 times slower here).
- * Within 7.6e-8 relative (about one ulp) where the CPU has FMA: then n comes from one
- * fused multiply-add of a shifter, 1.5 * 2^23, which leaves n in the low bits of the
- * sum, and fmaf keeps -fassociative-math from merging the two parts of ln2. Without
- * FMA it may merge them, and the error grows with |n| to 4e-6 near x = -72, on terms
- * that small. */
+ * |r| <= ln2/2, a degree-6 polynomial for exp(r) (1 + r + c2 r^2 + ..., Horner form; its
+ * c2..c6 fitted for least maximum relative error on that interval, 3.7e-9 in exact
+ * arithmetic) and n added to the exponent bits. Inline and branch-free, so the loops
+ * calling it vectorise (glibc's vector expf is a call per vector and 1.4 times slower
+ * here). Within 7.7e-8 relative (about one ulp) where the CPU has FMA: then n comes
+ * from one fused multiply-add of a shifter, 1.5 * 2^23, which leaves n in the low bits
+ * of the sum, and fmaf keeps -fassociative-math from merging the two parts of ln2.
+ * Without FMA it may merge them, and the error grows with |n| to 4e-6 near x = -72, on
+ * terms that small. */
 #ifdef __FP_FAST_FMAF
 #define MINUS_PRODUCT_PLUS(a, b, c) fmaf(-(a), (b), (c))
 #else
@@ -122,12 +123,11 @@ static inline float exp_f32(float x)
     n_bits = (int32_t)n;
 #endif
     const float r = MINUS_PRODUCT_PLUS(n, 1.428606765330187e-06f, MINUS_PRODUCT_PLUS(n, 0.693145751953125f, x));
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
+    float p = 1.3879691251e-3f;
+    p = p * r + 8.3686932921e-3f;
+    p = p * r + 4.1667226702e-2f;
+    p = p * r + 1.6666521132e-1f;
+    p = p * r + 4.9999997020e-1f;
     p = p * r + 1.0f;
     p = p * r + 1.0f;
     int32_t bits;
