@@ -26,7 +26,7 @@
  * torch's threads while they spin-wait after each parallel op). Within a range,
  * weights are taken in blocks whose (J, BLOCK) table stays in L1, and the loops over
  * a block vectorise (with -O3 and the reassociation flags that kernels.py passes;
- * float exp is the inline exp_f32 below, double exp and both logs map to glibc's
+ * float exp is the inline exp2_f32 below, double exp and both logs map to glibc's
  * vector math where it has them). Sums over a block are float,
  * across blocks and ranges double. Built at run time by bayes_sws/kernels.py; the
  * torch kernels there compute the same quantities.
@@ -72,7 +72,7 @@
  * allow, the term of the block's floor component t (the j of top_floor). That is allowed
  * when every kept component's v_j - v_t lies in [MIN_LOG_RATIO, -MIN_LOG_RATIO] over the
  * block (worst_j - best_t and best_j - worst_t), and every kept worst_j is above
- * -MAX_REFERENCE_MAGNITUDE (so that round-off cannot carry a term past exp_f32's range),
+ * -MAX_REFERENCE_MAGNITUDE (so that round-off cannot carry a term past exp2_f32's range),
  * so no term needs clamping and none overflows; then v_j - v_t and its exp are computed
  * in one loop, and t's own term is exactly 1, as a weight's top term is in the other
  * form (which keeps the responsibilities of the dominant component exact, where sums
@@ -94,45 +94,31 @@ __attribute__((__simd__("notinbranch"))) double log(double);
 __attribute__((__simd__("notinbranch"))) float logf(float);
 #endif
 
-/* exp(x) for float x in [MIN_LOG_RATIO, -MIN_LOG_RATIO] only (the caller clamps or
- * checks; beyond about +-87 the exponent arithmetic overflows): x = n ln2 + r,
- * |r| <= ln2/2, a degree-6 polynomial for exp(r) (1 + r + c2 r^2 + ..., Horner form; its
- * c2..c6 fitted for least maximum relative error on that interval, 3.7e-9 in exact
- * arithmetic) and n added to the exponent bits. Inline and branch-free, so the loops
- * calling it vectorise (glibc's vector expf is a call per vector and 1.4 times slower
- * here). Within 7.7e-8 relative (about one ulp) where the CPU has FMA: then n comes
- * from one fused multiply-add of a shifter, 1.5 * 2^23, which leaves n in the low bits
- * of the sum, and fmaf keeps -fassociative-math from merging the two parts of ln2.
- * Without FMA it may merge them, and the error grows with |n| to 4e-6 near x = -72, on
- * terms that small. */
-#ifdef __FP_FAST_FMAF
-#define MINUS_PRODUCT_PLUS(a, b, c) fmaf(-(a), (b), (c))
-#else
-#define MINUS_PRODUCT_PLUS(a, b, c) ((c) - (a) * (b))
-#endif
-#define EXP_SHIFTER 12582912.0f
-static inline float exp_f32(float x)
+/* 2^x for float x in [MIN_LOG_RATIO, -MIN_LOG_RATIO] * LOG2_E only (the caller clamps or
+ * checks; beyond about +-126 the exponent arithmetic overflows): x = n + f, n = rint(x),
+ * |f| <= 1/2 (x - n is exact in float), a degree-6 polynomial for 2^f (1 + f ln2 + ...,
+ * Horner form; fitted for least maximum relative error, 5.2e-9 in exact arithmetic) and
+ * n added to the exponent bits. The float kernel works in log2 units (each log-density
+ * scaled by LOG2_E beforehand, no more operations a pair), so that no reduction by a
+ * two-part ln2 is needed: one operation a pair fewer than exp(x), and as exact (a term's
+ * error is that of its x, as before). Inline and branch-free, so the loops calling it
+ * vectorise (glibc's vector expf is a call per vector and 1.4 times slower here).
+ * Within 6.8e-8 relative (about one ulp) over that range. */
+#define LOG2_E 1.44269504088896340736
+static inline float exp2_f32(float x)
 {
-    int32_t n_bits;
-#ifdef __FP_FAST_FMAF
-    const float shifted = fmaf(x, 1.44269504f, EXP_SHIFTER);
-    const float n = shifted - EXP_SHIFTER;
-    memcpy(&n_bits, &shifted, sizeof n_bits);
-#else
-    const float n = rintf(x * 1.44269504f);
-    n_bits = (int32_t)n;
-#endif
-    const float r = MINUS_PRODUCT_PLUS(n, 1.428606765330187e-06f, MINUS_PRODUCT_PLUS(n, 0.693145751953125f, x));
-    float p = 1.3879691251e-3f;
-    p = p * r + 8.3686932921e-3f;
-    p = p * r + 4.1667226702e-2f;
-    p = p * r + 1.6666521132e-1f;
-    p = p * r + 4.9999997020e-1f;
-    p = p * r + 1.0f;
-    p = p * r + 1.0f;
+    const float n = rintf(x);
+    const float f = x - n;
+    float p = 1.5393329715e-4f;
+    p = p * f + 1.3390135034e-3f;
+    p = p * f + 9.6182583834e-3f;
+    p = p * f + 5.5503623999e-2f;
+    p = p * f + 2.4022649264e-1f;
+    p = p * f + 6.9314718056e-1f;
+    p = p * f + 1.0f;
     int32_t bits;
     memcpy(&bits, &p, sizeof bits);
-    bits += (int32_t)((uint32_t)n_bits << 23);
+    bits += (int32_t)((uint32_t)(int32_t)n << 23);
     memcpy(&p, &bits, sizeof p);
     return p;
 }
@@ -171,7 +157,7 @@ static inline double log_above_f64(double x)
 #define MIN_LOG_RATIO (-80) /* exp below this is subnormal in float32 */
 /* The block reference needs |v| under this: float32 round-off of each term, a few
  * 2^-24 |v| (0.3 nats here), then stays well inside the 7 nats from 80 to 87, where
- * exp_f32 breaks down; at |v| near 1e10 it is hundreds of nats. */
+ * exp2_f32 breaks down; at |v| near 1e10 it is hundreds of nats. */
 #define MAX_REFERENCE_MAGNITUDE 1048576
 #define HALF_LOG_2PI 0.91893853320467274178
 #define SUMMARY(J) (1 + 3 * (J))
@@ -189,8 +175,8 @@ typedef struct {
     const double *beta_minus_one;      /* {a - 1, b - 1} of pi0's Beta, or NULL (flat) */
 } sws_group_plan;
 
-#define DEFINE_KERNEL(NAME, REAL, REAL_MAX, REAL_MIN, REAL_EPSILON, REAL_INF, EXP, LOG, LOG_ABOVE, \
-                      REFERENCE)                                                            \
+#define DEFINE_KERNEL(NAME, REAL, REAL_MAX, REAL_MIN, REAL_EPSILON, REAL_INF, UNIT, EXP, LOG,      \
+                      LOG_ABOVE, REFERENCE)                                                            \
     /* The components of a block that can matter (see SKIPPING above): their count, into */ \
     /* active[]. A block holding a non-finite weight keeps them all. */                     \
     static int NAME##_active(const REAL *wb, int b, const REAL *log_norm,                   \
@@ -267,7 +253,8 @@ typedef struct {
     }                                                                                       \
                                                                                             \
     /* adds one block's terms into summary: the value, then sum gamma, sum gamma d, */      \
-    /* sum gamma d^2 (each J), over the K components in active[] */                         \
+    /* sum gamma d^2 (each J), over the K components in active[]; the log-densities */      \
+    /* times UNIT (LOG2_E: in bits, EXP 2^x; 1: in nats, EXP e^x) */                        \
     static void NAME##_block(const REAL *wb, int b, const int *active, int K,               \
                              int reference, const REAL *log_norm, const REAL *means,        \
                              const REAL *precisions, int J, REAL gradient_scale, REAL *grad_w,\
@@ -285,14 +272,16 @@ typedef struct {
             bad += grad[i];                                                                 \
         }                                                                                   \
         if (reference >= 0) { /* BLOCK REFERENCE (see _active): one pass a component */     \
-            const REAL mu_t = means[reference], p_t = precisions[reference];                \
+            const REAL mu_t = means[reference], ln_t = (REAL)UNIT * log_norm[reference];    \
+            const REAL half_p_t = (REAL)(0.5 * UNIT) * precisions[reference];               \
             for (int i = 0; i < b; i++) {                                                   \
                 const REAL d = wb[i] - mu_t;                                                \
-                top[i] = log_norm[reference] - (REAL)0.5 * p_t * d * d;                     \
+                top[i] = ln_t - half_p_t * d * d;                                           \
             }                                                                               \
             for (int k = 0; k < K; k++) {                                                   \
                 const int j = active[k];                                                    \
-                const REAL mu = means[j], p = precisions[j], ln = log_norm[j];              \
+                const REAL mu = means[j], ln = (REAL)UNIT * log_norm[j];                    \
+                const REAL half_p = (REAL)(0.5 * UNIT) * precisions[j];                     \
                 if (j == reference)                                                         \
                     for (int i = 0; i < b; i++) {                                           \
                         table[k][i] = 1;                                                    \
@@ -301,7 +290,7 @@ typedef struct {
                 else                                                                        \
                     for (int i = 0; i < b; i++) {                                           \
                         const REAL d = wb[i] - mu;                                          \
-                        const REAL e = EXP((ln - (REAL)0.5 * p * d * d) - top[i]);          \
+                        const REAL e = EXP((ln - half_p * d * d) - top[i]);                 \
                         table[k][i] = e;                                                    \
                         total[i] += e;                                                      \
                     }                                                                       \
@@ -309,10 +298,11 @@ typedef struct {
         } else {                                                                            \
             for (int k = 0; k < K; k++) {                                                   \
                 const int j = active[k];                                                    \
-                const REAL mu = means[j], p = precisions[j], ln = log_norm[j];              \
+                const REAL mu = means[j], ln = (REAL)UNIT * log_norm[j];                    \
+                const REAL half_p = (REAL)(0.5 * UNIT) * precisions[j];                     \
                 for (int i = 0; i < b; i++) {                                               \
                     const REAL d = wb[i] - mu;                                              \
-                    const REAL v = ln - (REAL)0.5 * p * d * d;                              \
+                    const REAL v = ln - half_p * d * d;                                     \
                     table[k][i] = v;                                                        \
                     top[i] = v > top[i] ? v : top[i];                                       \
                 }                                                                           \
@@ -323,7 +313,8 @@ typedef struct {
             for (int k = 0; k < K; k++) {                                                   \
                 for (int i = 0; i < b; i++) {                                               \
                     const REAL x = table[k][i] - top[i];                                    \
-                    table[k][i] = x > (REAL)MIN_LOG_RATIO ? x : (REAL)MIN_LOG_RATIO;        \
+                    const REAL lowest = (REAL)(MIN_LOG_RATIO * UNIT);                       \
+                    table[k][i] = x > lowest ? x : lowest;                                  \
                 }                                                                           \
                 for (int i = 0; i < b; i++) {                                               \
                     const REAL e = EXP(table[k][i]);                                        \
@@ -334,7 +325,7 @@ typedef struct {
         }                                                                                   \
         REAL block_value = 0;                                                               \
         for (int i = 0; i < b; i++) {                                                       \
-            block_value += top[i] + LOG(total[i]);                                          \
+            block_value += top[i] * (REAL)(1 / UNIT) + LOG(total[i]);                       \
             total[i] = (REAL)1 / total[i];                                                  \
         }                                                                                   \
         summary[0] += block_value + bad;                                                    \
@@ -610,8 +601,10 @@ typedef struct {
         return 0;                                                                           \
     }
 
-DEFINE_KERNEL(sws_mixture_f32, float, FLT_MAX, FLT_MIN, FLT_EPSILON, HUGE_VALF, exp_f32, logf, log_above_f32, 1)
-DEFINE_KERNEL(sws_mixture_f64, double, DBL_MAX, DBL_MIN, DBL_EPSILON, HUGE_VAL, exp, log, log_above_f64, 0)
+DEFINE_KERNEL(sws_mixture_f32, float, FLT_MAX, FLT_MIN, FLT_EPSILON, HUGE_VALF, LOG2_E, exp2_f32, logf,
+              log_above_f32, 1)
+DEFINE_KERNEL(sws_mixture_f64, double, DBL_MAX, DBL_MIN, DBL_EPSILON, HUGE_VAL, 1.0, exp, log,
+              log_above_f64, 0)
 
 /* Whether this build runs the parts on OpenMP threads (else one after another). */
 int sws_openmp(void)
