@@ -366,10 +366,11 @@ class _Native:
                     + [pointer] * 5
                 group.restype = integer
                 self._groups[dtype] = group
-            nonfinite = getattr(library, f"{name}_nonfinite")
-            nonfinite.argtypes = [integer, pointer, pointer, integer]
-            nonfinite.restype = integer
-            self._nonfinite[dtype] = nonfinite
+            if hasattr(library, f"{name}_nonfinite"):  # nor one from before the finite check
+                nonfinite = getattr(library, f"{name}_nonfinite")
+                nonfinite.argtypes = [integer, pointer, pointer, integer]
+                nonfinite.restype = integer
+                self._nonfinite[dtype] = nonfinite
         self.openmp = bool(library.sws_openmp())
 
     def supports(self, weights: torch.Tensor, components: int) -> bool:

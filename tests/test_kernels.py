@@ -116,6 +116,18 @@ def test_without_the_kernel_source_the_warning_and_error_say_it_is_missing(tmp_p
         assert "sws_kernel.c is missing" in line and "compiler" not in line
 
 
+def test_a_build_of_an_earlier_kernel_source_loads_without_its_later_functions() -> None:
+    # what benchmarks/bench_prior.py --dense-kernel loads: only the mixture functions
+    class Symbol:  # stands in for a ctypes function
+        pass
+
+    library = type("Library", (), {"sws_mixture_f32": Symbol(), "sws_mixture_f64": Symbol(),
+                                   "sws_openmp": staticmethod(lambda: 0)})()
+    native = kernels._Native(library)
+    assert not native.has_groups(torch.zeros(1)) and native._nonfinite == {}
+    assert not native.openmp
+
+
 def test_native_kernel_threads_are_torchs_own_openmp_threads() -> None:
     if not kernels.native_available() or not kernels._native().openmp:
         pytest.skip("no C compiler with OpenMP here")
