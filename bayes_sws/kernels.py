@@ -657,6 +657,8 @@ def any_nonfinite(tensors: Sequence[torch.Tensor]) -> bool:
     native = _native() if current_backend() in ("auto", "native") else None
     by_kind: dict[tuple[torch.device, torch.dtype, bool], list[torch.Tensor]] = {}
     for tensor in tensors:
+        if tensor.device.type == "meta":  # holds no values
+            continue
         read_natively = (native is not None and tensor.device.type == "cpu" and tensor.dtype in native._nonfinite
                          and tensor.is_contiguous())
         by_kind.setdefault((tensor.device, tensor.dtype, read_natively), []).append(tensor)
@@ -665,7 +667,9 @@ def any_nonfinite(tensors: Sequence[torch.Tensor]) -> bool:
             found = native.any_nonfinite(group)
         else:
             flag = torch.zeros((), dtype=torch.float32, device=device)
-            torch._amp_foreach_non_finite_check_and_unscale_(group, flag,
+            # the op writes each tensor back: a copy of any whose elements may share memory (an expand)
+            dense = [t if t.is_contiguous() else t.contiguous() for t in group]
+            torch._amp_foreach_non_finite_check_and_unscale_(dense, flag,
                                                              torch.ones((), dtype=torch.float32, device=device))
             found = bool(flag)
         if found:

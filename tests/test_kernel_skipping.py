@@ -253,7 +253,7 @@ def test_float32_block_reference_stays_finite_where_the_log_densities_are_huge()
     # 256 equal weights 1e4-1e6 sigma past four narrow components whose log-densities
     # there, -1e8 to -1e12, differ by under 60 nats: the bounds pass the block-reference
     # guard, but float32 round-off of each log-density is up to thousands of nats, far
-    # past the [-87, 87] that exp_f32 takes
+    # past the [-126, 127] (in bits) that exp2_f32 takes
     for scale in torch.logspace(-6.5, -4, 11).tolist():
         p, w0 = scale**-2, 1.2
         mixture = GaussianMixture(torch.tensor([0.1, 0.2, 0.3, 0.4]).log(),

@@ -156,6 +156,8 @@ def test_any_nonfinite_takes_mixed_dtypes_strides_and_empty_input(name) -> None:
         assert kernels.any_nonfinite([torch.zeros(5), torch.tensor([math.inf], dtype=torch.float64)])
         assert kernels.any_nonfinite([torch.zeros(5), torch.tensor([math.inf], dtype=torch.float16)])
         assert kernels.any_nonfinite([torch.tensor([math.nan], dtype=torch.bfloat16), torch.zeros(5)])
+        assert not kernels.any_nonfinite([torch.zeros(1).expand(8), torch.empty(3, device="meta")])
+        assert kernels.any_nonfinite([torch.zeros(3), torch.tensor([math.inf]).expand(2, 4)])
 
 
 @pytest.mark.skipif(not kernels.native_available(), reason="the native kernel cannot be built here (no C compiler)")
