@@ -175,8 +175,8 @@ typedef struct {
     const double *beta_minus_one;      /* {a - 1, b - 1} of pi0's Beta, or NULL (flat) */
 } sws_group_plan;
 
-#define DEFINE_KERNEL(NAME, REAL, REAL_MAX, REAL_MIN, REAL_EPSILON, REAL_INF, UNIT, EXP, LOG,      \
-                      LOG_ABOVE, REFERENCE)                                                            \
+#define DEFINE_KERNEL(NAME, REAL, REAL_MAX, REAL_MIN, REAL_EPSILON, REAL_INF, UNIT, EXP,    \
+                      LOG, LOG_ABOVE, REFERENCE)                                            \
     /* The components of a block that can matter (see SKIPPING above): their count, into */ \
     /* active[]. A block holding a non-finite weight keeps them all. */                     \
     static int NAME##_active(const REAL *wb, int b, const REAL *log_norm,                   \
@@ -310,10 +310,10 @@ typedef struct {
             /* Clamped in a loop of its own: in the loop calling EXP, GCC would rewrite */  \
             /* exp(max(x, m)) as x > m ? exp(x) : exp(m), and call exp on the unclamped */  \
             /* x, whose vector version takes a slow path far below m. */                    \
+            const REAL lowest = (REAL)(MIN_LOG_RATIO * UNIT);                               \
             for (int k = 0; k < K; k++) {                                                   \
                 for (int i = 0; i < b; i++) {                                               \
                     const REAL x = table[k][i] - top[i];                                    \
-                    const REAL lowest = (REAL)(MIN_LOG_RATIO * UNIT);                       \
                     table[k][i] = x > lowest ? x : lowest;                                  \
                 }                                                                           \
                 for (int i = 0; i < b; i++) {                                               \
