@@ -126,6 +126,45 @@ def test_the_fit_loops_adam_steps_bitwise_as_torchs_fused_adam_and_saves_the_sam
             assert torch.equal(saved["state"][key][name], value)
 
 
+
+def test_the_fit_loops_adam_continues_bitwise_from_a_saved_and_loaded_state():
+    """The shared step counters survive torch.save, torch.load (weights_only) and load_state_dict into one optimiser."""
+    import io
+
+    from bayes_sws.optim import _FusedAdam
+
+    def parameters():
+        g = torch.Generator().manual_seed(3)
+        return [torch.randn(6, 5, generator=g, requires_grad=True), torch.randn(4, generator=g, requires_grad=True)]
+
+    def step(optimizer, seed):
+        g = torch.Generator().manual_seed(seed)
+        for p in (p for group in optimizer.param_groups for p in group["params"]):
+            p.grad = torch.randn(p.shape, generator=g)
+        optimizer.step()
+
+    ours_params, theirs_params = parameters(), parameters()
+    ours = _FusedAdam([{"params": ours_params[:1], "lr": 1e-2}, {"params": ours_params[1:], "lr": 1e-3}], fused=True)
+    theirs = torch.optim.Adam([{"params": theirs_params[:1], "lr": 1e-2}, {"params": theirs_params[1:], "lr": 1e-3}],
+                              fused=True)
+    for seed in range(3):
+        step(ours, seed), step(theirs, seed)
+    buffer, saved = io.BytesIO(), [p.detach().clone() for p in ours_params]
+    torch.save(ours.state_dict(), buffer)
+    buffer.seek(0)
+    for seed in range(3, 5):  # steps the loaded state must undo
+        step(ours, 100 + seed)
+    ours.load_state_dict(torch.load(buffer, weights_only=True))
+    for a, b in zip(ours_params, saved):
+        a.detach().copy_(b)
+    for seed in range(3, 6):
+        step(ours, seed), step(theirs, seed)
+    for a, b in zip(ours_params, theirs_params):
+        assert torch.equal(a, b)
+    for a, b in zip(ours.state_dict()["state"].values(), theirs.state_dict()["state"].values()):
+        assert all(torch.equal(a[name], b[name]) for name in b)
+        assert float(a["step"]) == 6.0
+
 def test_the_fit_loops_adam_runs_step_hooks_once_a_step_also_where_torchs_adam_has_its_own():
     from bayes_sws.optim import _FusedAdam
 
