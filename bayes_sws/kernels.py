@@ -360,10 +360,11 @@ class _Native:
                                  pointer, integer]
             function.restype = integer
             self._functions[dtype] = function
-            if hasattr(library, f"{name}_group"):  # a build of an earlier kernel source has none
-                group = getattr(library, f"{name}_group")
-                group.argtypes = [pointer] * 5 + [integer, pointer, pointer, pointer, double, double, integer] \
-                    + [pointer] * 5
+            # a build of an earlier kernel source has none (or its forerunner, *_group, without gradient_scale)
+            if hasattr(library, f"{name}_joint"):
+                group = getattr(library, f"{name}_joint")
+                group.argtypes = [pointer] * 5 + [integer, pointer, pointer, pointer, double, double, double,
+                                                  integer] + [pointer] * 5
                 group.restype = integer
                 self._groups[dtype] = group
             if hasattr(library, f"{name}_nonfinite"):  # nor one from before the finite check
@@ -419,7 +420,7 @@ class _Native:
 
     def group_value_and_grads(self, plan: GroupPlan, coordinates: Sequence[torch.Tensor],
                               weights: Sequence[torch.Tensor], prior_weight: float, *,
-                              weight_gradients: bool = True
+                              weight_gradients: bool = True, gradient_scale: float = 1.0
                               ) -> tuple[torch.Tensor, list[torch.Tensor] | None, list[torch.Tensor]]:
         """λ·Σ log p(w | mixture) + log p(mixture) of a group at a point, with every gradient, in one call.
 
@@ -435,6 +436,9 @@ class _Native:
             λ.
         weight_gradients : bool
             ``False`` skips the weights' gradients.
+        gradient_scale : float
+            Every gradient comes times this (the value does not): −1 gives a loss of minus
+            the value its gradients as they are.
 
         Returns
         -------
@@ -451,7 +455,8 @@ class _Native:
         outputs = [by_suffix[s][1].data_ptr() if s in by_suffix else None for s in _GROUP_SUFFIXES]
         struct, _ = _group_struct(plan)
         status = self._groups[weights[0].dtype](ctypes.byref(struct), *inputs, count, pointers, lengths, grads,
-                                                prior_weight, margin, parts, value.data_ptr(), *outputs)
+                                                prior_weight, gradient_scale, margin, parts, value.data_ptr(),
+                                                *outputs)
         if status:
             raise RuntimeError("the native mixture kernel rejected its arguments")
         return value, grad_weights, grad_coordinates

@@ -632,7 +632,9 @@ class _GroupLogJoint(torch.autograd.Function):
     the coordinates); elsewhere :meth:`SoftWeightSharingPrior._point_mixture`, the
     kernel and :meth:`SoftWeightSharingPrior._coordinate_gradients` in closed form,
     where autograd would walk some forty operations on J-element tensors. Backward:
-    those gradients times the upstream gradient, in place, in one pass. A second
+    those gradients times the upstream gradient, in place, in one pass. The native call
+    writes them negated, so that a loss of minus this value (the fit loop's MAP loss, an
+    upstream gradient of exactly −1 on the CPU) takes them with no pass at all. A second
     backward pass (``retain_graph=True``) runs the forward again; one that builds a
     graph (``create_graph=True``) differentiates the autograd reference instead.
     """
@@ -647,14 +649,17 @@ class _GroupLogJoint(torch.autograd.Function):
 
     @staticmethod
     def _evaluate(plan: _PointPlan, prior_weight: float, tensors: Sequence[torch.Tensor], weight_gradients: bool
-                  ) -> tuple[torch.Tensor, list[torch.Tensor] | None, list[torch.Tensor]]:
-        """The value, the weights' gradients (``None`` where λ = 0 or not asked for) and the coordinates'."""
+                  ) -> tuple[torch.Tensor, list[torch.Tensor] | None, list[torch.Tensor], int]:
+        """The value, the weights' gradients (``None`` where λ = 0 or not asked for), the coordinates', their sign.
+
+        The gradients come times the sign: −1 from the native call, 1 from the torch path.
+        """
         coordinates, weights = tensors[: len(plan.suffixes)], tensors[len(plan.suffixes):]
         components = plan.prior.n_components
         native = kernels.group_backend(weights[0], components) if plan.native is not None else None
         if native is not None:
-            return native.group_value_and_grads(plan.native, coordinates, weights, prior_weight,
-                                                weight_gradients=weight_gradients)
+            return (*native.group_value_and_grads(plan.native, coordinates, weights, prior_weight,
+                                                  weight_gradients=weight_gradients, gradient_scale=-1.0), -1)
         values, mixture, value = plan.prior._point_mixture(plan, coordinates)
         grads = None
         field_grads = mixture.means.new_zeros(3, components)
@@ -666,7 +671,7 @@ class _GroupLogJoint(torch.autograd.Function):
                 torch._foreach_mul_(grads, prior_weight)
             value = value + prior_weight * summary[0]
             field_grads = (prior_weight * summary[1:]).view(3, components)
-        return value, grads, plan.prior._coordinate_gradients(plan, coordinates, values, mixture, field_grads)
+        return value, grads, plan.prior._coordinate_gradients(plan, coordinates, values, mixture, field_grads), 1
 
     @staticmethod
     def backward(ctx, grad_value: torch.Tensor):
@@ -680,12 +685,13 @@ class _GroupLogJoint(torch.autograd.Function):
         if gradients is None:  # handed on to autograd by an earlier pass
             weight_gradients = any(ctx.needs_input_grad[2 + count:])
             gradients = _GroupLogJoint._evaluate(plan, prior_weight, tensors, weight_gradients)[1:]
-        grad_weights, grad_coordinates = gradients
+        grad_weights, grad_coordinates, sign = gradients
         grads = [g if need else None for g, need in zip((*grad_coordinates, *(grad_weights or [None] * len(weights))),
                                                         ctx.needs_input_grad[2:])]
         scaled = [g for g in grads if g is not None]
-        if scaled:
-            torch._foreach_mul_(scaled, grad_value)  # one pass for all of them
+        # (reading a CUDA upstream gradient would wait for the device: it is multiplied in)
+        if scaled and not (grad_value.device.type == "cpu" and float(grad_value) == sign):
+            torch._foreach_mul_(scaled, grad_value if sign == 1 else -grad_value)  # one pass for all of them
         return (None, None, *grads)
 
 

@@ -163,7 +163,7 @@ static inline double log_above_f64(double x)
 #define HALF_LOG_2PI 0.91893853320467274178
 #define SUMMARY(J) (1 + 3 * (J))
 
-/* A mixture group's configuration for NAME##_group (see GROUP below; prior.py's _PointPlan). */
+/* A mixture group's configuration for NAME##_joint (see GROUP below; prior.py's _PointPlan). */
 typedef struct {
     int components;     /* J */
     int zero_component; /* component 0 has mean 0 and no means coordinate */
@@ -538,11 +538,13 @@ typedef struct {
     /* and every gradient, from the sites' unconstrained coordinates (NULL where a site */  \
     /* is absent): prior.py's _point_mixture, the kernel with its weight gradients */       \
     /* scaled by lambda, and _coordinate_gradients, in one call; the mixture in double. */  \
-    int NAME##_group(const sws_group_plan *plan, const REAL *means_u, const REAL *precisions_u, \
+    /* Every gradient is written times gradient_scale (the value is not): -1 hands a loss */ \
+    /* of minus the value its gradients with no pass of their own (prior.py). */            \
+    int NAME##_joint(const sws_group_plan *plan, const REAL *means_u, const REAL *precisions_u, \
                      const REAL *pi_u, const REAL *pi_zero_u, int segments,                 \
                      const REAL *const *w, const long *n, REAL *const *grad_w,              \
-                     double prior_weight, double margin, int parts, REAL *value,            \
-                     REAL *grad_means, REAL *grad_precisions, REAL *grad_pi,                \
+                     double prior_weight, double gradient_scale, double margin, int parts,  \
+                     REAL *value, REAL *grad_means, REAL *grad_precisions, REAL *grad_pi,   \
                      REAL *grad_pi_zero)                                                    \
     {                                                                                       \
         const int J = plan->components, offset = plan->zero_component;                      \
@@ -600,9 +602,9 @@ typedef struct {
             log_pi[split + k] = (REAL)(log_rest + log_free[k]);                             \
         for (int m = 0; m < SUMMARY(J); m++)                                                \
             summary[m] = 0;                                                                 \
-        if (prior_weight != 0 && NAME##_scaled(segments, w, n, grad_w, (REAL)prior_weight,  \
-                                               log_pi, means, scales, J, margin, summary,   \
-                                               parts))                                      \
+        if (prior_weight != 0 && NAME##_scaled(segments, w, n, grad_w,                      \
+                                               (REAL)(gradient_scale * prior_weight), log_pi, \
+                                               means, scales, J, margin, summary, parts))   \
             return 1;                                                                       \
         *value = (REAL)(log_p + prior_weight * summary[0]);                                 \
         /* the mixture's gradients, d/d log pi, d/d mu, d/d sigma, carried to the */        \
@@ -610,12 +612,13 @@ typedef struct {
         const REAL *grad_log_pi = summary + 1, *grad_mu = summary + 1 + J;                  \
         const REAL *grad_sigma = summary + 1 + 2 * J;                                       \
         for (int j = 0; j < J; j++)                                                         \
-            grad_precisions[j] = (REAL)(-0.5 * prior_weight * grad_sigma[j] * scales[j]     \
-                                        + (plan->gamma_rate ? plan->gamma_shape_minus_one[j] \
-                                           - plan->gamma_rate[j] * tau[j] : 0));            \
+            grad_precisions[j] = (REAL)(gradient_scale                                      \
+                                        * (-0.5 * prior_weight * grad_sigma[j] * scales[j]  \
+                                           + (plan->gamma_rate ? plan->gamma_shape_minus_one[j] \
+                                              - plan->gamma_rate[j] * tau[j] : 0)));        \
         for (int k = 0; plan->has_means && k < J - offset; k++)                             \
-            grad_means[k] = (REAL)(prior_weight * grad_mu[offset + k]                       \
-                                   - (plan->means_precision ? plan->means_precision * means_u[k] : 0)); \
+            grad_means[k] = (REAL)(gradient_scale * (prior_weight * grad_mu[offset + k]     \
+                                   - (plan->means_precision ? plan->means_precision * means_u[k] : 0))); \
         if (plan->has_pi) {                                                                 \
             double score[MAX_COMPONENTS], total = 0;                                        \
             for (int k = 0; k < free; k++) {                                                \
@@ -624,7 +627,7 @@ typedef struct {
                 total += score[k];                                                          \
             }                                                                               \
             for (int k = 0; k < free; k++)                                                  \
-                grad_pi[k] = (REAL)(score[k] - pi_free[k] * total);                         \
+                grad_pi[k] = (REAL)(gradient_scale * (score[k] - pi_free[k] * total));      \
         }                                                                                   \
         if (plan->has_pi_zero) {                                                            \
             double rest = 0;                                                                \
@@ -632,8 +635,9 @@ typedef struct {
                 rest += grad_log_pi[j];                                                     \
             const double a = plan->beta_minus_one ? plan->beta_minus_one[0] : 0;            \
             const double b = plan->beta_minus_one ? plan->beta_minus_one[1] : 0;            \
-            grad_pi_zero[0] = (REAL)((prior_weight * grad_log_pi[0] + a) * (1 - pi_zero)    \
-                                     - (prior_weight * rest + b) * pi_zero);                \
+            grad_pi_zero[0] = (REAL)(gradient_scale                                         \
+                                     * ((prior_weight * grad_log_pi[0] + a) * (1 - pi_zero) \
+                                        - (prior_weight * rest + b) * pi_zero));            \
         }                                                                                   \
         return 0;                                                                           \
     }

@@ -269,9 +269,37 @@ def test_weights_that_need_no_gradient_get_none_and_the_coordinates_the_same_gra
     plan = prior._point_plan(weights[0])
     tensors = (*(coordinates[s] for s in plan.suffixes), *weights)
     with kernels.use_backend(backend):
-        value, grad_weights, grad_coordinates = _GroupLogJoint._evaluate(plan, 0.5, tensors, False)
-        expected_value, expected_weights, expected_coordinates = _GroupLogJoint._evaluate(plan, 0.5, tensors, True)
+        value, grad_weights, grad_coordinates, sign = _GroupLogJoint._evaluate(plan, 0.5, tensors, False)
+        expected_value, expected_weights, expected_coordinates, expected_sign = \
+            _GroupLogJoint._evaluate(plan, 0.5, tensors, True)
     assert grad_weights is None and len(expected_weights) == len(weights)
+    assert sign == expected_sign == (-1 if backend == "native" else 1)
     torch.testing.assert_close(value, expected_value, rtol=0, atol=0)
     for got, expected in zip(grad_coordinates, expected_coordinates):
         torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", ["torch", "native"])
+@pytest.mark.parametrize("dtype", [F64, torch.float32])
+def test_a_loss_of_minus_the_group_term_gets_exactly_minus_its_gradients(backend, dtype):
+    """The native node writes its gradients negated and hands them on as they are to an upstream −1 (the MAP loss)."""
+    if backend == "native" and not kernels.native_available():
+        pytest.skip("the native kernel cannot be built here")
+    prior = SoftWeightSharingPrior(n_components=4, hyperpriors=EVERY_HYPERPRIOR)
+    g = torch.Generator().manual_seed(11)
+    weights = [(0.3 * torch.randn(shape, generator=g, dtype=F64)).to(dtype) for shape in ((20, 10), (10,))]
+    coordinates = _group_coordinates(prior, dtype, g)
+
+    def gradients(upstream: float) -> list[torch.Tensor]:
+        leaves = [t.detach().clone().requires_grad_() for t in (*weights, *coordinates.values())]
+        with kernels.use_backend(backend):
+            value = prior.group_log_joint(leaves[:len(weights)], dict(zip(coordinates, leaves[len(weights):])),
+                                          prior_weight=0.37)
+        (upstream * value).backward()
+        return [leaf.grad for leaf in leaves]
+
+    for loss_gradient, value_gradient in zip(gradients(-1.0), gradients(1.0)):
+        assert torch.equal(loss_gradient, -value_gradient)
+    _, expected = _group_value_and_grads(prior, weights, coordinates, 0.37, "torch")
+    for got, reference in zip(gradients(-1.0), expected):
+        torch.testing.assert_close(got, -reference / 2.5, rtol=1e-5 if dtype == torch.float32 else 1e-12, atol=1e-6)
