@@ -126,7 +126,6 @@ def test_the_fit_loops_adam_steps_bitwise_as_torchs_fused_adam_and_saves_the_sam
             assert torch.equal(saved["state"][key][name], value)
 
 
-
 def test_the_fit_loops_adam_continues_bitwise_from_a_saved_and_loaded_state():
     """The shared step counters survive torch.save, torch.load (weights_only) and load_state_dict into one optimiser."""
     import io
@@ -164,6 +163,7 @@ def test_the_fit_loops_adam_continues_bitwise_from_a_saved_and_loaded_state():
     for a, b in zip(ours.state_dict()["state"].values(), theirs.state_dict()["state"].values()):
         assert all(torch.equal(a[name], b[name]) for name in b)
         assert float(a["step"]) == 6.0
+
 
 def test_the_fit_loops_adam_runs_step_hooks_once_a_step_also_where_torchs_adam_has_its_own():
     from bayes_sws.optim import _FusedAdam
