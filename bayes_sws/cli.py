@@ -133,10 +133,12 @@ def _fit(arguments: argparse.Namespace) -> int:
     from .distributed import is_main_process, launched
     from .experiment import run
     from .spec import load_spec
+    from .storage import partial_dir
 
     method = [f"inference.method={arguments.method!r}"] if arguments.method else []
     spec = load_spec(arguments.spec, overrides=[*arguments.overrides, *method])
     out = Path(arguments.out or Path("runs") / spec.name)
+    arguments.staging = partial_dir(out)  # named by main on Ctrl-C
     with launched(arguments.device) as device:
         replacing = out.is_dir() and any(out.iterdir()) and arguments.force
         metrics = run(spec, out_dir=out, device=device, progress=not arguments.quiet,
@@ -163,11 +165,10 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status."""
     from .errors import BayesSWSError, interrupts_as_keyboard
 
-    command = None
+    arguments = None
     try:
         with interrupts_as_keyboard():
             arguments = _parser().parse_args(argv)
-            command = arguments.command
             try:
                 if arguments.command == "check":
                     from .spec import load_spec
@@ -189,8 +190,9 @@ def main(argv: list[str] | None = None) -> int:
                       file=sys.stderr)
                 return 2
     except KeyboardInterrupt:
-        hint = (" (an unfinished fit keeps its state in OUT.partial/; continue it with --resume)"
-                if command == "fit" else "")
+        staging = getattr(arguments, "staging", None)
+        hint = (f" (the unfinished fit's state is in {staging}/; continue it with --resume)"
+                if staging is not None and (staging / "state.pt").is_file() else "")
         print(f"bayes-sws: interrupted{hint}", file=sys.stderr)
         return 130
 

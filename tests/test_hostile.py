@@ -105,6 +105,7 @@ def test_ctrl_c_during_start_up_is_one_line_and_exit_130(tmp_path):
     process.send_signal(signal.SIGINT)
     _, error = process.communicate(timeout=60)
     assert process.returncode == 130 and error.count("\n") == 1 and "interrupted" in error, error
+    assert "--resume" not in error and not (tmp_path / "r.partial").exists()  # nothing saved: nothing to resume
 
 
 # --------------------------------------------------------------------------- data

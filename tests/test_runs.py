@@ -128,6 +128,7 @@ def test_sigterm_stops_a_cli_fit_in_one_line_and_keeps_its_state(tmp_path):
     _, error = process.communicate(timeout=60)
     assert process.returncode == 130, error
     assert error.strip().count("\n") == 0 and "interrupted" in error and "Traceback" not in error
+    assert f"state is in {partial_dir(out)}/; continue it with --resume" in error, error
     assert state.exists() and not out.exists()
     status = main(["fit", DIGITS, "--out", str(out), "--quiet", "--resume",
                    *(f"--set={o}" for o in [*SMALL, "inference.epochs=1"])])
