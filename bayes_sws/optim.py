@@ -107,6 +107,10 @@ class _FusedAdam(torch.optim.Adam):
     The step counters, a 0-dim tensor a parameter in torch's state, are kept as views of
     one tensor, so that a step counts them with one ``add_`` (``_foreach_add_`` over
     LeNet-300-100's nine took some 60 µs a step, a few ``add_`` each on the CPU).
+    The counters are this optimiser's own: a state loaded from another optimiser still
+    in use (``load_state_dict(other.state_dict())``) shares its moments with it, as in
+    torch, but not its step counters, which are copied; a state loaded from a file
+    shares nothing.
     """
 
     _counters: torch.Tensor | None = None

@@ -106,14 +106,16 @@ def test_the_fit_loops_adam_steps_bitwise_as_torchs_fused_adam_and_saves_the_sam
 
     ours, theirs = _FusedAdam(groups(0), fused=True), torch.optim.Adam(groups(0), fused=True)
     g = torch.Generator().manual_seed(1)
-    for step in range(6):
+    for step in range(9):
         gradients = None
         for optimizer in (ours, theirs):
             params = [p for group in optimizer.param_groups for p in group["params"]]
             gradients = gradients or [torch.randn(p.shape, generator=g) for p in params]
             for i, (p, grad) in enumerate(zip(params, gradients)):
-                # a parameter without a gradient at step 3, none with one at step 4
-                p.grad = None if (step == 3 and i == 1) or step == 4 else grad.clone()
+                # a parameter without a gradient at step 3, none with one at step 4, only the first at step 5
+                p.grad = None if (step == 3 and i == 1) or step == 4 or (step == 5 and i > 0) else grad.clone()
+            if step == 6:  # a counter of another dtype, set by hand, is not joined to the others
+                optimizer.state[params[2]]["step"] = torch.tensor(7.0, dtype=torch.float64)
             optimizer.step()
     assert torch_steps.count(_FusedAdam) == 1  # the first step creates the state; the others take the direct call
     for group_ours, group_theirs in zip(ours.param_groups, theirs.param_groups):
@@ -123,7 +125,7 @@ def test_the_fit_loops_adam_steps_bitwise_as_torchs_fused_adam_and_saves_the_sam
     reference = theirs.state_dict()
     for key in reference["state"]:
         for name, value in reference["state"][key].items():
-            assert torch.equal(saved["state"][key][name], value)
+            assert torch.equal(saved["state"][key][name], value) and saved["state"][key][name].dtype == value.dtype
 
 
 def test_the_fit_loops_adam_continues_bitwise_from_a_saved_and_loaded_state():
