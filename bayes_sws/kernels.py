@@ -89,7 +89,7 @@ _SOURCE = Path(__file__).with_name("sws_kernel.c")
 _MAX_NATIVE_COMPONENTS = 64
 _MIN_WEIGHTS_PER_THREAD = 1 << 13
 _MAX_NATIVE_PARTS = 256  # MAX_PARTS in sws_kernel.c
-_GROUP_SUFFIXES = ("means", "precisions", "pi", "pi_zero")  # the order sws_mixture_*_group takes them
+_GROUP_SUFFIXES = ("means", "precisions", "pi", "pi_zero")  # the order sws_mixture_*_joint takes them
 # Nats beyond ln(1/u) + ln J in the skipping bound (see the module's docstring).
 _SKIP_SAFETY = 5.0
 
